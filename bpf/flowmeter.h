@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * pyflow kernel/user ABI: the one definition of every struct and counter id
+ * shared by the eBPF program (bpf/flowmeter.c) and the agent
+ * (pyflow/kernel/abi.py).  tests/bpf/test_abi_layout.py pins the Python view
+ * to what bcc generates from this file, so change both together.
+ *
+ * Layout rules: natural alignment, no implicit padding (hash keys are
+ * compared byte for byte), sizes multiple of 8 where 64-bit fields exist.
+ */
+#ifndef PYFLOW_FLOWMETER_H
+#define PYFLOW_FLOWMETER_H
+
+#include <linux/types.h>
+
+/* Flow key: one cache entry per distinct key. IPv4 addresses are stored
+ * v4-mapped (::ffff:a.b.c.d) so both families share one 16-byte field. */
+struct flow_key {
+    __u8  src_addr[16];
+    __u8  dst_addr[16];
+    __u32 ifindex;      /* interface the packet was metered on */
+    __u16 src_port;     /* TCP/UDP/SCTP source port; 0 for ICMP */
+    __u16 dst_port;     /* TCP/UDP/SCTP destination port; ICMP: type*256+code */
+    __u8  protocol;     /* IP protocol (IPv6: upper-layer after extension headers) */
+    __u8  ip_version;   /* 4 or 6 */
+    __u8  tos;          /* IPv4 TOS byte / IPv6 traffic class */
+    __u8  direction;    /* 0 ingress, 1 egress (IPFIX flowDirection) */
+};                      /* 44 bytes */
+
+/* Flow value: cumulative since the entry was created. The agent exports
+ * deltas against what it last exported; the kernel never resets it. */
+struct flow_value {
+    __u64 packets;
+    __u64 bytes;          /* sum of IP total length (NetFlow octets) */
+    __u64 first_seen_ns;  /* CLOCK_BOOTTIME, bpf_ktime_get_boot_ns() */
+    __u64 last_seen_ns;
+    __u64 flow_id;        /* unique per entry: cpu << 48 | per-CPU sequence */
+    __u64 tcp_flags;      /* OR of TCP flags seen (low 8 bits used; 64-bit
+                           * because bcc's LLVM only has 64-bit atomic OR) */
+};                        /* 48 bytes */
+
+/* A packet for a flow whose entry is idle-expired (the agent may be
+ * deleting it right now) is not added to the entry but sent to the agent
+ * through the spill ring buffer, so no count is lost in that race. */
+struct spill_event {
+    struct flow_key key;  /* 44 */
+    __u32 tcp_flags;
+    __u64 bytes;
+    __u64 ts_ns;
+};                        /* 64 bytes */
+
+/* Per-CPU counters (BPF_PERCPU_ARRAY "counters"), read at scrape time.
+ * Every packet the program sees ends in exactly one of:
+ *   a flow entry, a spill event, or one of the PF_CNT_* "not metered" ids. */
+enum pyflow_counter {
+    PF_CNT_PACKETS_SEEN = 0,   /* every packet the program ran on */
+    PF_CNT_METERED,            /* added to a flow entry */
+    PF_CNT_SPILLED,            /* sent as a spill event (still accounted) */
+    PF_CNT_NOT_IP,             /* not IPv4/IPv6 (ARP, LLDP, ...) */
+    PF_CNT_UNPARSABLE,         /* truncated or malformed headers */
+    PF_CNT_CACHE_FULL,         /* no room for a new flow entry */
+    PF_CNT_SPILL_LOST,         /* spill ring buffer full */
+    PF_CNT_SAMPLED_OUT,        /* skipped by packet sampling */
+    PF_CNT_OWN_EXPORT,         /* the agent's own export datagrams */
+    PF_CNT_MAX
+};
+
+#endif /* PYFLOW_FLOWMETER_H */

@@ -1,0 +1,70 @@
+"""The Python view of bpf/flowmeter.h.
+
+tests/bpf/test_abi_layout.py checks every offset and size here against the
+ctypes types bcc generates from the header, and the counter ids against the
+header's enum, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import numpy as np
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+
+FLOW_KEY_DTYPE = np.dtype(
+    {
+        "names": ["src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",
+                  "tos", "direction"],
+        "formats": ["V16", "V16", "<u4", "<u2", "<u2", "u1", "u1", "u1", "u1"],
+        "offsets": [0, 16, 32, 36, 38, 40, 41, 42, 43],
+        "itemsize": 44,
+    }
+)
+
+FLOW_VALUE_DTYPE = np.dtype(
+    {
+        "names": ["packets", "bytes", "first_seen_ns", "last_seen_ns", "flow_id", "tcp_flags"],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<u8", "<u8"],
+        "offsets": [0, 8, 16, 24, 32, 40],
+        "itemsize": 48,
+    }
+)
+
+SPILL_EVENT_DTYPE = np.dtype(
+    {
+        "names": ["key", "tcp_flags", "bytes", "ts_ns"],
+        "formats": [FLOW_KEY_DTYPE, "<u4", "<u8", "<u8"],
+        "offsets": [0, 44, 48, 56],
+        "itemsize": 64,
+    }
+)
+
+
+class Counter(enum.IntEnum):
+    """``enum pyflow_counter``: index into the per-CPU ``counters`` array."""
+
+    PACKETS_SEEN = 0
+    METERED = 1
+    SPILLED = 2
+    NOT_IP = 3
+    UNPARSABLE = 4
+    CACHE_FULL = 5
+    SPILL_LOST = 6
+    SAMPLED_OUT = 7
+    OWN_EXPORT = 8
+
+
+COUNTER_MAX = len(Counter)
+
+#: Counters that mean "this packet is not in any flow", by their metric reason label.
+NOT_METERED_REASONS = {
+    Counter.NOT_IP: "not_ip",
+    Counter.UNPARSABLE: "unparsable",
+    Counter.CACHE_FULL: "cache_full",
+    Counter.SPILL_LOST: "spill_lost",
+    Counter.SAMPLED_OUT: "sampled_out",
+    Counter.OWN_EXPORT: "own_export",
+}

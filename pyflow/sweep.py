@@ -1,0 +1,205 @@
+"""The sweep: RouterOS's timeout rules as one pure function of (entries, now).
+
+Called once per sweep tick with a snapshot of the kernel flow cache.  It
+decides, for every entry, whether a record leaves now and why:
+
+* idle:   ``now - last_seen >= inactive-flow-timeout``  -> export the last
+  delta and delete the entry (end reason *idle*);
+* end:    TCP FIN or RST seen and idle for ``end-idle`` -> export, delete
+  (end reason *end of flow*);
+* active: open for ``active-flow-timeout`` since the record began -> export
+  the delta since the last export and KEEP the entry (end reason *active*).
+
+Kernel counters are cumulative and never reset; what was already exported is
+remembered here, per kernel flow id, in a ``Baseline`` (only for flows that
+were cut by the active timeout).  Everything is vectorised with numpy: a
+sweep of a million entries is a handful of array operations.
+
+Clocks are arguments: ``now_ns`` is CLOCK_BOOTTIME (the kernel's
+``bpf_ktime_get_boot_ns``) and ``wall_offset_ns`` converts it to Unix time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pyflow import records as rec
+from pyflow.records import EndReason
+
+TCP_FIN = 0x01
+TCP_RST = 0x04
+NS_PER_MS = 1_000_000
+
+
+@dataclass(frozen=True)
+class SweepRules:
+    """The timeouts, in nanoseconds."""
+
+    active_ns: int
+    inactive_ns: int
+    end_idle_ns: int
+
+    def __post_init__(self) -> None:
+        if self.inactive_ns <= 0 or self.active_ns <= 0 or self.end_idle_ns <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+def _empty_u64() -> np.ndarray:
+    return np.zeros(0, dtype=np.uint64)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What was already exported of flows cut by the active timeout.
+
+    Arrays sorted by ``ids`` (the kernel's per-entry ``flow_id``):
+    cumulative packets and bytes at the last export, and when the next
+    record of that flow began (the cut time, boot clock).
+    """
+
+    ids: np.ndarray = field(default_factory=_empty_u64)
+    packets: np.ndarray = field(default_factory=_empty_u64)
+    bytes: np.ndarray = field(default_factory=_empty_u64)
+    start_ns: np.ndarray = field(default_factory=_empty_u64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def join(self, flow_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each flow id: (has a baseline?, index into the baseline arrays)."""
+        if len(self.ids) == 0:
+            return np.zeros(len(flow_ids), dtype=bool), np.zeros(len(flow_ids), dtype=np.intp)
+        pos = np.searchsorted(self.ids, flow_ids)
+        pos = np.minimum(pos, len(self.ids) - 1)
+        return self.ids[pos] == flow_ids, pos
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    records: np.ndarray  # RECORD_DTYPE
+    delete: np.ndarray  # bool mask over the swept entries: delete from the kernel map
+    baseline: Baseline
+
+
+def expired(values: np.ndarray, now_ns: int, rules: SweepRules) -> np.ndarray:
+    """Entries the kernel will no longer write (idle, or ended and idle).
+
+    The kernel applies the same two thresholds (-DINACTIVE_NS, -DEND_IDLE_NS)
+    and sends packets of such entries to the spill ring instead, which is
+    what makes deleting them exact.
+    """
+    idle = np.int64(now_ns) - values["last_seen_ns"].astype(np.int64)
+    ended = (values["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0
+    return (idle >= rules.inactive_ns) | (ended & (idle >= rules.end_idle_ns))
+
+
+def sweep(
+    keys: np.ndarray,
+    values: np.ndarray,
+    baseline: Baseline,
+    now_ns: int,
+    wall_offset_ns: int,
+    rules: SweepRules,
+    final: bool = False,
+) -> SweepResult:
+    """Apply the timeout rules to one snapshot of the cache.
+
+    ``final`` (agent shutdown) exports every entry's remaining delta with end
+    reason *forced* and deletes nothing.
+    """
+    n = len(values)
+    flow_id = values["flow_id"]
+    has, pos = baseline.join(flow_id)
+    base_pk = np.where(has, baseline.packets[pos] if len(baseline) else 0, 0).astype(np.uint64)
+    base_by = np.where(has, baseline.bytes[pos] if len(baseline) else 0, 0).astype(np.uint64)
+    rec_start = np.where(has, baseline.start_ns[pos] if len(baseline) else 0, values["first_seen_ns"])
+    rec_start = rec_start.astype(np.uint64)
+
+    d_pk = values["packets"] - base_pk
+    d_by = values["bytes"] - base_by
+    fresh = d_pk > 0
+
+    reason = np.zeros(n, dtype=np.uint8)
+    if final:
+        delete = np.zeros(n, dtype=bool)
+        reason[:] = EndReason.FORCED
+        export = fresh
+    else:
+        gone = expired(values, now_ns, rules)
+        ended = (values["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0
+        age = np.int64(now_ns) - rec_start.astype(np.int64)
+        active_due = ~gone & (age >= rules.active_ns) & fresh
+        reason[gone] = EndReason.IDLE
+        reason[gone & ended] = EndReason.END_OF_FLOW
+        reason[active_due] = EndReason.ACTIVE
+        delete = gone
+        export = (gone & fresh) | active_due
+
+    idx = np.flatnonzero(export)
+    out = rec.empty(len(idx))
+    k = keys[idx]
+    for name in ("src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",
+                 "tos", "direction"):
+        out[name] = k[name]
+    v = values[idx]
+    out["tcp_flags"] = v["tcp_flags"] & 0xFF
+    out["packets"] = d_pk[idx]
+    out["bytes"] = d_by[idx]
+    start = np.minimum(rec_start[idx], v["last_seen_ns"])
+    out["start_ms"] = (start.astype(np.int64) + wall_offset_ns) // NS_PER_MS
+    out["end_ms"] = (v["last_seen_ns"].astype(np.int64) + wall_offset_ns) // NS_PER_MS
+    out["end_reason"] = reason[idx]
+
+    if final:
+        return SweepResult(out, delete, baseline)
+
+    # Baseline for the next sweep: flows that stay and were ever cut.
+    cut = active_due
+    keep = ~delete & (has | cut)
+    new_pk = np.where(cut, values["packets"], base_pk)[keep]
+    new_by = np.where(cut, values["bytes"], base_by)[keep]
+    new_start = np.where(cut, np.uint64(now_ns), rec_start)[keep]
+    ids = flow_id[keep]
+    order = np.argsort(ids, kind="stable")
+    nb = Baseline(ids[order], new_pk[order], new_by[order], new_start[order])
+    return SweepResult(out, delete, nb)
+
+
+def spill_records(events: np.ndarray, wall_offset_ns: int) -> np.ndarray:
+    """Aggregate spill events (packets of expired entries) per flow key into records.
+
+    They are the first packets of a flow that resumed after an idle gap,
+    caught while its old entry was being expired; the flow goes on in a new
+    kernel entry, so the record's end reason is *active*.
+    """
+    if len(events) == 0:
+        return rec.empty(0)
+    keys = events["key"]
+    uniq, inverse = np.unique(keys.view(np.dtype((np.void, keys.dtype.itemsize))), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    m = len(uniq)
+    out = rec.empty(m)
+    first_idx = np.full(m, len(events), dtype=np.intp)
+    np.minimum.at(first_idx, inverse, np.arange(len(events)))
+    k = keys[first_idx]
+    for name in ("src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",
+                 "tos", "direction"):
+        out[name] = k[name]
+    out["packets"] = np.bincount(inverse, minlength=m).astype(np.uint64)
+    by = np.zeros(m, dtype=np.uint64)
+    np.add.at(by, inverse, events["bytes"])
+    out["bytes"] = by
+    flags = np.zeros(m, dtype=np.uint64)
+    np.bitwise_or.at(flags, inverse, events["tcp_flags"].astype(np.uint64))
+    out["tcp_flags"] = flags & 0xFF
+    first = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.zeros(m, dtype=np.int64)
+    ts = events["ts_ns"].astype(np.int64)
+    np.minimum.at(first, inverse, ts)
+    np.maximum.at(last, inverse, ts)
+    out["start_ms"] = (first + wall_offset_ns) // NS_PER_MS
+    out["end_ms"] = (last + wall_offset_ns) // NS_PER_MS
+    out["end_reason"] = EndReason.ACTIVE
+    return out

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# pyflow setup: everything a fresh Debian/Ubuntu host needs to run and test pyflow.
+# Idempotent; run as root (`sudo make setup`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say()  { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+warn() { printf '\033[1;33msetup: WARNING:\033[0m %s\n' "$*" >&2; }
+die()  { printf '\033[1;31msetup: error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root: sudo make setup (installs packages and kernel headers)"
+command -v apt-get >/dev/null || die "this setup knows Debian/Ubuntu (apt-get); on other systems install bcc's Python bindings, kernel headers, nfdump, tshark and pmacct by hand"
+
+KREL=$(uname -r)
+ARCH=$(dpkg --print-architecture)
+export DEBIAN_FRONTEND=noninteractive
+
+say "refreshing package lists"
+apt-get update -qq
+
+# tshark asks whether non-root users may capture; answer "no" up front.
+echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+
+PKGS=(python3-bpfcc python3-venv python3-pip iproute2 nftables ethtool nfdump tshark pmacct)
+say "installing: ${PKGS[*]}"
+apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
+
+# --- kernel headers: bcc compiles the meter against them -------------------
+has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+if [ -e "/lib/modules/$KREL/build/Makefile" ] || [ -d "/lib/modules/$KREL/build/include" ]; then
+    say "kernel headers for $KREL: present at /lib/modules/$KREL/build"
+elif has_candidate "linux-headers-$KREL"; then
+    say "installing linux-headers-$KREL"
+    apt-get install -y -qq "linux-headers-$KREL" >/dev/null
+else
+    generic=""
+    for p in "linux-headers-$ARCH" linux-headers-generic; do
+        if has_candidate "$p"; then generic=$p; break; fi
+    done
+    [ -n "$generic" ] || die "no headers package for kernel $KREL and no generic headers package found"
+    apt-get install -y -qq "$generic" >/dev/null
+    # newest arch-specific headers tree the generic package pulled in
+    build=$(ls -d /usr/src/linux-headers-*-"$ARCH" /usr/src/linux-headers-*-generic 2>/dev/null | sort -V | tail -n 1 || true)
+    [ -n "$build" ] || die "installed $generic but found no /usr/src/linux-headers-* tree"
+    common=${build%-"$ARCH"}-common
+    [ -d "$common" ] || common=$build
+    mkdir -p "/lib/modules/$KREL"
+    ln -sfn "$build" "/lib/modules/$KREL/build"
+    ln -sfn "$common" "/lib/modules/$KREL/source"
+    warn "no linux-headers package exists for the running kernel $KREL."
+    warn "linked the distribution's generic headers instead:"
+    warn "  /lib/modules/$KREL/build  -> $build"
+    warn "  /lib/modules/$KREL/source -> $common"
+    warn "bcc compiles against these; pyflow's program uses only stable UAPI headers, so this works,"
+    warn "but on a real host install the headers that match your kernel."
+fi
+
+# --- virtualenv: Debian's python3 so bcc (python3-bpfcc) is importable ------
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)'; then
+    say "creating .venv from /usr/bin/python3 --system-site-packages"
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+say "installing pyflow (editable) and its dev tools into .venv"
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import bcc, pyflow' || die "the venv cannot import bcc or pyflow"
+
+say "versions: $(nfdump -V 2>&1 | head -n1); $(tshark -v 2>/dev/null | head -n1); pmacct $(dpkg-query -W -f='${Version}' pmacct); bcc $(dpkg-query -W -f='${Version}' python3-bpfcc)"
+touch .venv/.setup-done
+say "done"

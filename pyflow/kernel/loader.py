@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class Attachment:
 
 def _import_bcc() -> Any:
     try:
-        import bcc  # type: ignore[import-not-found]
+        import bcc
     except ImportError as exc:
         raise KernelError(
             "the bcc Python module is missing: install the distribution package python3-bpfcc "

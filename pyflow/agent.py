@@ -1,0 +1,158 @@
+"""The agent: every sweep tick, read the flow cache, apply the rules, export.
+
+Exact deletes (see docs/architecture.md): the kernel never writes an entry
+that the sweep rules call expired; it spills those packets to a ring buffer
+instead.  So the agent
+
+1. reads the whole cache (one batch read) and picks the expired entries;
+2. waits for an RCU grace period (``FlowMeter.barrier``): any program run
+   that looked at such an entry before step 1 has finished;
+3. re-reads those entries (their values are now final) and sweeps;
+4. deletes them, and exports the records to every target;
+5. turns spill events (packets of a flow that resumed meanwhile) into records.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pyflow import records as rec
+from pyflow.config import Settings
+from pyflow.export.target import ExportClock, Target
+from pyflow.kernel import abi
+from pyflow.kernel.bpfsys import map_delete, map_lookup
+from pyflow.kernel.loader import FlowMeter
+from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
+
+
+def boot_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+@dataclass(frozen=True)
+class Clocks:
+    """Injectable clocks: boot time (the kernel's) and wall time."""
+
+    boot_ns: Callable[[], int] = boot_ns
+    wall_ns: Callable[[], int] = time.time_ns
+
+
+@dataclass
+class AgentStats:
+    sweeps: int = 0
+    records: int = 0
+    deleted: int = 0
+    spill_events: int = 0
+    vanished: int = 0  # expired entries gone before the re-read (should stay 0)
+    last_sweep_seconds: float = 0.0
+
+
+class Agent:
+    def __init__(self, settings: Settings, meter: FlowMeter, targets: Sequence[Target],
+                 clocks: Clocks | None = None, log: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.meter = meter
+        self.targets = list(targets)
+        self.clocks = clocks or Clocks()
+        self.rules = SweepRules(
+            active_ns=settings.active_flow_timeout_ns,
+            inactive_ns=settings.inactive_flow_timeout_ns,
+            end_idle_ns=settings.end_idle_ns,
+        )
+        self.baseline = Baseline()
+        self.stats = AgentStats()
+        self._spilled: list[np.ndarray] = []
+        self.log = log or (lambda msg: print(f"pyflow: {msg}", file=sys.stderr))
+        meter.open_spill(self._spilled.append)
+
+    # -- one tick ----------------------------------------------------------------
+
+    def _clock(self) -> tuple[int, int, ExportClock]:
+        b = self.clocks.boot_ns()
+        w = self.clocks.wall_ns()
+        return b, w - b, ExportClock(unix_ns=w, uptime_ms=b // 10**6)
+
+    def _reread(self, keys: np.ndarray, values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Final values of the expired entries after the barrier; drops vanished ones."""
+        fd = self.meter.flows_fd
+        size = abi.FLOW_VALUE_DTYPE.itemsize
+        alive = np.ones(len(idx), dtype=bool)
+        for j, i in enumerate(idx):
+            raw = map_lookup(fd, keys[i].tobytes(), size)
+            if raw is None:
+                alive[j] = False
+                continue
+            values[i] = np.frombuffer(raw, dtype=abi.FLOW_VALUE_DTYPE)[0]
+        self.stats.vanished += int(np.count_nonzero(~alive))
+        return idx[~alive]
+
+    def tick(self, final: bool = False) -> np.ndarray:
+        """One sweep; returns the records exported (also sent to every target)."""
+        t0 = time.perf_counter()
+        keys_v, values_v = self.meter.read_flows()
+        keys, values = keys_v.copy(), values_v.copy()
+        now, wall_offset, clock = self._clock()
+        if not final:
+            cand = np.flatnonzero(expired(values, now, self.rules))
+            if len(cand):
+                self.meter.barrier()
+                gone = self._reread(keys, values, cand)
+                if len(gone):
+                    keep = np.ones(len(values), dtype=bool)
+                    keep[gone] = False
+                    keys, values = keys[keep], values[keep]
+        res = sweep(keys, values, self.baseline, now, wall_offset, self.rules, final=final)
+        self.baseline = res.baseline
+        fd = self.meter.flows_fd
+        for i in np.flatnonzero(res.delete):
+            map_delete(fd, keys[i].tobytes())
+        self.stats.deleted += int(np.count_nonzero(res.delete))
+
+        self.meter.poll_spill()
+        batch = res.records
+        if self._spilled:
+            events = np.concatenate(self._spilled)
+            self._spilled.clear()
+            self.stats.spill_events += len(events)
+            batch = np.concatenate([batch, spill_records(events, wall_offset)])
+        self.export(batch, clock, now)
+        self.stats.sweeps += 1
+        self.stats.records += len(batch)
+        self.stats.last_sweep_seconds = time.perf_counter() - t0
+        return batch
+
+    def export(self, batch: np.ndarray, clock: ExportClock, now_ns: int) -> None:
+        for target in self.targets:
+            try:
+                target.export(batch, clock, now_ns)
+            except Exception as exc:  # one broken target must not stop the others
+                target.stats.send_errors["internal"] += 1
+                self.log(f"target {target.name}: export failed: {exc!r}")
+
+    # -- the loop ------------------------------------------------------------------
+
+    def announce(self) -> None:
+        """Send templates at once (collectors learn them before any data)."""
+        now, _, clock = self._clock()
+        self.export(rec.empty(0), clock, now)
+
+    def run(self, stop: threading.Event) -> None:
+        """Sweep every ``sweep-interval`` until ``stop`` is set, then flush everything."""
+        interval = self.settings.sweep_interval_ns / 1e9
+        self.announce()
+        while not stop.wait(interval):
+            self.tick()
+        self.flush()
+
+    def flush(self) -> None:
+        """Shutdown: detach (no more writers), then export everything still cached."""
+        self.meter.detach_all()
+        self.meter.barrier()
+        self.tick()  # normal rules first: expired entries end as idle / end of flow
+        self.tick(final=True)  # what remains leaves as a forced end

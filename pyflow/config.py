@@ -1,0 +1,147 @@
+"""One typed, frozen settings tree with RouterOS's names and defaults.
+
+``/ip traffic-flow``        -> ``Settings``
+``/ip traffic-flow target`` -> ``TargetSettings`` (any number)
+
+Values are validated when the tree is built; every error names the setting
+and the bad value (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from pyflow.errors import ConfigError
+from pyflow.units import format_duration, parse_duration_ns, parse_size
+
+VERSIONS = ("1", "5", "9", "ipfix")
+DEFAULT_PORT = 2055
+DEFAULT_VERSION = "9"  # RouterOS's default for a new target
+
+
+def normalize_version(text: str | int) -> str:
+    v = str(text).strip().lower()
+    if v in ("10", "ipfix"):
+        return "ipfix"
+    if v.startswith("v") and v[1:] in VERSIONS:
+        v = v[1:]
+    if v not in VERSIONS:
+        raise ConfigError(f"version {text!r} is not one of 1, 5, 9, ipfix")
+    return v
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """``/ip traffic-flow target``."""
+
+    dst_address: str
+    port: int = DEFAULT_PORT
+    version: str = DEFAULT_VERSION
+    src_address: str | None = None
+    v9_template_refresh: int = 20  # export packets between template re-sends
+    v9_template_timeout_ns: int = 30 * 60 * 10**9  # time between template re-sends
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.dst_address)
+        except ValueError:
+            raise ConfigError(f"target dst-address {self.dst_address!r} is not an IPv4 or IPv6 address") from None
+        if self.src_address is not None:
+            try:
+                src = ipaddress.ip_address(self.src_address)
+            except ValueError:
+                raise ConfigError(f"target src-address {self.src_address!r} is not an IP address") from None
+            if src.version != ipaddress.ip_address(self.dst_address).version:
+                raise ConfigError(
+                    f"target src-address {self.src_address} and dst-address {self.dst_address} "
+                    "are of different IP versions"
+                )
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"target port {self.port} is not between 1 and 65535")
+        object.__setattr__(self, "version", normalize_version(self.version))
+        if self.v9_template_refresh < 1:
+            raise ConfigError(f"v9-template-refresh {self.v9_template_refresh} must be at least 1")
+        if self.v9_template_timeout_ns <= 0:
+            raise ConfigError("v9-template-timeout must be positive")
+
+    @property
+    def family_is_v6(self) -> bool:
+        return ipaddress.ip_address(self.dst_address).version == 6
+
+    def describe(self) -> str:
+        host = f"[{self.dst_address}]" if self.family_is_v6 else self.dst_address
+        return f"{host}:{self.port}/{self.version}"
+
+
+def parse_target(text: str, default_version: str = DEFAULT_VERSION) -> TargetSettings:
+    """``HOST[:PORT][/VERSION]``; IPv6 as ``[2001:db8::1]:2055/ipfix``."""
+    spec = text.strip()
+    version = default_version
+    if "/" in spec:
+        spec, version = spec.rsplit("/", 1)
+    port = DEFAULT_PORT
+    if spec.startswith("["):
+        host, sep, rest = spec[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"target {text!r}: missing ']' after the IPv6 address")
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"target {text!r}: expected ':PORT' after ']'")
+            port = _port(rest[1:], text)
+    elif spec.count(":") == 1:
+        host, p = spec.split(":")
+        port = _port(p, text)
+    else:
+        host = spec  # IPv4 without port, or a bare IPv6 address
+    return TargetSettings(dst_address=host, port=port, version=version)
+
+
+def _port(text: str, whole: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"target {whole!r}: port {text!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``/ip traffic-flow`` plus pyflow's own knobs."""
+
+    interfaces: tuple[str, ...] = ("all",)
+    cache_entries: int = 64 * 1024
+    active_flow_timeout_ns: int = 30 * 60 * 10**9
+    inactive_flow_timeout_ns: int = 15 * 10**9
+    targets: tuple[TargetSettings, ...] = field(default_factory=tuple)
+    sweep_interval_ns: int = 10**9
+    end_idle_ns: int = 2 * 10**9
+    xdp_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.interfaces:
+            raise ConfigError("interfaces is empty: name interfaces or use 'all'")
+        if not 16 <= self.cache_entries <= 64 * 1024 * 1024:
+            raise ConfigError(f"cache-entries {self.cache_entries} is outside 16..64M")
+        for name, ns in (("active-flow-timeout", self.active_flow_timeout_ns),
+                         ("inactive-flow-timeout", self.inactive_flow_timeout_ns),
+                         ("sweep-interval", self.sweep_interval_ns)):
+            if ns < 10**8:
+                raise ConfigError(f"{name} {format_duration(ns)} is too short (at least 100ms)")
+        if self.xdp_mode not in ("auto", "native", "generic"):
+            raise ConfigError(f"xdp-mode {self.xdp_mode!r} is not auto, native or generic")
+        # A FIN/RST flow ends after a short idle, never later than the inactive timeout.
+        object.__setattr__(self, "end_idle_ns", min(self.end_idle_ns, self.inactive_flow_timeout_ns))
+
+
+def duration(name: str, text: str | int | float) -> int:
+    try:
+        return parse_duration_ns(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def size(name: str, text: str | int) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None

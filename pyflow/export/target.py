@@ -1,0 +1,177 @@
+"""A collector target: one socket, its own sequence numbers, template clock and stats.
+
+Each target encodes the same record batch independently, so a target that
+fails (collector down, ICMP port unreachable, no route) only counts its own
+errors: it never raises into the agent and never stalls the other targets
+(sockets are non-blocking; UDP has no back-pressure to wait on).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pyflow.config import TargetSettings
+
+# UDP payload that fits a 1500-byte MTU without fragmentation.
+MAX_PAYLOAD_V4 = 1500 - 20 - 8
+MAX_PAYLOAD_V6 = 1500 - 40 - 8
+
+
+@dataclass(frozen=True)
+class ExportClock:
+    """The export instant in every form a format needs (taken once per sweep)."""
+
+    unix_ns: int  # wall clock
+    uptime_ms: int  # ms since the agent's start: the sysUptime of v1/v5/v9
+
+    @property
+    def unix_s(self) -> int:
+        return self.unix_ns // 10**9
+
+    @property
+    def boot_unix_ms(self) -> int:
+        """Wall time (ms) at which sysUptime was 0: systemInitTimeMilliseconds."""
+        return self.unix_ns // 10**6 - self.uptime_ms
+
+
+class VersionEncoder(Protocol):
+    """What a target needs of one export format."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def uses_templates(self) -> bool: ...
+
+    @property
+    def carries_ipv6(self) -> bool: ...
+
+    def initial_state(self, observation_domain: int) -> Any: ...
+
+    def encode(self, records: np.ndarray, state: Any, clock: ExportClock, send_templates: bool,
+               max_size: int) -> tuple[list[bytes], Any]: ...
+
+
+@dataclass
+class TemplateClock:
+    """RouterOS's rules: re-send templates every ``refresh`` export packets and every ``timeout``."""
+
+    refresh_packets: int
+    timeout_ns: int
+    last_sent_ns: int | None = None
+    packets_since: int = 0
+
+    def due(self, now_ns: int) -> bool:
+        if self.last_sent_ns is None:
+            return True
+        return self.packets_since >= self.refresh_packets or now_ns - self.last_sent_ns >= self.timeout_ns
+
+    def sent(self, now_ns: int, datagrams: int, with_templates: bool) -> None:
+        if with_templates:
+            self.last_sent_ns = now_ns
+            self.packets_since = max(0, datagrams - 1)
+        else:
+            self.packets_since += datagrams
+
+
+@dataclass
+class TargetStats:
+    records: int = 0
+    datagrams: int = 0
+    bytes: int = 0
+    templates: int = 0  # datagrams that carried templates
+    send_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    not_representable: int = 0  # records the format cannot carry (IPv6 to v1/v5)
+
+
+class Target:
+    def __init__(self, settings: TargetSettings, encoder: VersionEncoder, observation_domain: int = 0) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.state = encoder.initial_state(observation_domain)
+        self.clock = TemplateClock(settings.v9_template_refresh, settings.v9_template_timeout_ns)
+        self.stats = TargetStats()
+        self.max_size = MAX_PAYLOAD_V6 if settings.family_is_v6 else MAX_PAYLOAD_V4
+        self.sock: socket.socket | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.describe()
+
+    def open(self) -> None:
+        fam = socket.AF_INET6 if self.settings.family_is_v6 else socket.AF_INET
+        sock = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            if self.settings.src_address:
+                sock.bind((self.settings.src_address, 0))
+            sock.setblocking(False)
+            # connect(): the kernel reports ICMP port unreachable on the next send,
+            # and the source port stays stable (collectors key templates on it).
+            sock.connect((self.settings.dst_address, self.settings.port))
+        except OSError as exc:
+            # Unroutable now may be routable later: keep the socket, count, retry on send.
+            self.stats.send_errors[_errname(exc)] += 1
+        self.sock = sock
+
+    def local_port(self) -> int | None:
+        if self.sock is None:
+            return None
+        try:
+            return int(self.sock.getsockname()[1])
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def export(self, records: np.ndarray, clock: ExportClock, now_ns: int) -> None:
+        """Encode and send ``records``; never raises for network errors."""
+        if not self.encoder.carries_ipv6 and len(records):
+            v6 = records["ip_version"] == 6
+            n6 = int(np.count_nonzero(v6))
+            if n6:
+                self.stats.not_representable += n6
+                records = records[~v6]
+        templates = self.encoder.uses_templates and self.clock.due(now_ns)
+        if len(records) == 0 and not templates:
+            return
+        datagrams, self.state = self.encoder.encode(records, self.state, clock, templates, self.max_size)
+        for dgram in datagrams:
+            self._send(dgram)
+        self.stats.records += len(records)
+        if self.encoder.uses_templates:
+            self.clock.sent(now_ns, len(datagrams), templates)
+            if templates and datagrams:
+                self.stats.templates += 1
+
+    def _send(self, dgram: bytes) -> None:
+        if self.sock is None:
+            self.open()
+        assert self.sock is not None
+        try:
+            self.sock.send(dgram)
+        except OSError as exc:
+            if exc.errno == errno.EDESTADDRREQ:  # connect() failed earlier: try again
+                try:
+                    self.sock.connect((self.settings.dst_address, self.settings.port))
+                    self.sock.send(dgram)
+                except OSError as exc2:
+                    self.stats.send_errors[_errname(exc2)] += 1
+                    return
+            else:
+                self.stats.send_errors[_errname(exc)] += 1
+                return
+        self.stats.datagrams += 1
+        self.stats.bytes += len(dgram)
+
+
+def _errname(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, "unknown").lower()

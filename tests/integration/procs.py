@@ -45,7 +45,7 @@ class Proc:
                     if needle in line:
                         return line
                 left = deadline - time.monotonic()
-                if left <= 0 or self.p.poll() is not None and not self._t.is_alive():
+                if left <= 0 or (self.p.poll() is not None and not self._t.is_alive()):
                     raise AssertionError(f"{self.argv[0:6]}: no line with {needle!r}; output:\n" + self.output())
                 self._cv.wait(min(left, 0.2))
 
@@ -115,7 +115,7 @@ def nfdump_records(flowdir: Path) -> list[dict[str, str]]:
     lines = [ln for ln in out.splitlines() if ln.strip()]
     if not lines:
         return []
-    header = "ts,te,td,sa,da,sp,dp,pr,flg,fwd,stos,ipkt,ibyt,opkt,obyt,in,out".split(",")
+    header = "ts te td sa da sp dp pr flg fwd stos ipkt ibyt opkt obyt in out".split()
     rows = []
     for ln in lines:
         if ln.startswith("ts,") or "," not in ln:

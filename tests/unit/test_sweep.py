@@ -1,0 +1,176 @@
+"""The timeout rules as a pure function: entries + clocks in, records + deletes out."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyflow.kernel import abi
+from pyflow.records import EndReason, addr_to_16
+from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
+
+S = 10**9
+RULES = SweepRules(active_ns=30 * 60 * S, inactive_ns=15 * S, end_idle_ns=2 * S)
+WALL = 1_700_000_000 * S  # wall clock = boot clock + WALL
+
+
+def cache(*flows: dict) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.zeros(len(flows), dtype=abi.FLOW_KEY_DTYPE)
+    values = np.zeros(len(flows), dtype=abi.FLOW_VALUE_DTYPE)
+    for i, f in enumerate(flows):
+        keys[i]["src_addr"] = addr_to_16("192.0.2.1")
+        keys[i]["dst_addr"] = addr_to_16("198.51.100.2")
+        keys[i]["ip_version"] = 4
+        keys[i]["protocol"] = 6
+        keys[i]["src_port"] = f.get("sport", 1000 + i)
+        keys[i]["dst_port"] = 443
+        keys[i]["ifindex"] = 3
+        values[i]["packets"] = f["pk"]
+        values[i]["bytes"] = f["by"]
+        values[i]["first_seen_ns"] = f["first"]
+        values[i]["last_seen_ns"] = f["last"]
+        values[i]["flow_id"] = f.get("id", i + 1)
+        values[i]["tcp_flags"] = f.get("flags", 0x10)
+    return keys, values
+
+
+def test_idle_flow_is_exported_and_deleted() -> None:
+    keys, values = cache({"pk": 5, "by": 500, "first": 100 * S, "last": 110 * S})
+    res = sweep(keys, values, Baseline(), now_ns=125 * S, wall_offset_ns=WALL, rules=RULES)
+    assert res.delete.tolist() == [True]
+    (r,) = res.records
+    assert (r["packets"], r["bytes"], r["end_reason"]) == (5, 500, EndReason.IDLE)
+    assert r["start_ms"] == (WALL + 100 * S) // 10**6
+    assert r["end_ms"] == (WALL + 110 * S) // 10**6
+    assert r["src_port"] == 1000 and r["ifindex"] == 3 and r["tcp_flags"] == 0x10
+
+
+def test_idle_edge_is_inclusive() -> None:
+    keys, values = cache({"pk": 1, "by": 40, "first": 0, "last": 10 * S})
+    just_before = sweep(keys, values, Baseline(), 25 * S - 1, WALL, RULES)
+    at = sweep(keys, values, Baseline(), 25 * S, WALL, RULES)
+    assert len(just_before.records) == 0 and not just_before.delete.any()
+    assert len(at.records) == 1 and at.delete.all()
+
+
+def test_active_flow_exports_deltas_and_stays() -> None:
+    keys, values = cache({"pk": 100, "by": 10_000, "first": 0, "last": 30 * 60 * S})
+    now = 30 * 60 * S + S // 2
+    first = sweep(keys, values, Baseline(), now, WALL, RULES)
+    assert not first.delete.any()
+    (r,) = first.records
+    assert (r["packets"], r["bytes"], r["end_reason"]) == (100, 10_000, EndReason.ACTIVE)
+
+    # The kernel keeps counting; the next cut exports only what came since.
+    values["packets"] = 160
+    values["bytes"] = 16_000
+    values["last_seen_ns"] = 60 * 60 * S
+    nothing_yet = sweep(keys, values, first.baseline, 45 * 60 * S, WALL, RULES)
+    assert len(nothing_yet.records) == 0
+    second = sweep(keys, values, nothing_yet.baseline, now + 30 * 60 * S, WALL, RULES)
+    (r2,) = second.records
+    assert (r2["packets"], r2["bytes"], r2["end_reason"]) == (60, 6_000, EndReason.ACTIVE)
+    assert r2["start_ms"] == (WALL + now) // 10**6  # the next record begins at the cut
+
+    # Then it goes idle: the last delta leaves, the entry is deleted, the baseline forgets it.
+    values["packets"] = 170
+    values["bytes"] = 17_000
+    values["last_seen_ns"] = 61 * 60 * S
+    last = sweep(keys, values, second.baseline, 61 * 60 * S + 15 * S, WALL, RULES)
+    (r3,) = last.records
+    assert (r3["packets"], r3["bytes"], r3["end_reason"]) == (10, 1_000, EndReason.IDLE)
+    assert last.delete.all() and len(last.baseline) == 0
+
+
+def test_active_cut_without_new_packets_sends_nothing() -> None:
+    keys, values = cache({"pk": 3, "by": 300, "first": 0, "last": 30 * 60 * S - S})
+    cut = sweep(keys, values, Baseline(), 30 * 60 * S, WALL, RULES)
+    assert len(cut.records) == 1
+    again = sweep(keys, values, cut.baseline, 60 * 60 * S - 1, WALL, RULES)
+    # idle now (no packet for 31 minutes): the entry goes, with no empty record
+    assert len(again.records) == 0 and again.delete.all()
+
+
+def test_fin_or_rst_ends_the_flow_after_end_idle() -> None:
+    keys, values = cache(
+        {"pk": 4, "by": 400, "first": 0, "last": 10 * S, "flags": 0x11},  # FIN|ACK
+        {"pk": 2, "by": 120, "first": 0, "last": 10 * S, "flags": 0x14},  # RST|ACK
+        {"pk": 2, "by": 120, "first": 0, "last": 10 * S, "flags": 0x10},  # ACK only
+    )
+    res = sweep(keys, values, Baseline(), 12 * S, WALL, RULES)
+    assert res.delete.tolist() == [True, True, False]
+    assert [int(r["end_reason"]) for r in res.records] == [EndReason.END_OF_FLOW] * 2
+
+
+def test_final_sweep_forces_everything_out_without_deleting() -> None:
+    keys, values = cache({"pk": 7, "by": 700, "first": 0, "last": S}, {"pk": 1, "by": 60, "first": 0, "last": S})
+    res = sweep(keys, values, Baseline(), 2 * S, WALL, RULES, final=True)
+    assert not res.delete.any()
+    assert [int(r["end_reason"]) for r in res.records] == [EndReason.FORCED] * 2
+    assert res.records["packets"].tolist() == [7, 1]
+
+
+def test_expired_matches_sweep_deletes() -> None:
+    _keys, values = cache(
+        {"pk": 1, "by": 1, "first": 0, "last": 0},
+        {"pk": 1, "by": 1, "first": 0, "last": 99 * S},
+    )
+    assert expired(values, 100 * S, RULES).tolist() == [True, False]
+
+
+def test_spill_events_aggregate_per_flow() -> None:
+    ev = np.zeros(3, dtype=abi.SPILL_EVENT_DTYPE)
+    for i, (sport, by, ts) in enumerate([(1, 100, 5 * S), (2, 60, 6 * S), (1, 40, 7 * S)]):
+        ev[i]["key"]["src_port"] = sport
+        ev[i]["key"]["ip_version"] = 4
+        ev[i]["bytes"] = by
+        ev[i]["ts_ns"] = ts
+        ev[i]["tcp_flags"] = 0x02 if i == 0 else 0x10
+    recs = spill_records(ev, WALL)
+    got = {int(r["src_port"]): (int(r["packets"]), int(r["bytes"]), int(r["tcp_flags"]), int(r["start_ms"]),
+                                int(r["end_ms"])) for r in recs}
+    ms = lambda t: (WALL + t) // 10**6  # noqa: E731
+    assert got == {1: (2, 140, 0x12, ms(5 * S), ms(7 * S)), 2: (1, 60, 0x10, ms(6 * S), ms(6 * S))}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 50), st.integers(0, 3 * S), st.integers(0, 40 * S)), min_size=1,
+             max_size=20),
+    st.integers(1, 60),
+)
+def test_conservation_over_many_sweeps(increments: list[tuple[int, int, int]], sweeps: int) -> None:
+    """Whatever the timing, the records of one flow add up to what the kernel counted."""
+    rules = SweepRules(active_ns=5 * S, inactive_ns=3 * S, end_idle_ns=S)
+    keys, values = cache({"pk": 0, "by": 0, "first": 0, "last": 0})
+    base = Baseline()
+    now = 0
+    exported_pk = exported_by = 0
+    counted_pk = counted_by = 0
+    alive = True
+    for pk, gap, _ in increments:
+        now += gap
+        if not alive:  # a deleted entry comes back as a new one (new flow id)
+            keys, values = cache({"pk": 0, "by": 0, "first": now, "last": now, "id": now + 1})
+            alive = True
+        values["packets"] += pk
+        values["bytes"] += pk * 100
+        values["last_seen_ns"] = now
+        counted_pk += pk
+        counted_by += pk * 100
+        for _ in range(max(1, sweeps // len(increments))):
+            now += S // 2
+            res = sweep(keys, values, base, now, WALL, rules)
+            exported_pk += int(res.records["packets"].sum())
+            exported_by += int(res.records["bytes"].sum())
+            base = res.baseline
+            if res.delete.any():
+                alive = False
+                keys, values = keys[:0], values[:0]
+                break
+    if alive:
+        res = sweep(keys, values, base, now, WALL, rules, final=True)
+        exported_pk += int(res.records["packets"].sum())
+        exported_by += int(res.records["bytes"].sum())
+    assert (exported_pk, exported_by) == (counted_pk, counted_by)

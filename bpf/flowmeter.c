@@ -172,7 +172,6 @@ static __always_inline int parse_packet(void *data, void *data_end,
         __builtin_memcpy(m->key.dst_addr, &ip6->daddr, 16);
         __u8 next = ip6->nexthdr;
         void *l4 = ip6 + 1;
-        int frag_nonfirst = 0;
 #pragma unroll
         for (int i = 0; i < MAX_IPV6_EXT; i++) {
             if (next == 0 || next == 43 || next == 60) {
@@ -188,8 +187,13 @@ static __always_inline int parse_packet(void *data, void *data_end,
                 if ((void *)(eh + 8) > data_end)
                     return PARSE_BAD;
                 next = eh[0];
-                if (((eh[2] << 8) | eh[3]) & 0xFFF8)
-                    frag_nonfirst = 1;
+                /* Non-first fragment: what follows is the middle of the
+                 * fragmentable part, payload and not headers.  Stop here:
+                 * protocol = this header's next header, ports 0. */
+                if (((eh[2] << 8) | eh[3]) & 0xFFF8) {
+                    m->key.protocol = next;
+                    return PARSE_OK;
+                }
                 l4 = l4 + 8;
             } else if (next == 51) {
                 /* authentication header: (len + 2) * 4 bytes */
@@ -205,7 +209,7 @@ static __always_inline int parse_packet(void *data, void *data_end,
         m->key.protocol = next;
         if (next == 0 || next == 43 || next == 44 || next == 60 || next == 51)
             return PARSE_BAD;   /* more extension headers than MAX_IPV6_EXT */
-        if (frag_nonfirst || next == 59 /* no next header */)
+        if (next == 59 /* no next header */)
             return PARSE_OK;
         if (l4 > data_end)
             return PARSE_BAD;

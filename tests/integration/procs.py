@@ -115,7 +115,10 @@ def nfdump_records(flowdir: Path) -> list[dict[str, str]]:
     lines = [ln for ln in out.splitlines() if ln.strip()]
     if not lines:
         return []
-    header = "ts te td sa da sp dp pr flg fwd stos ipkt ibyt opkt obyt in out".split()
+    header = [
+        "ts", "te", "td", "sa", "da", "sp", "dp", "pr", "flg", "fwd", "stos",
+        "ipkt", "ibyt", "opkt", "obyt", "in", "out",
+    ]
     rows = []
     for ln in lines:
         if ln.startswith("ts,") or "," not in ln:

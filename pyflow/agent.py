@@ -26,7 +26,7 @@ from pyflow import records as rec
 from pyflow.config import Settings
 from pyflow.export.target import ExportClock, Target
 from pyflow.kernel import abi
-from pyflow.kernel.bpfsys import map_delete, map_lookup
+from pyflow.kernel.bpfsys import map_delete_batch, map_lookup
 from pyflow.kernel.loader import FlowMeter
 from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
 
@@ -79,7 +79,13 @@ class Agent:
         return b, w - b, ExportClock(unix_ns=w, uptime_ms=b // 10**6)
 
     def _reread(self, keys: np.ndarray, values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Final values of the expired entries after the barrier; drops vanished ones."""
+        """Final values of the expired entries after the barrier; returns the vanished ones.
+
+        A few entries are looked up one by one; many are taken from one more
+        batch read of the whole cache, matched by flow id.
+        """
+        if len(idx) > max(64, len(values) // 16):
+            return self._reread_batch(values, idx)
         fd = self.meter.flows_fd
         size = abi.FLOW_VALUE_DTYPE.itemsize
         alive = np.ones(len(idx), dtype=bool)
@@ -91,6 +97,17 @@ class Agent:
             values[i] = np.frombuffer(raw, dtype=abi.FLOW_VALUE_DTYPE)[0]
         self.stats.vanished += int(np.count_nonzero(~alive))
         return idx[~alive]
+
+    def _reread_batch(self, values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        _, fresh = self.meter.read_flows()
+        order = np.argsort(fresh["flow_id"])
+        ids = fresh["flow_id"][order]
+        want = values["flow_id"][idx]
+        pos = np.minimum(np.searchsorted(ids, want), max(0, len(ids) - 1))
+        found = (ids[pos] == want) if len(ids) else np.zeros(len(idx), dtype=bool)
+        values[idx[found]] = fresh[order[pos[found]]]
+        self.stats.vanished += int(np.count_nonzero(~found))
+        return idx[~found]
 
     def tick(self, final: bool = False) -> np.ndarray:
         """One sweep; returns the records exported (also sent to every target)."""
@@ -109,10 +126,8 @@ class Agent:
                     keys, values = keys[keep], values[keep]
         res = sweep(keys, values, self.baseline, now, wall_offset, self.rules, final=final)
         self.baseline = res.baseline
-        fd = self.meter.flows_fd
-        for i in np.flatnonzero(res.delete):
-            map_delete(fd, keys[i].tobytes())
-        self.stats.deleted += int(np.count_nonzero(res.delete))
+        if res.delete.any():
+            self.stats.deleted += map_delete_batch(self.meter.flows_fd, keys[res.delete])
 
         self.meter.poll_spill()
         batch = res.records

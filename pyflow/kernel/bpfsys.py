@@ -25,6 +25,8 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -184,6 +186,40 @@ class MapBatchReader:
             if done:
                 break
         return self._keys[:total], self._values[:total]
+
+
+def map_update_batch(map_fd: int, keys: np.ndarray, values: np.ndarray) -> int:
+    """Insert or replace many elements at once (BPF_MAP_UPDATE_BATCH); returns how many."""
+    keys = np.ascontiguousarray(keys)
+    values = np.ascontiguousarray(values)
+    attr = _BatchAttr(map_fd=map_fd, keys=int(keys.ctypes.data), values=int(values.ctypes.data), count=len(keys))
+    _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    return int(attr.count)
+
+
+def map_delete_batch(map_fd: int, keys: np.ndarray) -> int:
+    """Delete many elements (BPF_MAP_DELETE_BATCH); keys already gone are skipped.
+
+    Returns how many were deleted.  The kernel stops a batch at the first
+    missing key, so the rest is retried after it.
+    """
+    keys = np.ascontiguousarray(keys)
+    deleted = 0
+    start = 0
+    while start < len(keys):
+        attr = _BatchAttr(map_fd=map_fd, keys=int(keys.ctypes.data) + start * keys.dtype.itemsize,
+                          count=len(keys) - start)
+        try:
+            _bpf(BPF_MAP_DELETE_BATCH, attr)
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            deleted += attr.count
+            start += attr.count + 1  # skip the missing key
+            continue
+        deleted += attr.count
+        break
+    return deleted
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ class FlowMeter:
             self.compile()
         bcc = _import_bcc()
         try:
-            self._prog = self.bpf.load_func(self.PROG_NAME, bcc.BPF.XDP)
+            self._prog = self.bpf.load_func(self.PROG_NAME.encode(), bcc.BPF.XDP)
         except Exception as exc:
             msg = str(exc)
             if "Permission denied" in msg or "Invalid argument" in msg:
@@ -158,7 +158,7 @@ class FlowMeter:
         errors = []
         for m in modes:
             try:
-                self.bpf.attach_xdp(ifname, self._prog, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                self.bpf.attach_xdp(ifname.encode(), self._prog, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
             except Exception as exc:
                 errors.append(f"{m}: {exc}")
                 if "busy" in str(exc).lower():
@@ -178,7 +178,7 @@ class FlowMeter:
         if att is None or self.bpf is None:
             return
         try:
-            self.bpf.remove_xdp(ifname, XDP_MODES[att.mode])
+            self.bpf.remove_xdp(ifname.encode(), XDP_MODES[att.mode])
         except Exception as exc:  # the interface may be gone already
             print(f"pyflow: detaching from {ifname}: {exc}", file=sys.stderr)
 
@@ -203,9 +203,13 @@ class FlowMeter:
 
     # -- maps ------------------------------------------------------------------
 
+    def table(self, name: str) -> Any:
+        """A bcc table of the program by name (bcc wants bytes names)."""
+        return self.bpf[name.encode()]
+
     @property
     def flows_fd(self) -> int:
-        return int(self.bpf["flows"].map_fd)
+        return int(self.table("flows").map_fd)
 
     def read_flows(self) -> tuple[np.ndarray, np.ndarray]:
         """All entries of the flow cache as (keys, values) views (see MapBatchReader)."""
@@ -216,7 +220,7 @@ class FlowMeter:
 
     def read_counters(self) -> dict[abi.Counter, int]:
         """The per-CPU counters summed over CPUs."""
-        table = self.bpf["counters"]
+        table = self.table("counters")
         return {c: int(sum(table.getvalue(ctypes.c_int(c)))) for c in abi.Counter}
 
     def barrier(self) -> None:
@@ -226,8 +230,8 @@ class FlowMeter:
         period (synchronize_rcu), and the meter runs inside an RCU read-side
         section; this is the barrier of the idle-delete protocol.
         """
-        outer = self.bpf["barrier"]
-        inner = self.bpf["barrier_inner"]
+        outer = self.table("barrier")
+        inner = self.table("barrier_inner")
         outer[ctypes.c_int(0)] = ctypes.c_int(inner.map_fd)
 
     def open_spill(self, callback: Callable[[np.ndarray], None]) -> None:
@@ -238,7 +242,7 @@ class FlowMeter:
             callback(np.frombuffer(raw, dtype=abi.SPILL_EVENT_DTYPE, count=1).copy())
             return 0
 
-        self.bpf["spill"].open_ring_buffer(_cb)
+        self.table("spill").open_ring_buffer(_cb)
 
     def poll_spill(self) -> None:
         self.bpf.ring_buffer_consume()

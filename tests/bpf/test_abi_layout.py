@@ -1,0 +1,118 @@
+"""Pin pyflow/kernel/abi.py to bpf/flowmeter.h as bcc compiles it.
+
+bcc turns the map key/value types it compiled into ctypes structures; every
+field name, offset and size of the numpy dtypes the agent reads maps with
+must match them, and the counter ids must match ``enum pyflow_counter``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pyflow.kernel import abi
+from pyflow.kernel.loader import FlowMeter
+
+pytestmark = pytest.mark.root
+
+HEADER = abi.BPF_DIR / "flowmeter.h"
+
+
+def ctypes_layout(ctype: Any) -> list[tuple[str, int, int]]:
+    """[(name, offset, size)] of a bcc-generated ctypes structure, in order."""
+    return [(name, getattr(ctype, name).offset, getattr(ctype, name).size) for name, *_ in ctype._fields_]
+
+
+def dtype_layout(dtype: np.dtype) -> list[tuple[str, int, int]]:
+    assert dtype.names is not None and dtype.fields is not None
+    return [(name, dtype.fields[name][1], dtype.fields[name][0].itemsize) for name in dtype.names]
+
+
+def assert_same_layout(ctype: Any, dtype: np.dtype) -> None:
+    assert ctypes_layout(ctype) == dtype_layout(dtype)
+    assert dtype.itemsize == ctypes.sizeof(ctype)
+
+
+def test_flow_key_layout(meter: FlowMeter) -> None:
+    assert_same_layout(meter.table("flows").Key, abi.FLOW_KEY_DTYPE)
+    assert abi.FLOW_KEY_DTYPE.itemsize == 44
+
+
+def test_flow_value_layout(meter: FlowMeter) -> None:
+    assert_same_layout(meter.table("flows").Leaf, abi.FLOW_VALUE_DTYPE)
+    assert abi.FLOW_VALUE_DTYPE.itemsize == 48
+
+
+def test_flow_dtypes_are_little_endian_unsigned() -> None:
+    """The kernel writes host (little-endian) unsigned integers; addresses are raw bytes."""
+    for dtype in (abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE):
+        assert dtype.fields is not None
+        for name in dtype.names or ():
+            field = dtype.fields[name][0]
+            if name.endswith("_addr"):
+                assert field == np.dtype("V16")
+            else:
+                assert field.kind == "u" and field.str[0] in "<|", name
+
+
+@pytest.fixture(scope="module")
+def spill_layout_prog(_require_root: None) -> Iterator[Any]:
+    """A tiny bcc program that only declares a map of struct spill_event."""
+    import bcc
+
+    text = b'#include "flowmeter.h"\nBPF_ARRAY(spill_layout, struct spill_event, 1);\n'
+    prog = bcc.BPF(text=text, cflags=[f"-I{abi.BPF_DIR}"])
+    try:
+        yield prog
+    finally:
+        prog.cleanup()
+
+
+def test_spill_event_layout(spill_layout_prog: Any) -> None:
+    leaf = spill_layout_prog[b"spill_layout"].Leaf
+    dt = abi.SPILL_EVENT_DTYPE
+    assert dt.itemsize == 64 == ctypes.sizeof(leaf)
+    assert ctypes_layout(leaf) == [("key", 0, 44), ("tcp_flags", 44, 4), ("bytes", 48, 8), ("ts_ns", 56, 8)]
+    assert ctypes_layout(leaf) == dtype_layout(dt)
+    # the embedded key is the flow key, field for field
+    key_ctype = next(t for name, t in leaf._fields_ if name == "key")
+    assert dt.fields is not None
+    assert_same_layout(key_ctype, dt.fields["key"][0])
+    assert dt.fields["key"][0] == abi.FLOW_KEY_DTYPE
+
+
+def header_counters() -> dict[str, int]:
+    """``enum pyflow_counter`` from the header: {NAME without PF_CNT_: value}."""
+    src = HEADER.read_text()
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    body = re.search(r"enum\s+pyflow_counter\s*\{(.*?)\};", src, flags=re.S)
+    assert body is not None, f"enum pyflow_counter not found in {HEADER}"
+    values: dict[str, int] = {}
+    nxt = 0
+    for item in body.group(1).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = re.fullmatch(r"PF_CNT_([A-Z0-9_]+)\s*(?:=\s*(\d+))?", item)
+        assert m is not None, f"unexpected enumerator {item!r}"
+        nxt = int(m.group(2)) if m.group(2) is not None else nxt
+        values[m.group(1)] = nxt
+        nxt += 1
+    return values
+
+
+def test_counter_enum_matches_header() -> None:
+    hdr = header_counters()
+    assert hdr.pop("MAX") == abi.COUNTER_MAX == len(abi.Counter)
+    assert hdr == {c.name: c.value for c in abi.Counter}
+    assert "PACKETS_SEEN" in hdr and hdr["PACKETS_SEEN"] == 0
+
+
+def test_counters_map_size(meter: FlowMeter) -> None:
+    assert meter.table("counters").max_entries == abi.COUNTER_MAX
+    assert ctypes.sizeof(meter.table("counters").sLeaf) == 8  # per-CPU table: sLeaf is one CPU's value

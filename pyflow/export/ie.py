@@ -1,0 +1,162 @@
+"""Information elements (IEs): the one table every template and encoder is built from.
+
+Each row says, for one IANA IPFIX information element, how pyflow puts it on
+the wire: the length we send, the NetFlow v9 field type that carries the same
+meaning, and which column of a record batch (``pyflow.records.RECORD_DTYPE``)
+feeds it.  Keeping this in one data table (rather than in per-format code)
+means the IPFIX and v9 encoders can never disagree about an element.
+
+Facts come from the IANA registry and RFC 3954 §8 as summarised in
+``flow-protocols.md`` §2.7, §3 and §4.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+class AbstractType(enum.StrEnum):
+    """RFC 7012 abstract data types used by the table (the value is the RFC spelling)."""
+
+    UNSIGNED8 = "unsigned8"
+    UNSIGNED16 = "unsigned16"
+    UNSIGNED32 = "unsigned32"
+    UNSIGNED64 = "unsigned64"
+    DATE_TIME_MILLISECONDS = "dateTimeMilliseconds"
+    IPV4_ADDRESS = "ipv4Address"
+    IPV6_ADDRESS = "ipv6Address"
+    MAC_ADDRESS = "macAddress"
+    STRING = "string"
+
+    @property
+    def is_integer(self) -> bool:
+        """True when the wire form is a big-endian unsigned integer (RFC 7011 §6.1.1, §6.1.9)."""
+        return self in _INTEGER_TYPES
+
+
+_INTEGER_TYPES = frozenset(
+    {
+        AbstractType.UNSIGNED8,
+        AbstractType.UNSIGNED16,
+        AbstractType.UNSIGNED32,
+        AbstractType.UNSIGNED64,
+        AbstractType.DATE_TIME_MILLISECONDS,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InformationElement:
+    """One IANA information element as pyflow exports it.
+
+    ``length`` is the fixed length we send (which may be a reduced-size
+    encoding of the IANA type, RFC 7011 §6.2).  ``v9_type`` is the NetFlow v9
+    field type with the same meaning, or None when v9 cannot carry it.
+    ``column`` names the ``RECORD_DTYPE`` column that feeds the element; for
+    address elements the value is derived from the 16-byte column by taking
+    its last ``length`` bytes (IPv4 is stored v4-mapped).  None means no
+    record column holds it yet (the row exists for options records or later
+    templates).
+    """
+
+    ie_id: int
+    name: str
+    abstract_type: AbstractType
+    length: int
+    v9_type: int | None
+    column: str | None = None
+
+
+_U8 = AbstractType.UNSIGNED8
+_U16 = AbstractType.UNSIGNED16
+_U32 = AbstractType.UNSIGNED32
+_U64 = AbstractType.UNSIGNED64
+_MS = AbstractType.DATE_TIME_MILLISECONDS
+_V4 = AbstractType.IPV4_ADDRESS
+_V6 = AbstractType.IPV6_ADDRESS
+_MAC = AbstractType.MAC_ADDRESS
+_STR = AbstractType.STRING
+
+# v9 type: RFC 3954 defines ids < 128 with the same meaning as IANA (incl. the
+# Cisco-defined 52/53/80/82/83); for ids >= 128 every collector checked reads a
+# v9 field type as the IANA id (flow-protocols.md §2.7), so the v9 type is the
+# IANA id throughout this table.
+INFORMATION_ELEMENTS: tuple[InformationElement, ...] = (
+    # (IANA id, name, abstract type, length we send, v9 type, record column)
+    InformationElement(1, "octetDeltaCount", _U64, 8, 1, "bytes"),
+    InformationElement(2, "packetDeltaCount", _U64, 8, 2, "packets"),
+    InformationElement(4, "protocolIdentifier", _U8, 1, 4, "protocol"),
+    InformationElement(5, "ipClassOfService", _U8, 1, 5, "tos"),
+    # tcpControlBits is unsigned16 since RFC 7125; we send it reduced-size in one
+    # byte (RFC 7011 §6.2), as MikroTik does and as v9 TCP_FLAGS defaults.  Both
+    # lengths were tried: nfdump 1.7.1 and tshark 4.0 decode 1 and 2 alike, but
+    # pmacct keeps the flags only when the length is exactly 1 (pkt_handlers.c,
+    # NF_tcp_flags_handler) and scapy reads one byte whatever the length (every
+    # later field then misaligns).  The record column is 8 bits anyway, so the
+    # second byte would always be zero.
+    InformationElement(6, "tcpControlBits", _U16, 1, 6, "tcp_flags"),
+    InformationElement(7, "sourceTransportPort", _U16, 2, 7, "src_port"),
+    InformationElement(8, "sourceIPv4Address", _V4, 4, 8, "src_addr"),
+    InformationElement(9, "sourceIPv4PrefixLength", _U8, 1, 9),
+    # 10/14: v9's default is 2 bytes, but 4 is common and Linux ifindex is 32-bit.
+    InformationElement(10, "ingressInterface", _U32, 4, 10, "ifindex"),
+    InformationElement(11, "destinationTransportPort", _U16, 2, 11, "dst_port"),
+    InformationElement(12, "destinationIPv4Address", _V4, 4, 12, "dst_addr"),
+    InformationElement(13, "destinationIPv4PrefixLength", _U8, 1, 13),
+    InformationElement(14, "egressInterface", _U32, 4, 14, "egress_ifindex"),
+    InformationElement(15, "ipNextHopIPv4Address", _V4, 4, 15),
+    # 21/22 are relative to systemInitTimeMilliseconds (160); they need the
+    # exporter's boot time, so no record column feeds them directly.
+    InformationElement(21, "flowEndSysUpTime", _U32, 4, 21),
+    InformationElement(22, "flowStartSysUpTime", _U32, 4, 22),
+    InformationElement(27, "sourceIPv6Address", _V6, 16, 27, "src_addr"),
+    InformationElement(28, "destinationIPv6Address", _V6, 16, 28, "dst_addr"),
+    InformationElement(29, "sourceIPv6PrefixLength", _U8, 1, 29),
+    InformationElement(30, "destinationIPv6PrefixLength", _U8, 1, 30),
+    # v9 IPV6_FLOW_LABEL defaults to 3 bytes; we send the IANA 4 (Wireshark takes both).
+    InformationElement(31, "flowLabelIPv6", _U32, 4, 31),
+    InformationElement(33, "igmpType", _U8, 1, 33),
+    InformationElement(34, "samplingInterval", _U32, 4, 34),
+    InformationElement(35, "samplingAlgorithm", _U8, 1, 35),
+    InformationElement(52, "minimumTTL", _U8, 1, 52),
+    InformationElement(53, "maximumTTL", _U8, 1, 53),
+    InformationElement(56, "sourceMacAddress", _MAC, 6, 56),
+    InformationElement(60, "ipVersion", _U8, 1, 60, "ip_version"),
+    InformationElement(61, "flowDirection", _U8, 1, 61, "direction"),
+    InformationElement(62, "ipNextHopIPv6Address", _V6, 16, 62),
+    InformationElement(80, "destinationMacAddress", _MAC, 6, 80),
+    # Interface names go out fixed-length, NUL padded: nfdump sizes records from
+    # the template and cannot take variable-length (65535) strings.  16 is
+    # Linux IFNAMSIZ; 32 leaves room for a short interface alias.
+    InformationElement(82, "interfaceName", _STR, 16, 82),
+    InformationElement(83, "interfaceDescription", _STR, 32, 83),
+    InformationElement(136, "flowEndReason", _U8, 1, 136, "end_reason"),
+    InformationElement(152, "flowStartMilliseconds", _MS, 8, 152, "start_ms"),
+    InformationElement(153, "flowEndMilliseconds", _MS, 8, 153, "end_ms"),
+    InformationElement(160, "systemInitTimeMilliseconds", _MS, 8, 160),
+    InformationElement(176, "icmpTypeIPv4", _U8, 1, 176),
+    InformationElement(177, "icmpCodeIPv4", _U8, 1, 177),
+    InformationElement(178, "icmpTypeIPv6", _U8, 1, 178),
+    InformationElement(179, "icmpCodeIPv6", _U8, 1, 179),
+    InformationElement(184, "tcpSequenceNumber", _U32, 4, 184),
+    InformationElement(185, "tcpAcknowledgementNumber", _U32, 4, 185),
+    InformationElement(186, "tcpWindowSize", _U16, 2, 186),
+    InformationElement(189, "ipHeaderLength", _U8, 1, 189),
+    InformationElement(190, "totalLengthIPv4", _U16, 2, 190),
+    InformationElement(192, "ipTTL", _U8, 1, 192),
+    InformationElement(205, "udpMessageLength", _U16, 2, 205),
+    InformationElement(206, "isMulticast", _U8, 1, 206),
+    InformationElement(225, "postNATSourceIPv4Address", _V4, 4, 225),
+    InformationElement(226, "postNATDestinationIPv4Address", _V4, 4, 226),
+    InformationElement(227, "postNAPTSourceTransportPort", _U16, 2, 227),
+    InformationElement(228, "postNAPTDestinationTransportPort", _U16, 2, 228),
+    InformationElement(230, "natEvent", _U8, 1, 230),
+    InformationElement(304, "selectorAlgorithm", _U16, 2, 304),
+    InformationElement(305, "samplingPacketInterval", _U32, 4, 305),
+    InformationElement(306, "samplingPacketSpace", _U32, 4, 306),
+)
+
+BY_NAME = MappingProxyType({ie.name: ie for ie in INFORMATION_ELEMENTS})
+BY_ID = MappingProxyType({ie.ie_id: ie for ie in INFORMATION_ELEMENTS})

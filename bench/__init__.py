@@ -1,0 +1,1 @@
+"""pyflow benchmarks: `make bench` (python -m bench). Results: docs/benchmarks.md."""

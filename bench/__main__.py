@@ -1,0 +1,77 @@
+"""Run every benchmark and print a Markdown report (figures + ratios within this run).
+
+    sudo make bench                 # all of them
+    sudo .venv/bin/python -m bench --only sweep --sizes 10000,100000
+
+Each figure is the median of --repeat runs; each has a baseline measured in
+the same run, because these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from bench import hotpath, mapread, sweep_export
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        bcc_v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "python3-bpfcc"], capture_output=True,
+                               text=True).stdout
+    except OSError:
+        bcc_v = "?"
+    return (f"{cpu}, {os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}, "
+            f"numpy {np.__version__}, bcc {bcc_v}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep"), action="append")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    which = args.only or ["hotpath", "mapread", "sweep"]
+    print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
+    if os.geteuid() != 0 and ("hotpath" in which or "mapread" in which):
+        print("hotpath and mapread need root (BPF); skipped\n")
+        which = [w for w in which if w == "sweep"]
+    if "hotpath" in which:
+        hotpath.run(args.repeat)
+    if "mapread" in which:
+        mapread.run(sizes, args.repeat, median_time)
+    if "sweep" in which:
+        sweep_export.run(sizes, args.repeat, median_time)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

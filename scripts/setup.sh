@@ -26,7 +26,8 @@ say "installing: ${PKGS[*]}"
 apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 
 # --- kernel headers: bcc compiles the meter against them -------------------
-has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+# (no `| grep -q` straight on apt-cache: under pipefail its SIGPIPE would read as "no")
+has_candidate() { local out; out=$(apt-cache policy "$1" 2>/dev/null); [[ $out == *"Candidate: "[0-9]* ]]; }
 if [ -e "/lib/modules/$KREL/build/Makefile" ] || [ -d "/lib/modules/$KREL/build/include" ]; then
     say "kernel headers for $KREL: present at /lib/modules/$KREL/build"
 elif has_candidate "linux-headers-$KREL"; then
@@ -62,8 +63,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 say "installing pyflow (editable) and its dev tools into .venv"
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+log=.venv/pip-install.log
+if ! .venv/bin/python -m pip install -q -e '.[dev]' >"$log" 2>&1; then
+    cat "$log" >&2
+    die "pip install into .venv failed (log above, also in $log)"
+fi
 .venv/bin/python -c 'import bcc, pyflow' || die "the venv cannot import bcc or pyflow"
 
 say "versions: $(nfdump -V 2>&1 | head -n1); $(tshark -v 2>/dev/null | head -n1); pmacct $(dpkg-query -W -f='${Version}' pmacct); bcc $(dpkg-query -W -f='${Version}' python3-bpfcc)"

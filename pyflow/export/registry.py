@@ -9,7 +9,7 @@ import numpy as np
 
 from pyflow.errors import ConfigError
 from pyflow.export import ipfix
-from pyflow.export.target import ExportClock, VersionEncoder
+from pyflow.export.target import ExportClock, ExportContext, VersionEncoder
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class IpfixEncoder:
         return ipfix.IpfixState(sequence=0, observation_domain_id=observation_domain)
 
     def encode(self, records: np.ndarray, state: Any, clock: ExportClock, send_templates: bool,
-               max_size: int) -> tuple[list[bytes], Any]:
+               max_size: int, ctx: ExportContext) -> tuple[list[bytes], Any]:
         return ipfix.encode(records, state, clock.unix_s, send_templates, max_size)
 
 

@@ -40,6 +40,49 @@ class ExportClock:
         return self.unix_ns // 10**6 - self.uptime_ms
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """RouterOS packet-sampling (``sampling-interval`` N, ``sampling-space`` M).
+
+    M > 0: N consecutive packets sampled, then M consecutive packets omitted
+    (IPFIX samplingPacketInterval 305 = N, samplingPacketSpace 306 = M).
+    M = 0: one packet in every N (305 = 1, 306 = N - 1).
+    """
+
+    interval: int
+    space: int = 0
+
+    @property
+    def selected(self) -> int:
+        return 1 if self.space == 0 else self.interval
+
+    @property
+    def skipped(self) -> int:
+        return self.interval - 1 if self.space == 0 else self.space
+
+    @property
+    def rate(self) -> int:
+        """The "1 in N" multiplier collectors scale counts by (integer, as pmacct computes it)."""
+        return (self.selected + self.skipped) // self.selected
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What an encoder needs besides the records, the same for every call of one target.
+
+    ``interfaces`` (ifindex, name) feed the interface-name options records;
+    ``time_mode`` "absolute" sends flowStart/EndMilliseconds (152/153),
+    "routeros" sends flowStart/EndSysUpTime (22/21) plus systemInitTimeMilliseconds
+    (160) in every record, as RouterOS does.
+    """
+
+    sampling: Sampling | None = None
+    interfaces: tuple[tuple[int, str], ...] = ()
+    time_mode: str = "absolute"
+    engine_type: int = 0
+    engine_id: int = 0
+
+
 class VersionEncoder(Protocol):
     """What a target needs of one export format."""
 
@@ -55,7 +98,7 @@ class VersionEncoder(Protocol):
     def initial_state(self, observation_domain: int) -> Any: ...
 
     def encode(self, records: np.ndarray, state: Any, clock: ExportClock, send_templates: bool,
-               max_size: int) -> tuple[list[bytes], Any]: ...
+               max_size: int, ctx: ExportContext) -> tuple[list[bytes], Any]: ...
 
 
 @dataclass
@@ -91,9 +134,11 @@ class TargetStats:
 
 
 class Target:
-    def __init__(self, settings: TargetSettings, encoder: VersionEncoder, observation_domain: int = 0) -> None:
+    def __init__(self, settings: TargetSettings, encoder: VersionEncoder, observation_domain: int = 0,
+                 ctx: ExportContext | None = None) -> None:
         self.settings = settings
         self.encoder = encoder
+        self.ctx = ctx or ExportContext()
         self.state = encoder.initial_state(observation_domain)
         self.clock = TemplateClock(settings.v9_template_refresh, settings.v9_template_timeout_ns)
         self.stats = TargetStats()
@@ -143,7 +188,8 @@ class Target:
         templates = self.encoder.uses_templates and self.clock.due(now_ns)
         if len(records) == 0 and not templates:
             return
-        datagrams, self.state = self.encoder.encode(records, self.state, clock, templates, self.max_size)
+        datagrams, self.state = self.encoder.encode(records, self.state, clock, templates, self.max_size,
+                                                     self.ctx)
         for dgram in datagrams:
             self._send(dgram)
         self.stats.records += len(records)

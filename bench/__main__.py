@@ -68,6 +68,7 @@ def main() -> int:
         hotpath.run(args.repeat)
     if "mapread" in which:
         mapread.run(sizes, args.repeat, median_time)
+        mapread.run_tick(sizes)
     if "sweep" in which:
         sweep_export.run(sizes, args.repeat, median_time)
     return 0

@@ -27,3 +27,24 @@ def run(sizes: list[int], repeat: int, median_time: Callable[[Callable[[], objec
             t_raw = median_time(meter.read_flows, repeat)
             print(f"| {n:,} | {t_bcc:.4f} | {n / t_bcc:,.0f} | {t_raw:.4f} | {n / t_raw:,.0f} | {t_bcc / t_raw:.1f}x |")
     print()
+
+
+def run_tick(sizes: list[int]) -> None:
+    """One whole agent tick on a real map: batch read, barrier, re-read, sweep, batch delete (no targets)."""
+    from pyflow.agent import Agent, boot_ns
+    from pyflow.config import Settings
+
+    print("## One agent tick on a real kernel map (a third of the entries idle-expired)\n")
+    print("| entries | tick s | deleted | records | entries/s |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        with FlowMeter(KernelSettings(cache_entries=n)) as meter:
+            meter.load()
+            keys, values = synthetic_cache(n, boot_ns())
+            for lo in range(0, n, 65536):
+                map_update_batch(meter.flows_fd, keys[lo:lo + 65536], values[lo:lo + 65536])
+            agent = Agent(Settings(cache_entries=max(n, 16)), meter, [], log=lambda _m: None)
+            recs = agent.tick()
+            t = agent.stats.last_sweep_seconds
+            print(f"| {n:,} | {t:.3f} | {agent.stats.deleted:,} | {len(recs):,} | {n / t:,.0f} |")
+    print()

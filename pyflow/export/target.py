@@ -202,21 +202,29 @@ class Target:
         if self.sock is None:
             self.open()
         assert self.sock is not None
-        try:
-            self.sock.send(dgram)
-        except OSError as exc:
-            if exc.errno == errno.EDESTADDRREQ:  # connect() failed earlier: try again
-                try:
-                    self.sock.connect((self.settings.dst_address, self.settings.port))
-                    self.sock.send(dgram)
-                except OSError as exc2:
-                    self.stats.send_errors[_errname(exc2)] += 1
-                    return
-            else:
+        for attempt in (1, 2):
+            try:
+                self.sock.send(dgram)
+            except ConnectionRefusedError as exc:
+                # An ICMP port unreachable for an EARLIER datagram; this one was not
+                # sent. Count it, then try this one once more (the error is consumed).
+                self.stats.send_errors[_errname(exc)] += 1
+                if attempt == 1:
+                    continue
+                return
+            except OSError as exc:
+                if exc.errno == errno.EDESTADDRREQ and attempt == 1:  # connect() failed at open: retry it
+                    try:
+                        self.sock.connect((self.settings.dst_address, self.settings.port))
+                    except OSError as exc2:
+                        self.stats.send_errors[_errname(exc2)] += 1
+                        return
+                    continue
                 self.stats.send_errors[_errname(exc)] += 1
                 return
-        self.stats.datagrams += 1
-        self.stats.bytes += len(dgram)
+            self.stats.datagrams += 1
+            self.stats.bytes += len(dgram)
+            return
 
 
 def _errname(exc: OSError) -> str:

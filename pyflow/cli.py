@@ -13,7 +13,6 @@ from pyflow import __version__
 from pyflow.config import (
     DEFAULT_VERSION,
     Settings,
-    TargetSettings,
     duration,
     normalize_version,
     parse_target,
@@ -39,7 +38,11 @@ settings (RouterOS name -> flag):
   target dst-address/port/version
                            --target HOST[:PORT][/VERSION], repeat for several targets;
                            IPv6 as [2001:db8::1]:2055/ipfix; PORT defaults to 2055,
-                           VERSION to --version (9, as in RouterOS)
+                           VERSION to --version (9, as in RouterOS); per-target options
+                           follow after commas, with RouterOS's names:
+                           ,src-address=IP ,v9-template-refresh=N ,v9-template-timeout=30m
+                           ,time=routeros (IPFIX: flowStart/EndSysUpTime + systemInitTime,
+                           as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
   target v9-template-refresh / v9-template-timeout
                            --v9-template-refresh 20 --v9-template-timeout 30m
 
@@ -120,12 +123,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     default_version = normalize_version(args.default_version)
     targets = []
     for spec in args.target:
-        t = parse_target(spec, default_version)
-        targets.append(TargetSettings(
-            dst_address=t.dst_address, port=t.port, version=t.version,
-            v9_template_refresh=args.v9_template_refresh,
-            v9_template_timeout_ns=args.v9_template_timeout,
-        ))
+        targets.append(parse_target(spec, default_version, v9_template_refresh=args.v9_template_refresh,
+                                    v9_template_timeout_ns=args.v9_template_timeout))
     return Settings(
         interfaces=tuple(args.interface or ["all"]),
         cache_entries=args.cache_entries,

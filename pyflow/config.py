@@ -18,6 +18,7 @@ from pyflow.units import format_duration, parse_duration_ns, parse_size
 VERSIONS = ("1", "5", "9", "ipfix")
 DEFAULT_PORT = 2055
 DEFAULT_VERSION = "9"  # RouterOS's default for a new target
+TIME_MODES = ("absolute", "routeros")
 
 
 def normalize_version(text: str | int) -> str:
@@ -41,8 +42,13 @@ class TargetSettings:
     src_address: str | None = None
     v9_template_refresh: int = 20  # export packets between template re-sends
     v9_template_timeout_ns: int = 30 * 60 * 10**9  # time between template re-sends
+    # "absolute": flowStart/EndMilliseconds (152/153); "routeros": flowStart/EndSysUpTime
+    # (22/21) plus systemInitTimeMilliseconds (160) in every record, as RouterOS sends
+    time_mode: str = "absolute"
 
     def __post_init__(self) -> None:
+        if self.time_mode not in TIME_MODES:
+            raise ConfigError(f"target time mode {self.time_mode!r} is not one of {', '.join(TIME_MODES)}")
         try:
             ipaddress.ip_address(self.dst_address)
         except ValueError:
@@ -74,9 +80,15 @@ class TargetSettings:
         return f"{host}:{self.port}/{self.version}"
 
 
-def parse_target(text: str, default_version: str = DEFAULT_VERSION) -> TargetSettings:
-    """``HOST[:PORT][/VERSION]``; IPv6 as ``[2001:db8::1]:2055/ipfix``."""
-    spec = text.strip()
+def parse_target(text: str, default_version: str = DEFAULT_VERSION, **defaults: object) -> TargetSettings:
+    """``HOST[:PORT][/VERSION][,name=value...]``; IPv6 as ``[2001:db8::1]:2055/ipfix``.
+
+    Options use RouterOS's target property names: ``src-address``,
+    ``v9-template-refresh``, ``v9-template-timeout``, and pyflow's ``time``
+    (absolute or routeros).  ``defaults`` are TargetSettings fields the
+    options override.
+    """
+    spec, *opts = text.strip().split(",")
     version = default_version
     if "/" in spec:
         spec, version = spec.rsplit("/", 1)
@@ -94,7 +106,32 @@ def parse_target(text: str, default_version: str = DEFAULT_VERSION) -> TargetSet
         port = _port(p, text)
     else:
         host = spec  # IPv4 without port, or a bare IPv6 address
-    return TargetSettings(dst_address=host, port=port, version=version)
+    fields: dict[str, object] = dict(defaults)
+    for opt in opts:
+        name, sep, value = opt.partition("=")
+        name = name.strip()
+        if not sep or name not in _TARGET_OPTIONS:
+            raise ConfigError(
+                f"target {text!r}: unknown option {opt!r} (known: {', '.join(sorted(_TARGET_OPTIONS))}, as name=value)"
+            )
+        attr, conv = _TARGET_OPTIONS[name]
+        fields[attr] = conv(name, value.strip())
+    return TargetSettings(dst_address=host, port=port, version=version, **fields)  # type: ignore[arg-type]
+
+
+def _int_option(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a whole number") from None
+
+
+_TARGET_OPTIONS = {
+    "src-address": ("src_address", lambda _n, v: v),
+    "v9-template-refresh": ("v9_template_refresh", _int_option),
+    "v9-template-timeout": ("v9_template_timeout_ns", lambda n, v: duration(n, v)),
+    "time": ("time_mode", lambda _n, v: v),
+}
 
 
 def _port(text: str, whole: str) -> int:

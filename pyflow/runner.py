@@ -10,7 +10,7 @@ from pyflow.agent import Agent
 from pyflow.config import Settings
 from pyflow.errors import ConfigError
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import Target
+from pyflow.export.target import ExportContext, Target
 from pyflow.interfaces import resolve_interfaces
 from pyflow.kernel.loader import FlowMeter, KernelSettings
 
@@ -26,17 +26,23 @@ def kernel_settings(settings: Settings) -> KernelSettings:
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None]) -> None:
     if not settings.targets:
         raise ConfigError("no target configured")
-    targets = [Target(t, encoder_for(t.version)) for t in settings.targets]
     with ExitStack() as stack:
+        for ts in settings.targets:
+            encoder_for(ts.version)  # an unknown version fails before anything is loaded
         meter = stack.enter_context(FlowMeter(kernel_settings(settings)))
-        for t in targets:
-            stack.callback(t.close)
         meter.load()
         names = resolve_interfaces(settings.interfaces)
+        interfaces = []
         for name in names:
             att = meter.attach(name, settings.xdp_mode)
+            interfaces.append((att.ifindex, name))
             log(f"metering {name} (ifindex {att.ifindex}) with XDP in {att.mode} mode")
+        targets = [
+            Target(ts, encoder_for(ts.version), ctx=ExportContext(interfaces=tuple(interfaces), time_mode=ts.time_mode))
+            for ts in settings.targets
+        ]
         for t in targets:
+            stack.callback(t.close)
             t.open()
             log(f"exporting to {t.name}")
         agent = Agent(settings, meter, targets, log=log)

@@ -90,3 +90,16 @@ def test_cli_requires_a_target() -> None:
     args = build_parser().parse_args(["run"])
     with pytest.raises(ConfigError, match="no target"):
         settings_from_args(args)
+
+
+def test_target_options_use_routeros_names() -> None:
+    t = parse_target("192.0.2.9:4739/ipfix,time=routeros,v9-template-refresh=5,v9-template-timeout=1m,"
+                     "src-address=192.0.2.1")
+    assert (t.time_mode, t.v9_template_refresh, t.v9_template_timeout_ns, t.src_address) == (
+        "routeros", 5, 60 * S, "192.0.2.1")
+    with pytest.raises(ConfigError, match="unknown option 'colour=red'"):
+        parse_target("192.0.2.9,colour=red")
+    with pytest.raises(ConfigError, match="time mode 'local'"):
+        parse_target("192.0.2.9,time=local")
+    with pytest.raises(ConfigError, match="different IP versions"):
+        parse_target("192.0.2.9,src-address=2001:db8::1")

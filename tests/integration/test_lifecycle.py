@@ -1,0 +1,74 @@
+"""Loader lifecycle: attach, then detach on every exit path, exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from pyflow.errors import KernelError
+from pyflow.kernel.loader import FlowMeter, KernelSettings
+from tests.integration.netns import Pair, ip
+from tests.integration.procs import PYFLOW, Proc
+
+
+def xdp_prog_id(ns: str | None, ifname: str) -> int | None:
+    args = (["-n", ns] if ns else []) + ["-j", "-d", "link", "show", ifname]
+    link = json.loads(ip(*args).stdout)[0]
+    xdp = link.get("xdp")
+    return int(xdp["prog"]["id"]) if xdp and "prog" in xdp else None
+
+
+@pytest.fixture
+def veth_root() -> str:
+    name = "pflc0"
+    ip("link", "del", name, check=False)
+    ip("link", "add", name, "type", "veth", "peer", "name", "pflc1")
+    ip("link", "set", name, "up")
+    ip("link", "set", "pflc1", "up")
+    yield name
+    ip("link", "del", name, check=False)
+
+
+def test_context_manager_detaches_on_exception(veth_root: str) -> None:
+    with pytest.raises(RuntimeError, match="boom"), FlowMeter(KernelSettings(cache_entries=256)) as meter:
+        att = meter.attach(veth_root)
+        assert att.mode in ("native", "generic")
+        assert xdp_prog_id(None, veth_root) is not None
+        raise RuntimeError("boom")
+    assert xdp_prog_id(None, veth_root) is None
+    meter.close()  # idempotent
+    meter.detach(veth_root)
+
+
+def test_attach_refuses_someone_elses_program(veth_root: str) -> None:
+    with FlowMeter(KernelSettings(cache_entries=256)) as first:
+        first.attach(veth_root)
+        with FlowMeter(KernelSettings(cache_entries=256)) as second, pytest.raises(KernelError, match="already has"):
+            second.attach(veth_root, mode=first.attachments[veth_root].mode)
+        assert xdp_prog_id(None, veth_root) is not None  # the first one's program is untouched
+    assert xdp_prog_id(None, veth_root) is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_exits_zero_and_detaches(pair: Pair, sig: int) -> None:
+    proc = Proc(["ip", "netns", "exec", pair.b, PYFLOW, "run", "--interface", pair.b_if,
+                 "--target", "127.0.0.1:2055/ipfix"])
+    try:
+        proc.wait_for_line("exporting to")
+        assert xdp_prog_id(pair.b, pair.b_if) is not None
+    finally:
+        rc = proc.stop(sig)
+    assert rc == 0, proc.output()
+    assert "stopped after" in proc.output()
+    assert xdp_prog_id(pair.b, pair.b_if) is None
+
+
+def test_not_root_is_a_clear_error() -> None:
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PYFLOW, "run",
+                          "--interface", "lo", "--target", "127.0.0.1/ipfix"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 3
+    assert "pyflow needs root" in res.stderr

@@ -11,12 +11,14 @@ import numpy as np
 
 from bench.fill import synthetic_cache
 from pyflow.export import ipfix
+from pyflow.export.target import ExportClock
 from pyflow.sweep import Baseline, SweepRules, sweep
 
 S = 10**9
 RULES = SweepRules(active_ns=30 * 60 * S, inactive_ns=15 * S, end_idle_ns=2 * S)
 NOW = 10**6 * S
 WALL = 1_700_000_000 * S
+CLOCK = ExportClock(unix_ns=WALL, uptime_ms=NOW // 10**6)
 
 
 def _struct_loop_encode(records: np.ndarray) -> int:
@@ -44,8 +46,8 @@ def run(sizes: list[int], repeat: int, median_time: Callable[[Callable[[], objec
         res = sweep(keys, values, Baseline(), NOW, WALL, RULES)
         t_sweep = median_time(lambda k=keys, v=values: sweep(k, v, Baseline(), NOW, WALL, RULES), repeat)
         recs = res.records
-        msgs, _ = ipfix.encode(recs, ipfix.IpfixState(), 1_700_000_000, True, 1472)
-        t_enc = median_time(lambda r=recs: ipfix.encode(r, ipfix.IpfixState(), 1_700_000_000, True, 1472), repeat)
+        msgs, _ = ipfix.encode(recs, ipfix.IpfixState(), CLOCK, True, 1472)
+        t_enc = median_time(lambda r=recs: ipfix.encode(r, ipfix.IpfixState(), CLOCK, True, 1472), repeat)
 
         def send_all(ms: list[bytes] = msgs) -> None:
             for m in ms:

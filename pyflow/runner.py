@@ -50,5 +50,6 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         for t in targets:
             s = t.stats
             errs = ", ".join(f"{k}={v}" for k, v in sorted(s.send_errors.items())) or "none"
-            log(f"{t.name}: {s.records} records in {s.datagrams} datagrams, send errors: {errs}")
+            log(f"{t.name}: {s.records} records in {s.datagrams} datagrams, {s.not_representable} not representable, "
+                f"send errors: {errs}")
         log(f"stopped after {agent.stats.sweeps} sweeps, {agent.stats.records} records")

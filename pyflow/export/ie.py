@@ -54,11 +54,12 @@ class InformationElement:
     ``length`` is the fixed length we send (which may be a reduced-size
     encoding of the IANA type, RFC 7011 §6.2).  ``v9_type`` is the NetFlow v9
     field type with the same meaning, or None when v9 cannot carry it.
-    ``column`` names the ``RECORD_DTYPE`` column that feeds the element; for
-    address elements the value is derived from the 16-byte column by taking
-    its last ``length`` bytes (IPv4 is stored v4-mapped).  None means no
-    record column holds it yet (the row exists for options records or later
-    templates).
+    ``column`` names the column that feeds the element: a ``RECORD_DTYPE``
+    column, or a derived column (``templates.DERIVED_COLUMNS``) computed at
+    export time from the records and the export clock.  For address elements
+    the value is the last ``length`` bytes of the 16-byte column (IPv4 is
+    stored v4-mapped).  None means no column holds it (the row exists for
+    options records or later templates).
     """
 
     ie_id: int
@@ -107,10 +108,11 @@ INFORMATION_ELEMENTS: tuple[InformationElement, ...] = (
     InformationElement(13, "destinationIPv4PrefixLength", _U8, 1, 13),
     InformationElement(14, "egressInterface", _U32, 4, 14, "egress_ifindex"),
     InformationElement(15, "ipNextHopIPv4Address", _V4, 4, 15),
-    # 21/22 are relative to systemInitTimeMilliseconds (160); they need the
-    # exporter's boot time, so no record column feeds them directly.
-    InformationElement(21, "flowEndSysUpTime", _U32, 4, 21),
-    InformationElement(22, "flowStartSysUpTime", _U32, 4, 22),
+    # 21/22 are ms since systemInitTimeMilliseconds (160), mod 2^32 (v9's
+    # LAST/FIRST_SWITCHED against the header sysUptime): derived at export
+    # time from the absolute record times and the export clock.
+    InformationElement(21, "flowEndSysUpTime", _U32, 4, 21, "end_uptime_ms"),
+    InformationElement(22, "flowStartSysUpTime", _U32, 4, 22, "start_uptime_ms"),
     InformationElement(27, "sourceIPv6Address", _V6, 16, 27, "src_addr"),
     InformationElement(28, "destinationIPv6Address", _V6, 16, 28, "dst_addr"),
     InformationElement(29, "sourceIPv6PrefixLength", _U8, 1, 29),
@@ -129,13 +131,16 @@ INFORMATION_ELEMENTS: tuple[InformationElement, ...] = (
     InformationElement(80, "destinationMacAddress", _MAC, 6, 80),
     # Interface names go out fixed-length, NUL padded: nfdump sizes records from
     # the template and cannot take variable-length (65535) strings.  16 is
-    # Linux IFNAMSIZ; 32 leaves room for a short interface alias.
+    # Linux IFNAMSIZ; 32 leaves room for a short interface alias.  Only 83 is
+    # sent (options.py says why 82 breaks nfdump 1.7.1).
     InformationElement(82, "interfaceName", _STR, 16, 82),
     InformationElement(83, "interfaceDescription", _STR, 32, 83),
     InformationElement(136, "flowEndReason", _U8, 1, 136, "end_reason"),
     InformationElement(152, "flowStartMilliseconds", _MS, 8, 152, "start_ms"),
     InformationElement(153, "flowEndMilliseconds", _MS, 8, 153, "end_ms"),
-    InformationElement(160, "systemInitTimeMilliseconds", _MS, 8, 160),
+    # Options scope for exporter-wide facts (sampling): the IPFIX counterpart of v9's System scope.
+    InformationElement(149, "observationDomainId", _U32, 4, 149),
+    InformationElement(160, "systemInitTimeMilliseconds", _MS, 8, 160, "system_init_ms"),
     InformationElement(176, "icmpTypeIPv4", _U8, 1, 176),
     InformationElement(177, "icmpCodeIPv4", _U8, 1, 177),
     InformationElement(178, "icmpTypeIPv6", _U8, 1, 178),

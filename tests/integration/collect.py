@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
 
 from scapy.layers.netflow import NetflowDataflowsetV9, NetflowHeader, netflowv9_defragment
+
+OPTIONS_TEMPLATE_IDS = range(260, 300)
+
+
+def without_ipfix_options(msg: bytes) -> bytes:
+    """The IPFIX message minus its options template and options data sets.
+
+    scapy's NetflowOptionsFlowset10 miscomputes its padding and reads past the
+    end of Set 3, which breaks the whole decode; the tap only needs flow records.
+    """
+    if len(msg) < 16 or struct.unpack_from("!H", msg)[0] != 10:
+        return msg
+    body, off = [], 16
+    while off + 4 <= len(msg):
+        set_id, length = struct.unpack_from("!HH", msg, off)
+        if length < 4:
+            break
+        if set_id != 3 and set_id not in OPTIONS_TEMPLATE_IDS:
+            body.append(msg[off:off + length])
+        off += length
+    out = b"".join(body)
+    return msg[:2] + struct.pack("!H", 16 + len(out)) + msg[4:16] + out
 
 
 class Tap:
@@ -29,7 +52,7 @@ class Tap:
             timeout = 0.0
 
     def records(self) -> list[dict[str, Any]]:
-        pkts = netflowv9_defragment([NetflowHeader(d) for d in self.datagrams])
+        pkts = netflowv9_defragment([NetflowHeader(without_ipfix_options(d)) for d in self.datagrams])
         out: list[dict[str, Any]] = []
         for p in pkts:
             layer = p.getlayer(NetflowDataflowsetV9)

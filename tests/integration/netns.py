@@ -100,6 +100,12 @@ def veth_pair(tag: str) -> Iterator[Pair]:
         ip("-n", pair.a, "link", "set", pair.a_if, "up")
         ip("-n", pair.b, "link", "set", pair.b_if, "up")
         pair.macs = {"a": pair.mac(pair.a, pair.a_if), "b": pair.mac(pair.b, pair.b_if)}
+        # Static neighbours: no ARP or neighbour discovery traffic of the hosts' own
+        # making, so every metered IP flow is one the test sent (or a reply to it).
+        for ns, dev, peer, v4, v6 in ((pair.a, pair.a_if, "b", pair.b_v4, pair.b_v6),
+                                      (pair.b, pair.b_if, "a", pair.a_v4, pair.a_v6)):
+            for addr in (v4, v6):
+                ip("-n", ns, "neigh", "replace", addr, "lladdr", pair.macs[peer], "dev", dev, "nud", "permanent")
         yield pair
     finally:
         for ns in (pair.a, pair.b):

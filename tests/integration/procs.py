@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -132,3 +133,99 @@ def env_ok() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, BPF)"
     return None
+
+
+@contextmanager
+def tshark_capture_in(ns: str, pcap: Path, ports: list[int], iface: str = "lo") -> Iterator[Proc]:
+    """Capture the UDP datagrams to ``ports`` on ``iface`` inside ``ns`` into ``pcap``."""
+    if shutil.which("tshark") is None:
+        raise AssertionError("tshark is not installed: run `sudo make setup`")
+    filt = "udp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
+    proc = Proc(["ip", "netns", "exec", ns, "tshark", "-n", "-i", iface, "-f", filt, "-w", str(pcap)])
+    try:
+        proc.wait_for_line("Capturing on", timeout=30)
+        yield proc
+    finally:
+        proc.stop(signal.SIGINT)
+
+
+def tshark_cflow(pcap: Path, ports: list[int], fields: list[str], display_filter: str = "cflow") -> list[list[str]]:
+    """Decode ``pcap`` with tshark's cflow dissector: one row per packet, one list per field."""
+    argv = ["tshark", "-n", "-r", str(pcap)]
+    for p in ports:
+        argv += ["-d", f"udp.port=={p},cflow"]
+    argv += ["-Y", display_filter, "-T", "fields", "-E", "aggregator=;", "-E", "occurrence=a"]
+    for f in fields:
+        argv += ["-e", f]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+
+# debug: true logs each datagram the core reads, so a test knows when all arrived.
+NFACCTD_CONFIG = """\
+daemonize: false
+debug: true
+nfacctd_ip: {host}
+nfacctd_port: {port}
+plugins: print
+aggregate: src_host, dst_host, src_port, dst_port, proto
+print_output: csv
+print_output_file: {csv}
+print_output_file_append: true
+print_refresh_time: 1
+print_num_protos: true
+"""
+
+
+class Nfacctd:
+    def __init__(self, proc: Proc, csv_path: Path) -> None:
+        self.proc = proc
+        self.csv_path = csv_path
+
+    def received(self) -> int:
+        """Datagrams its core has read so far."""
+        return sum("Received NetFlow" in line or "Received IPFIX" in line for line in self.proc.lines)
+
+    def wait_received(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.received() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nfacctd read {self.received()} of {n} datagrams:\n{self.proc.output()}")
+            time.sleep(0.05)
+
+    def totals(self) -> dict[tuple[str, str, int, int, int], tuple[int, int]]:
+        """Packets and bytes per (src, dst, sport, dport, proto), summed over every purge in the CSV."""
+        if not self.csv_path.exists():
+            return {}
+        totals: dict[tuple[str, str, int, int, int], tuple[int, int]] = {}
+        with self.csv_path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("SRC_IP") in (None, "SRC_IP"):  # each purge repeats the header line
+                    continue
+                key = (row["SRC_IP"], row["DST_IP"], int(row["SRC_PORT"]), int(row["DST_PORT"]),
+                       int(row["PROTOCOL"]))
+                packets, octets = totals.get(key, (0, 0))
+                totals[key] = (packets + int(row["PACKETS"]), octets + int(row["BYTES"]))
+        return totals
+
+
+@contextmanager
+def nfacctd_in(ns: str | None, workdir: Path, port: int, host: str = "127.0.0.1") -> Iterator[Nfacctd]:
+    """pmacct's nfacctd on host:port (inside ``ns`` unless None), printing CSV.
+
+    Its core hands the last records to the print plugin only when more data
+    comes or it exits, so: wait_received(n), then leave the block; it is
+    stopped with SIGINT (SIGTERM does not stop it), which flushes a last purge.
+    """
+    if shutil.which("nfacctd") is None:
+        raise AssertionError("nfacctd is not installed: run `sudo make setup`")
+    out = workdir / f"nfacctd-{port}.csv"
+    conf = workdir / f"nfacctd-{port}.conf"
+    conf.write_text(NFACCTD_CONFIG.format(host=host, port=port, csv=out))
+    prefix = ["ip", "netns", "exec", ns] if ns else []
+    proc = Proc([*prefix, "nfacctd", "-f", str(conf)])
+    try:
+        proc.wait_for_line("waiting for NetFlow", timeout=30)
+        yield Nfacctd(proc, out)
+    finally:
+        proc.stop(signal.SIGINT)

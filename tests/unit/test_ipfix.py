@@ -27,7 +27,9 @@ from scapy.utils import wrpcap
 from pyflow.export import ipfix
 from pyflow.export.ie import BY_ID, BY_NAME, INFORMATION_ELEMENTS, AbstractType, InformationElement
 from pyflow.export.ipfix import IpfixState
+from pyflow.export.target import ExportClock
 from pyflow.export.templates import (
+    DERIVED_COLUMNS,
     IPV4_FLOW,
     IPV6_FLOW,
     STANDARD_TEMPLATES,
@@ -39,6 +41,8 @@ from pyflow.export.templates import (
 from pyflow.records import RECORD_DTYPE, V4_MAPPED_PREFIX, EndReason, addr_to_16, empty
 
 EXPORT_TIME = 1_700_000_010
+CLOCK = ExportClock(unix_ns=EXPORT_TIME * 10**9 + 250_000_000, uptime_ms=3_600_000)
+LATER = ExportClock(unix_ns=(EXPORT_TIME + 1) * 10**9, uptime_ms=3_600_750)
 SEQ_MOD = 1 << 32
 
 # flow-protocols.md §6.1, verbatim.
@@ -202,7 +206,7 @@ def test_golden_message_of_flow_protocols_6_1() -> None:
     flow = {k: FLOW_V4[k] for k in ("src_addr", "dst_addr", "ip_version", "src_port", "dst_port", "protocol")}
     batch = make_batch(flow | {"bytes": 1500, "packets": 10, "start_ms": 1_700_000_000_000,
                                "end_ms": 1_700_000_005_000})  # fmt: skip
-    messages, state = ipfix.encode(batch, IpfixState(), EXPORT_TIME, True, templates={4: golden_template()})
+    messages, state = ipfix.encode(batch, IpfixState(), CLOCK, True, templates={4: golden_template()})
     assert messages == [GOLDEN_6_1]
     assert state == IpfixState(sequence=1, observation_domain_id=0)
 
@@ -221,7 +225,7 @@ def test_v9_template_flowset_is_the_ipfix_one_with_flowset_id_0() -> None:
 def test_ie_table_is_consistent() -> None:
     assert len(BY_ID) == len(BY_NAME) == len(INFORMATION_ELEMENTS)
     for ie in INFORMATION_ELEMENTS:
-        assert ie.column is None or ie.column in (RECORD_DTYPE.names or ())
+        assert ie.column is None or ie.column in (*(RECORD_DTYPE.names or ()), *DERIVED_COLUMNS)
         assert ie.v9_type == ie.ie_id
     wire = {i: BY_ID[i].length for i in (1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 14, 27, 28, 60, 61, 136, 152, 153)}
     assert wire == {1: 8, 2: 8, 4: 1, 5: 1, 6: 1, 7: 2, 8: 4, 10: 4, 11: 2, 12: 4, 14: 4,
@@ -281,7 +285,7 @@ def test_v9_record_needs_a_v9_type() -> None:
 
 
 def test_mixed_batch_goes_in_one_message_v4_set_first() -> None:
-    messages, state = ipfix.encode(make_batch(FLOW_V6, FLOW_V4), IpfixState(5, 42), EXPORT_TIME, True)
+    messages, state = ipfix.encode(make_batch(FLOW_V6, FLOW_V4), IpfixState(5, 42), CLOCK, True)
     [parsed] = parse_all(messages)
     assert parsed.set_ids == [2, 256, 257]
     assert len(messages[0]) == 16 + (4 + 2 * (4 + 16 * 4)) + (4 + 58) + (4 + 82)
@@ -293,7 +297,7 @@ def test_mixed_batch_goes_in_one_message_v4_set_first() -> None:
 def test_messages_are_filled_to_max_size() -> None:
     # The template set (156 bytes with the header) leaves no room for a record.
     max_size = 16 + 4 + 3 * 58
-    messages, _ = ipfix.encode(make_batch(*[FLOW_V4] * 7), IpfixState(), EXPORT_TIME, True, max_size)
+    messages, _ = ipfix.encode(make_batch(*[FLOW_V4] * 7), IpfixState(), CLOCK, True, max_size)
     assert [len(m) for m in messages] == [156, max_size, max_size, 16 + 4 + 58]
     parsed = parse_all(messages)
     assert [p.set_ids for p in parsed] == [[2], [256], [256], [256]]
@@ -301,15 +305,15 @@ def test_messages_are_filled_to_max_size() -> None:
 
 
 def test_templates_alone_when_no_records() -> None:
-    messages, state = ipfix.encode(empty(0), IpfixState(7, 3), EXPORT_TIME, True)
+    messages, state = ipfix.encode(empty(0), IpfixState(7, 3), CLOCK, True)
     assert messages == [struct.pack("!HHIII", 10, 156, EXPORT_TIME, 7, 3) + ipfix_template_set([IPV4_FLOW, IPV6_FLOW])]
     assert state == IpfixState(7, 3)
-    assert ipfix.encode(empty(0), state, EXPORT_TIME, False) == ([], state)
+    assert ipfix.encode(empty(0), state, CLOCK, False) == ([], state)
 
 
 def test_sequence_wraps_mod_2_32() -> None:
     batch = make_batch(FLOW_V4, FLOW_V4, FLOW_V4, FLOW_V6)
-    messages, state = ipfix.encode(batch, IpfixState(SEQ_MOD - 3), EXPORT_TIME, True, 156)
+    messages, state = ipfix.encode(batch, IpfixState(SEQ_MOD - 3), CLOCK, True, 156)
     parsed = parse_all(messages)
     assert [(p.set_ids, p.sequence) for p in parsed] == [
         ([2], SEQ_MOD - 3), ([256], SEQ_MOD - 3), ([256], SEQ_MOD - 1), ([257], 0)
@@ -320,15 +324,15 @@ def test_sequence_wraps_mod_2_32() -> None:
 @pytest.mark.parametrize(("max_size", "send_templates"), [(101, False), (155, True), (65536, False)])
 def test_max_size_out_of_range(max_size: int, send_templates: bool) -> None:
     with pytest.raises(ValueError, match="max_size"):
-        ipfix.encode(make_batch(FLOW_V4), IpfixState(), EXPORT_TIME, send_templates, max_size)
+        ipfix.encode(make_batch(FLOW_V4), IpfixState(), CLOCK, send_templates, max_size)
 
 
 def test_rejects_unknown_ip_version_and_foreign_dtype() -> None:
     batch = make_batch(FLOW_V4 | {"ip_version": 5})
     with pytest.raises(ValueError, match=r"no template for ip_version \[5\]"):
-        ipfix.encode(batch, IpfixState(), EXPORT_TIME, False)
+        ipfix.encode(batch, IpfixState(), CLOCK, False)
     with pytest.raises(TypeError, match="RECORD_DTYPE"):
-        ipfix.encode(np.zeros(1, dtype=[("ip_version", "u1")]), IpfixState(), EXPORT_TIME, False)
+        ipfix.encode(np.zeros(1, dtype=[("ip_version", "u1")]), IpfixState(), CLOCK, False)
 
 
 # --------------------------------------------------------------------------
@@ -350,7 +354,7 @@ def scapy_expected(flow: dict[str, int | str]) -> dict[str, object]:
 
 
 def test_scapy_decodes_exact_values() -> None:
-    messages, _ = ipfix.encode(make_batch(FLOW_V6, FLOW_V4), IpfixState(9, 1), EXPORT_TIME, True)
+    messages, _ = ipfix.encode(make_batch(FLOW_V6, FLOW_V4), IpfixState(9, 1), CLOCK, True)
     [packet] = netflowv9_defragment([NetflowHeader(m) for m in messages], verb=0)
     assert packet.version == 10
     header = packet[NetflowHeaderV10]
@@ -408,8 +412,8 @@ def column_values(mode: str, dtype: np.dtype, n: int, rng: np.random.Generator) 
 def test_any_batch_round_trips(batch: np.ndarray, split: float, max_size: int, sequence: int, odid: int) -> None:
     k = int(len(batch) * split)
     first, second = batch[:k], batch[k:]
-    messages1, state1 = ipfix.encode(first, IpfixState(sequence, odid), EXPORT_TIME, True, max_size)
-    messages2, state2 = ipfix.encode(second, state1, EXPORT_TIME + 1, False, max_size)
+    messages1, state1 = ipfix.encode(first, IpfixState(sequence, odid), CLOCK, True, max_size)
+    messages2, state2 = ipfix.encode(second, state1, LATER, False, max_size)
     parsed = parse_all(messages1 + messages2)
 
     assert all(len(m) <= max_size for m in messages1 + messages2)
@@ -491,8 +495,8 @@ def write_pcap(path: Path, messages: list[bytes]) -> None:
 def test_tshark_decodes_same_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     batch = np.concatenate([make_batch(FLOW_V4, FLOW_V6), record_batch_for_tshark(rng, 60)])
-    messages1, state = ipfix.encode(batch[:30], IpfixState(100, 5), EXPORT_TIME, True, 600)
-    messages2, _ = ipfix.encode(batch[30:], state, EXPORT_TIME + 1, False, 600)
+    messages1, state = ipfix.encode(batch[:30], IpfixState(100, 5), CLOCK, True, 600)
+    messages2, _ = ipfix.encode(batch[30:], state, LATER, False, 600)
     messages = messages1 + messages2
     pcap = tmp_path / "ipfix.pcap"
     write_pcap(pcap, messages)

@@ -135,16 +135,36 @@ def env_ok() -> str | None:
     return None
 
 
+class Capture:
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+
+    def captured(self) -> int:
+        return sum(" UDP " in line for line in self.proc.lines)
+
+    def wait_captured(self, n: int, timeout: float = 30.0) -> None:
+        """Until ``n`` datagrams are in the capture (dumpcap pulls its ring buffer in batches)."""
+        deadline = time.monotonic() + timeout
+        while self.captured() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tshark captured {self.captured()} of {n} datagrams:\n{self.proc.output()}")
+            time.sleep(0.05)
+
+
 @contextmanager
-def tshark_capture_in(ns: str, pcap: Path, ports: list[int], iface: str = "lo") -> Iterator[Proc]:
-    """Capture the UDP datagrams to ``ports`` on ``iface`` inside ``ns`` into ``pcap``."""
+def tshark_capture_in(ns: str, pcap: Path, ports: list[int], iface: str = "lo") -> Iterator[Capture]:
+    """Capture the UDP datagrams to ``ports`` on ``iface`` inside ``ns`` into ``pcap``.
+
+    ``-P -l`` prints a summary line per packet as it is written, so the test
+    can wait for the count it expects before stopping the capture.
+    """
     if shutil.which("tshark") is None:
         raise AssertionError("tshark is not installed: run `sudo make setup`")
     filt = "udp and (" + " or ".join(f"dst port {p}" for p in ports) + ")"
-    proc = Proc(["ip", "netns", "exec", ns, "tshark", "-n", "-i", iface, "-f", filt, "-w", str(pcap)])
+    proc = Proc(["ip", "netns", "exec", ns, "tshark", "-n", "-l", "-P", "-i", iface, "-f", filt, "-w", str(pcap)])
     try:
         proc.wait_for_line("Capturing on", timeout=30)
-        yield proc
+        yield Capture(proc)
     finally:
         proc.stop(signal.SIGINT)
 

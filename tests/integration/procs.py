@@ -249,3 +249,26 @@ def nfacctd_in(ns: str | None, workdir: Path, port: int, host: str = "127.0.0.1"
         yield Nfacctd(proc, out)
     finally:
         proc.stop(signal.SIGINT)
+
+
+def udp_rx_queue(port: int, host_hex: str = "0100007F", proc_net: Path = Path("/proc/net/udp")) -> int | None:
+    """Bytes waiting in the receive queue of the UDP socket bound to host:port, or None if unbound.
+
+    Reads /proc/net/udp of the caller's network namespace (``host_hex`` is the
+    address as the kernel prints it: 127.0.0.1 -> 0100007F).
+    """
+    wanted = f"{host_hex}:{port:04X}"
+    for line in proc_net.read_text().splitlines()[1:]:
+        cols = line.split()
+        if cols[1] == wanted:
+            return int(cols[4].split(":")[1], 16)
+    return None
+
+
+def wait_udp_drained(port: int, timeout: float = 15.0) -> None:
+    """Until the collector on 127.0.0.1:port has read every datagram queued to it."""
+    deadline = time.monotonic() + timeout
+    while (queued := udp_rx_queue(port)) not in (0, None):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"127.0.0.1:{port} still has {queued} bytes queued after {timeout}s")
+        time.sleep(0.01)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.procs import wait_udp_drained
+
 # The columns of nfdump 1.7.1's csv format (the header line, which -q suppresses).
 CSV_COLUMNS = (
     *("ts", "te", "td", "sa", "da", "sp", "dp", "pr", "flg", "fwd", "stos", "ipkt", "ibyt", "opkt", "obyt"),
@@ -68,8 +70,7 @@ def collect(datagrams: list[bytes], workdir: Path) -> Collected:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             for datagram in datagrams:
                 sock.sendto(datagram, ("127.0.0.1", port))
-                time.sleep(0.002)  # stay far below the socket buffer; nfcapd reads one at a time
-        time.sleep(0.5)  # let nfcapd drain its socket before it is told to stop
+                wait_udp_drained(port)  # never overrun its socket buffer; nfcapd reads one at a time
     finally:
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=30)

@@ -42,7 +42,7 @@ from pyflow.export.legacy import V5State, encode_v1, encode_v5
 from pyflow.export.registry import ENCODERS
 from pyflow.export.target import MAX_PAYLOAD_V4, MAX_PAYLOAD_V6, ExportClock, ExportContext, Sampling, Target
 from pyflow.records import V4_MAPPED_PREFIX, addr_to_16, empty
-from tests.integration.procs import Proc, nfacctd_in, nfdump_records
+from tests.integration.procs import Proc, nfacctd_in, nfdump_records, wait_udp_drained
 
 M32 = (1 << 32) - 1
 SEQ_MOD = 1 << 32
@@ -627,7 +627,7 @@ def test_nfcapd_stores_exact_totals(tmp_path: Path, version: int) -> None:
     proc = Proc(["nfcapd", "-w", str(flowdir), "-p", str(port), "-b", "127.0.0.1"])
     with running(proc, "Startup", signal.SIGTERM):
         send_all(datagrams, port)
-        time.sleep(1.0)  # nfcapd reads until SIGTERM; let it drain the socket first
+        wait_udp_drained(port)  # every datagram read before SIGTERM
     summary = next((line for line in proc.lines if "Sequence Errors" in line), proc.output())
     assert "Sequence Errors: 0, Bad Packets: 0" in summary
     assert f"Flows: {sum(len(parse(d, version).rows) for d in datagrams)}," in summary

@@ -71,6 +71,7 @@ def main() -> int:
         mapread.run_tick(sizes)
     if "sweep" in which:
         sweep_export.run(sizes, args.repeat, median_time)
+        sweep_export.run_formats(max(sizes), args.repeat, median_time)
     return 0
 
 

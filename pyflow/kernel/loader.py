@@ -8,13 +8,11 @@ attachment is removed on the way out, exactly once.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import platform
 import socket
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,17 +244,3 @@ class FlowMeter:
 
     def poll_spill(self) -> None:
         self.bpf.ring_buffer_consume()
-
-
-@contextmanager
-def flow_meter(settings: KernelSettings) -> Iterator[FlowMeter]:
-    meter = FlowMeter(settings)
-    try:
-        meter.load()
-        yield meter
-    finally:
-        meter.close()
-
-
-def is_enoent(exc: OSError) -> bool:
-    return exc.errno == errno.ENOENT

@@ -41,12 +41,9 @@ def _require_root() -> None:
 
 
 def _meter(settings: KernelSettings) -> Iterator[FlowMeter]:
-    meter = FlowMeter(settings)
-    try:
+    with FlowMeter(settings) as meter:
         meter.load()
         yield meter
-    finally:
-        meter.close()
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,12 @@
 #ifndef MAX_IPV6_EXT
 #define MAX_IPV6_EXT 6
 #endif
+#ifndef IFACE_ARRAY_IFINDEX
+#define IFACE_ARRAY_IFINDEX 1024
+#endif
+#ifndef MAX_IFACE_STATS
+#define MAX_IFACE_STATS 1024
+#endif
 #ifndef SPILL_RING_PAGES
 #define SPILL_RING_PAGES 64
 #endif
@@ -50,7 +56,13 @@
 #define PF_ETH_P_IPV6   0x86DD
 
 BPF_TABLE("hash", struct flow_key, struct flow_value, flows, CACHE_ENTRIES);
-BPF_PERCPU_ARRAY(counters, __u64, PF_CNT_MAX);
+/* Interface stats: a per-CPU array slot (ifindex * 3 + hook) for the usual
+ * small ifindex (an array lookup is a bounds check and an add, a hash lookup
+ * costs ~28 ns more per packet, see docs/benchmarks.md); a per-CPU hash for
+ * the rest; an overflow slot when even that is full (never silently lost). */
+BPF_PERCPU_ARRAY(iface_slots, struct iface_stats, IFACE_ARRAY_IFINDEX * 3);
+BPF_PERCPU_HASH(iface_stats, struct iface_key, struct iface_stats, MAX_IFACE_STATS);
+BPF_PERCPU_ARRAY(overflow_stats, struct iface_stats, 1);
 BPF_PERCPU_ARRAY(flow_seq, __u64, 1);
 BPF_RINGBUF_OUTPUT(spill, SPILL_RING_PAGES);
 /* Update of this map-in-map from user space waits for an RCU grace period:
@@ -70,11 +82,25 @@ struct pkt_meta {
     __u32 tcp_flags;
 };
 
-static __always_inline void count(__u32 id)
+static __always_inline struct iface_stats *stats_for(__u32 ifindex, __u32 hook)
 {
-    __u64 *c = counters.lookup(&id);
-    if (c)
-        *c += 1;
+    if (ifindex < IFACE_ARRAY_IFINDEX) {
+        __u32 slot = ifindex * 3 + hook;
+        return iface_slots.lookup(&slot);
+    }
+    struct iface_key k = {.ifindex = ifindex, .hook = hook};
+    struct iface_stats zero = {};
+    struct iface_stats *st = iface_stats.lookup_or_try_init(&k, &zero);
+    if (st)
+        return st;
+    __u32 slot = 0;
+    return overflow_stats.lookup(&slot);
+}
+
+static __always_inline void count(struct iface_stats *st, __u32 id)
+{
+    if (id < PF_CNT_MAX)
+        st->counters[id] += 1;   /* per-CPU value: no atomics needed */
 }
 
 enum parse_result { PARSE_OK = 0, PARSE_NOT_IP, PARSE_BAD };
@@ -218,11 +244,11 @@ static __always_inline int parse_packet(void *data, void *data_end,
     return PARSE_NOT_IP;
 }
 
-static __always_inline void spill_packet(struct pkt_meta *m, __u64 now)
+static __always_inline void spill_packet(struct iface_stats *st, struct pkt_meta *m, __u64 now)
 {
     struct spill_event *ev = spill.ringbuf_reserve(sizeof(struct spill_event));
     if (!ev) {
-        count(PF_CNT_SPILL_LOST);
+        count(st, PF_CNT_SPILL_LOST);
         return;
     }
     __builtin_memcpy(&ev->key, &m->key, sizeof(ev->key));
@@ -230,21 +256,22 @@ static __always_inline void spill_packet(struct pkt_meta *m, __u64 now)
     ev->bytes = m->bytes;
     ev->ts_ns = now;
     spill.ringbuf_submit(ev, 0);
-    count(PF_CNT_SPILLED);
+    count(st, PF_CNT_SPILLED);
+    st->metered_bytes += m->bytes;
 }
 
 /* Add one packet to an existing entry.  An expired entry (idle for
  * INACTIVE_NS, or for END_IDLE_NS after FIN/RST) is never written: the agent
  * may be reading it for the last time before deleting it, so the packet is
  * spilled instead (see "Exact deletes" in docs/architecture.md). */
-static __always_inline void add_to_entry(struct flow_value *v,
+static __always_inline void add_to_entry(struct iface_stats *st, struct flow_value *v,
                                          struct pkt_meta *m, __u64 now)
 {
     __s64 idle = (__s64)(now - v->last_seen_ns);
     __s64 limit = (v->tcp_flags & (PF_TCP_FIN | PF_TCP_RST)) ? (__s64)END_IDLE_NS
                                                               : (__s64)INACTIVE_NS;
     if (idle >= limit) {
-        spill_packet(m, now);
+        spill_packet(st, m, now);
         return;
     }
     __sync_fetch_and_add(&v->packets, 1);
@@ -253,15 +280,16 @@ static __always_inline void add_to_entry(struct flow_value *v,
         v->last_seen_ns = now;
     if (m->tcp_flags & ~v->tcp_flags)
         __sync_fetch_and_or(&v->tcp_flags, m->tcp_flags);
-    count(PF_CNT_METERED);
+    count(st, PF_CNT_METERED);
+    st->metered_bytes += m->bytes;
 }
 
-static __always_inline void meter(struct pkt_meta *m)
+static __always_inline void meter(struct iface_stats *st, struct pkt_meta *m)
 {
     __u64 now = bpf_ktime_get_boot_ns();
     struct flow_value *v = flows.lookup(&m->key);
     if (v) {
-        add_to_entry(v, m, now);
+        add_to_entry(st, v, m, now);
         return;
     }
     __u32 zero = 0;
@@ -280,41 +308,45 @@ static __always_inline void meter(struct pkt_meta *m)
     nv.tcp_flags = m->tcp_flags;
     int err = flows.insert(&m->key, &nv);
     if (err == 0) {
-        count(PF_CNT_METERED);
+        count(st, PF_CNT_METERED);
+        st->metered_bytes += m->bytes;
         return;
     }
     /* Lost the insert race to another CPU: add to its entry instead. */
     v = flows.lookup(&m->key);
     if (v) {
-        add_to_entry(v, m, now);
+        add_to_entry(st, v, m, now);
         return;
     }
-    count(PF_CNT_CACHE_FULL);
+    count(st, PF_CNT_CACHE_FULL);
 }
 
 static __always_inline void process(void *data, void *data_end, __u32 ifindex,
-                                    __u8 direction)
+                                    __u32 hook, __u8 direction)
 {
+    struct iface_stats *st = stats_for(ifindex, hook);
+    if (!st)
+        return;   /* cannot happen: the overflow array always has its element */
     struct pkt_meta m = {};
-    count(PF_CNT_PACKETS_SEEN);
+    count(st, PF_CNT_PACKETS_SEEN);
     int r = parse_packet(data, data_end, &m);
     if (r == PARSE_NOT_IP) {
-        count(PF_CNT_NOT_IP);
+        count(st, PF_CNT_NOT_IP);
         return;
     }
     if (r != PARSE_OK) {
-        count(PF_CNT_UNPARSABLE);
+        count(st, PF_CNT_UNPARSABLE);
         return;
     }
     m.key.ifindex = ifindex;
     m.key.direction = direction;
-    meter(&m);
+    meter(st, &m);
 }
 
 int pyflow_xdp(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    process(data, data_end, ctx->ingress_ifindex, 0);
+    process(data, data_end, ctx->ingress_ifindex, PF_HOOK_XDP, 0);
     return XDP_PASS;
 }

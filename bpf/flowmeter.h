@@ -49,9 +49,10 @@ struct spill_event {
     __u64 ts_ns;
 };                        /* 64 bytes */
 
-/* Per-CPU counters (BPF_PERCPU_ARRAY "counters"), read at scrape time.
- * Every packet the program sees ends in exactly one of:
- *   a flow entry, a spill event, or one of the PF_CNT_* "not metered" ids. */
+/* Per-CPU counters, per interface and hook (BPF_PERCPU_HASH "iface_stats",
+ * key struct iface_key), read at scrape time.  Every packet the program sees
+ * counts in PF_CNT_PACKETS_SEEN and in exactly one of: METERED (a flow entry),
+ * SPILLED (a spill event), or one of the "not metered" ids. */
 enum pyflow_counter {
     PF_CNT_PACKETS_SEEN = 0,   /* every packet the program ran on */
     PF_CNT_METERED,            /* added to a flow entry */
@@ -63,6 +64,23 @@ enum pyflow_counter {
     PF_CNT_SAMPLED_OUT,        /* skipped by packet sampling */
     PF_CNT_OWN_EXPORT,         /* the agent's own export datagrams */
     PF_CNT_MAX
+};
+
+/* Where a program runs (the "hook" metric label). */
+enum pyflow_hook {
+    PF_HOOK_XDP = 0,         /* XDP, ingress */
+    PF_HOOK_TC_INGRESS = 1,
+    PF_HOOK_TC_EGRESS = 2,
+};
+
+struct iface_key {
+    __u32 ifindex;
+    __u32 hook;              /* enum pyflow_hook */
+};
+
+struct iface_stats {
+    __u64 counters[PF_CNT_MAX];
+    __u64 metered_bytes;     /* IP bytes of the METERED and SPILLED packets */
 };
 
 #endif /* PYFLOW_FLOWMETER_H */

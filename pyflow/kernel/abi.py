@@ -59,6 +59,28 @@ class Counter(enum.IntEnum):
 
 COUNTER_MAX = len(Counter)
 
+
+class Hook(enum.IntEnum):
+    """``enum pyflow_hook``: where a program runs."""
+
+    XDP = 0
+    TC_INGRESS = 1
+    TC_EGRESS = 2
+
+
+HOOK_LABELS = {Hook.XDP: "xdp", Hook.TC_INGRESS: "tc_ingress", Hook.TC_EGRESS: "tc_egress"}
+
+IFACE_KEY_DTYPE = np.dtype({"names": ["ifindex", "hook"], "formats": ["<u4", "<u4"], "offsets": [0, 4],
+                            "itemsize": 8})
+IFACE_STATS_DTYPE = np.dtype(
+    {
+        "names": ["counters", "metered_bytes"],
+        "formats": [("<u8", (COUNTER_MAX,)), "<u8"],
+        "offsets": [0, 8 * COUNTER_MAX],
+        "itemsize": 8 * COUNTER_MAX + 8,
+    }
+)
+
 #: Counters that mean "this packet is not in any flow", by their metric reason label.
 NOT_METERED_REASONS = {
     Counter.NOT_IP: "not_ip",

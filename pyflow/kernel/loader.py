@@ -216,10 +216,33 @@ class FlowMeter:
                                           self.settings.cache_entries)
         return self._reader.read()
 
+    def read_iface_stats(self) -> dict[tuple[int, int], np.ndarray]:
+        """Per (ifindex, hook): the counters summed over CPUs, as one IFACE_STATS_DTYPE record.
+
+        Key (0, 0) holds what the overflow slot counted (interfaces beyond
+        MAX_IFACE_STATS); it is normally absent.
+        """
+        out: dict[tuple[int, int], np.ndarray] = {}
+        slots = self.table("iface_slots")
+        for slot, per_cpu in slots.items():
+            total = _sum_cpus(per_cpu)
+            if total["counters"].any():
+                ifindex, hook = divmod(int(slot.value), len(abi.Hook))
+                out[(ifindex, hook)] = total
+        for k, per_cpu in self.table("iface_stats").items():
+            out[(int(k.ifindex), int(k.hook))] = _sum_cpus(per_cpu)
+        (overflow,) = [v for _, v in self.table("overflow_stats").items()]
+        total = _sum_cpus(overflow)
+        if total["counters"].any():
+            out[(0, 0)] = total
+        return out
+
     def read_counters(self) -> dict[abi.Counter, int]:
-        """The per-CPU counters summed over CPUs."""
-        table = self.table("counters")
-        return {c: int(sum(table.getvalue(ctypes.c_int(c)))) for c in abi.Counter}
+        """The counters summed over every interface, hook and CPU."""
+        totals = np.zeros(abi.COUNTER_MAX, dtype=np.uint64)
+        for st in self.read_iface_stats().values():
+            totals += st["counters"]
+        return {c: int(totals[c]) for c in abi.Counter}
 
     def barrier(self) -> None:
         """Wait until every program run that started before this call has ended.
@@ -244,3 +267,13 @@ class FlowMeter:
 
     def poll_spill(self) -> None:
         self.bpf.ring_buffer_consume()
+
+
+def _sum_cpus(per_cpu: Any) -> np.ndarray:
+    """bcc's per-CPU value (one ctypes struct per CPU) summed into one IFACE_STATS_DTYPE record."""
+    raw = b"".join(bytes(v) for v in per_cpu)
+    arr = np.frombuffer(raw, dtype=abi.IFACE_STATS_DTYPE)
+    out = np.zeros((), dtype=abi.IFACE_STATS_DTYPE)
+    out["counters"] = arr["counters"].sum(axis=0)
+    out["metered_bytes"] = arr["metered_bytes"].sum()
+    return out

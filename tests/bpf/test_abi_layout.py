@@ -113,6 +113,16 @@ def test_counter_enum_matches_header() -> None:
     assert "PACKETS_SEEN" in hdr and hdr["PACKETS_SEEN"] == 0
 
 
-def test_counters_map_size(meter: FlowMeter) -> None:
-    assert meter.table("counters").max_entries == abi.COUNTER_MAX
-    assert ctypes.sizeof(meter.table("counters").sLeaf) == 8  # per-CPU table: sLeaf is one CPU's value
+def test_iface_stats_layout(meter: FlowMeter) -> None:
+    table = meter.table("iface_stats")
+    assert_same_layout(table.Key, abi.IFACE_KEY_DTYPE)
+    # per-CPU table: sLeaf is one CPU's value; its counters array has one slot per counter id
+    assert_same_layout(table.sLeaf, abi.IFACE_STATS_DTYPE)
+    assert abi.IFACE_STATS_DTYPE["counters"].shape == (abi.COUNTER_MAX,)
+    assert ctypes.sizeof(meter.table("overflow_stats").sLeaf) == abi.IFACE_STATS_DTYPE.itemsize
+
+
+def test_hook_enum_matches_header() -> None:
+    text = HEADER.read_text()
+    found = dict(re.findall(r"PF_HOOK_(\w+)\s*=\s*(\d+)", text))
+    assert {k: int(v) for k, v in found.items()} == {h.name: h.value for h in abi.Hook}

@@ -17,8 +17,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,7 +30,14 @@ from pyflow.export.target import ExportClock, Target
 from pyflow.kernel import abi
 from pyflow.kernel.bpfsys import map_delete_batch, map_lookup
 from pyflow.kernel.loader import FlowMeter
+from pyflow.records import EndReason
 from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
+
+if TYPE_CHECKING:
+    from pyflow.metrics import Metrics
+
+REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
+                 EndReason.FORCED: "forced", EndReason.LACK_OF_RESOURCES: "lack_of_resources"}
 
 
 def boot_ns() -> int:
@@ -51,11 +60,15 @@ class AgentStats:
     spill_events: int = 0
     vanished: int = 0  # expired entries gone before the re-read (should stay 0)
     last_sweep_seconds: float = 0.0
+    cached: int = 0  # entries in the cache after the last sweep
+    records_by_reason: Tally[str] = field(default_factory=Tally)
+    exported_packets: Tally[int] = field(default_factory=Tally)  # per ifindex, since start
 
 
 class Agent:
     def __init__(self, settings: Settings, meter: FlowMeter, targets: Sequence[Target],
-                 clocks: Clocks | None = None, log: Callable[[str], None] | None = None) -> None:
+                 clocks: Clocks | None = None, log: Callable[[str], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.meter = meter
         self.targets = list(targets)
@@ -68,6 +81,10 @@ class Agent:
         self.baseline = Baseline()
         self.stats = AgentStats()
         self._spilled: list[np.ndarray] = []
+        self.metrics = metrics
+        # held during a tick and while a scrape computes the accounting: both see
+        # the cache, the baseline and the exported totals at one consistent point
+        self.lock = threading.Lock()
         self.log = log or (lambda msg: print(f"pyflow: {msg}", file=sys.stderr))
         meter.open_spill(self._spilled.append)
 
@@ -111,6 +128,10 @@ class Agent:
 
     def tick(self, final: bool = False) -> np.ndarray:
         """One sweep; returns the records exported (also sent to every target)."""
+        with self.lock:
+            return self._tick(final)
+
+    def _tick(self, final: bool) -> np.ndarray:
         t0 = time.perf_counter()
         keys_v, values_v = self.meter.read_flows()
         keys, values = keys_v.copy(), values_v.copy()
@@ -137,10 +158,58 @@ class Agent:
             self.stats.spill_events += len(events)
             batch = np.concatenate([batch, spill_records(events, wall_offset)])
         self.export(batch, clock, now)
-        self.stats.sweeps += 1
-        self.stats.records += len(batch)
+        self._account(batch, len(keys) - int(np.count_nonzero(res.delete)), now, wall_offset)
         self.stats.last_sweep_seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.sweep_duration.observe(self.stats.last_sweep_seconds)
         return batch
+
+    def _account(self, batch: np.ndarray, cached: int, now_ns: int, wall_offset_ns: int) -> None:
+        s = self.stats
+        s.sweeps += 1
+        s.records += len(batch)
+        s.cached = cached
+        if not len(batch):
+            return
+        reasons, counts = np.unique(batch["end_reason"], return_counts=True)
+        for r, n in zip(reasons.tolist(), counts.tolist(), strict=True):
+            s.records_by_reason[REASON_LABELS.get(EndReason(r), str(r))] += n
+        idx, pk = np.unique(batch["ifindex"], return_inverse=True)
+        sums = np.bincount(pk.reshape(-1), weights=batch["packets"].astype(np.float64), minlength=len(idx))
+        for ifindex, n in zip(idx.tolist(), sums.tolist(), strict=True):
+            s.exported_packets[ifindex] += int(n)
+        if self.metrics is not None:
+            self._observe_lateness(batch, now_ns, wall_offset_ns)
+
+    def _observe_lateness(self, batch: np.ndarray, now_ns: int, wall_offset_ns: int) -> None:
+        """Seconds between a record's timeout and its export (idle and active records)."""
+        assert self.metrics is not None
+        now_ms = (now_ns + wall_offset_ns) / 1e6
+        idle = batch["end_reason"] == EndReason.IDLE
+        active = batch["end_reason"] == EndReason.ACTIVE
+        late = np.concatenate([
+            (now_ms - batch["end_ms"][idle]) / 1e3 - self.rules.inactive_ns / 1e9,
+            (now_ms - batch["start_ms"][active]) / 1e3 - self.rules.active_ns / 1e9,
+        ])
+        for x in np.maximum(late, 0.0).tolist():
+            self.metrics.export_lateness.observe(x)
+
+    def accounted_packets(self) -> dict[int, int]:
+        """Per ifindex: packets exported since start + still in the cache + spilled, not yet exported."""
+        with self.lock:
+            self.meter.poll_spill()
+            total: Tally[int] = Tally(self.stats.exported_packets)
+            keys, values = self.meter.read_flows()
+            has, pos = self.baseline.join(values["flow_id"])
+            base = np.where(has, self.baseline.packets[pos] if len(self.baseline) else 0, 0)
+            pending = (values["packets"] - base.astype(np.uint64)).astype(np.float64)
+            idx, inv = np.unique(keys["ifindex"], return_inverse=True)
+            for ifindex, n in zip(idx.tolist(), np.bincount(inv.reshape(-1), weights=pending,
+                                                            minlength=len(idx)).tolist(), strict=True):
+                total[ifindex] += int(n)
+            for ev in self._spilled:
+                total[int(ev["key"]["ifindex"][0])] += len(ev)
+            return dict(total)
 
     def export(self, batch: np.ndarray, clock: ExportClock, now_ns: int) -> None:
         for target in self.targets:

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="DURATION", help="how often the cache is swept (default: 1s)")
     run.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
                      help="XDP attach mode; auto tries native, then generic (default: auto)")
+    run.add_argument("--metrics-address", default="127.0.0.1:9796", metavar="HOST:PORT",
+                     help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
     run.set_defaults(func=cmd_run)
     return p
 
@@ -133,6 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         targets=tuple(targets),
         sweep_interval_ns=args.sweep_interval,
         xdp_mode=args.xdp_mode,
+        metrics_address=args.metrics_address,
     )
 
 

@@ -153,8 +153,11 @@ class Settings:
     sweep_interval_ns: int = 10**9
     end_idle_ns: int = 2 * 10**9
     xdp_mode: str = "auto"
+    metrics_address: str = "127.0.0.1:9796"  # Prometheus endpoint; "" = off
 
     def __post_init__(self) -> None:
+        if self.metrics_address:
+            _check_listen_address(self.metrics_address)
         if not self.interfaces:
             raise ConfigError("interfaces is empty: name interfaces or use 'all'")
         if not 16 <= self.cache_entries <= 64 * 1024 * 1024:
@@ -168,6 +171,21 @@ class Settings:
             raise ConfigError(f"xdp-mode {self.xdp_mode!r} is not auto, native or generic")
         # A FIN/RST flow ends after a short idle, never later than the inactive timeout.
         object.__setattr__(self, "end_idle_ns", min(self.end_idle_ns, self.inactive_flow_timeout_ns))
+
+
+def _check_listen_address(text: str) -> None:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if not sep or not host:
+            raise ValueError
+        ipaddress.ip_address(host)
+        if not 1 <= int(port) <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"metrics-address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9796, [::1]:9796; \"\" turns it off)"
+        ) from None
 
 
 def duration(name: str, text: str | int | float) -> int:

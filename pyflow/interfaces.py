@@ -32,3 +32,17 @@ def resolve_interfaces(names: Sequence[str]) -> list[str]:
     if missing:
         raise KernelError(f"no such interface: {', '.join(missing)} (see `ip link`)")
     return list(dict.fromkeys(names))
+
+
+def rx_packets(ifindexes: Sequence[int]) -> dict[int, int]:
+    """The kernel's own received-packets counter (IFLA_STATS64) of each interface that still exists."""
+    wanted = set(ifindexes)
+    out: dict[int, int] = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            idx = int(link["index"])
+            if idx in wanted:
+                stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
+                if stats is not None:
+                    out[idx] = int(stats["rx_packets"])
+    return out

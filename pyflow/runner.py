@@ -11,8 +11,9 @@ from pyflow.config import Settings
 from pyflow.errors import ConfigError
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportContext, Target
-from pyflow.interfaces import resolve_interfaces
+from pyflow.interfaces import resolve_interfaces, rx_packets
 from pyflow.kernel.loader import FlowMeter, KernelSettings
+from pyflow.metrics import Metrics, serve
 
 
 def kernel_settings(settings: Settings) -> KernelSettings:
@@ -45,7 +46,19 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             stack.callback(t.close)
             t.open()
             log(f"exporting to {t.name}")
-        agent = Agent(settings, meter, targets, log=log)
+        metrics = Metrics()
+        agent = Agent(settings, meter, targets, log=log, metrics=metrics)
+        attached = [(name, idx, "xdp", meter.attachments[name].mode) for idx, name in interfaces]
+        rx_at_attach = rx_packets([idx for idx, _ in interfaces])
+        metrics.attach(
+            agent,
+            interfaces=lambda: attached,
+            rx_packets=lambda: {i: n - rx_at_attach.get(i, 0) for i, n in rx_packets(list(rx_at_attach)).items()},
+        )
+        if settings.metrics_address:
+            server = serve(metrics, settings.metrics_address)
+            stack.callback(server.shutdown)
+            log(f"metrics on http://{settings.metrics_address}/metrics")
         agent.run(stop)
         for t in targets:
             s = t.stats

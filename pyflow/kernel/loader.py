@@ -237,6 +237,10 @@ class FlowMeter:
             out[(0, 0)] = total
         return out
 
+    def flows_created(self) -> int:
+        """Entries the kernel has created since the program was loaded (all CPUs)."""
+        return int(sum(self.table("flow_seq").getvalue(ctypes.c_int(0))))
+
     def read_counters(self) -> dict[abi.Counter, int]:
         """The counters summed over every interface, hook and CPU."""
         totals = np.zeros(abi.COUNTER_MAX, dtype=np.uint64)

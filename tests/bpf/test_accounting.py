@@ -193,3 +193,11 @@ def test_large_ifindex_is_counted_in_the_hash(harness: Harness) -> None:
         assert ifindex in keys["ifindex"].tolist()
     finally:
         subprocess.run(["ip", "link", "del", "pfbig0"], capture_output=True)
+
+
+def test_flows_created_counts_inserts_only(tiny_harness: Harness) -> None:
+    """flow_seq sums to the entries created: a full cache's failed inserts do not count."""
+    before = tiny_harness.meter.flows_created()
+    for i in range(10):
+        tiny_harness.run(bytes(Ether() / IP(src="192.0.2.1", dst="192.0.2.2") / UDP(sport=3000 + i, dport=53)))
+    assert tiny_harness.meter.flows_created() - before == 4

@@ -1,0 +1,187 @@
+"""Every Prometheus metric pyflow exports, declared in one place.
+
+Two kinds:
+
+* event metrics the agent updates as things happen (histograms of sweep
+  duration and export lateness), held by ``Metrics``;
+* state read at scrape time (kernel per-CPU counters, cache use, per-target
+  stats, the accounting gap) by ``PyflowCollector``, so a scrape always shows
+  the kernel's current numbers, never a copy from the last sweep.
+
+The registry is injectable (tests use their own); ``serve()`` starts the
+HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pyflow import __version__
+from pyflow.errors import PyflowError
+from pyflow.kernel import abi
+
+if TYPE_CHECKING:
+    from pyflow.agent import Agent
+
+SWEEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The registry and the metrics the agent observes as events."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
+        self.registry = registry or CollectorRegistry()
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        self.sweep_duration = Histogram(
+            "pyflow_sweep_duration_seconds", "Time one sweep of the flow cache took (read, expire, export).",
+            buckets=SWEEP_BUCKETS, registry=self.registry)
+        self.export_lateness = Histogram(
+            "pyflow_export_lateness_seconds",
+            "How long after its timeout (inactive or active) a flow record left the agent.",
+            buckets=LATENESS_BUCKETS, registry=self.registry)
+        self.start_time = time.time()
+
+    def attach(self, agent: Agent, interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
+               rx_packets: Callable[[], dict[int, int]]) -> None:
+        """Read the agent's (and its meter's and targets') state at every scrape."""
+        self.registry.register(PyflowCollector(agent, self.start_time, interfaces, rx_packets))
+
+
+class PyflowCollector(Collector):
+    """Scrape-time metrics: kernel counters, cache, targets, the accounting gap."""
+
+    def __init__(self, agent: Agent, start_time: float,
+                 interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
+                 rx_packets: Callable[[], dict[int, int]]) -> None:
+        self.agent = agent
+        self.start_time = start_time
+        self.interfaces = interfaces  # (name, ifindex, hook, mode)
+        self.rx_packets = rx_packets  # ifindex -> the interface's own received-packets counter
+
+    def describe(self) -> list[Metric]:
+        return []  # metrics are dynamic; do not collect at registration
+
+    def collect(self) -> Iterator[Metric]:
+        meter = self.agent.meter
+        names = {ifindex: name for name, ifindex, _, _ in self.interfaces()}
+
+        def label(ifindex: int) -> str:
+            return names.get(ifindex, str(ifindex))
+
+        info = InfoMetricFamily("pyflow_build", "pyflow, bcc and kernel versions.")
+        info.add_metric([], {"version": __version__, "kernel": platform.release(),
+                             "python": platform.python_version()})
+        yield info
+        yield GaugeMetricFamily("pyflow_start_time_seconds", "When the agent started, Unix time.",
+                                value=self.start_time)
+        prog = GaugeMetricFamily("pyflow_program_info", "An attached meter program (1 per interface and hook).",
+                                 labels=["interface", "hook", "mode"])
+        for name, _ifindex, hook_name, mode in self.interfaces():
+            prog.add_metric([name, hook_name, mode], 1)
+        yield prog
+
+        seen = CounterMetricFamily("pyflow_packets_seen", "Packets the meter program ran on.",
+                                   labels=["interface", "hook"])
+        metered = CounterMetricFamily("pyflow_packets_metered", "Packets added to a flow (in the cache or spilled).",
+                                      labels=["interface", "hook"])
+        metered_bytes = CounterMetricFamily("pyflow_bytes_metered", "IP bytes (total length) of metered packets.",
+                                            labels=["interface", "hook"])
+        not_metered = CounterMetricFamily(
+            "pyflow_packets_not_metered", "Packets in no flow, by reason (counted in the kernel).",
+            labels=["interface", "hook", "reason"])
+        stats = meter.read_iface_stats()
+        for (ifindex, hook), st in sorted(stats.items()):
+            lbl = [label(ifindex) if ifindex else "overflow", abi.HOOK_LABELS[abi.Hook(hook)]]
+            c = st["counters"]
+            seen.add_metric(lbl, float(c[abi.Counter.PACKETS_SEEN]))
+            metered.add_metric(lbl, float(c[abi.Counter.METERED] + c[abi.Counter.SPILLED]))
+            metered_bytes.add_metric(lbl, float(st["metered_bytes"]))
+            for cid, reason in abi.NOT_METERED_REASONS.items():
+                not_metered.add_metric([*lbl, reason], float(c[cid]))
+        yield from (seen, metered, metered_bytes, not_metered)
+
+        a = self.agent.stats
+        yield GaugeMetricFamily("pyflow_flows_cached", "Flow entries in the kernel cache at the last sweep.",
+                                value=a.cached)
+        yield GaugeMetricFamily("pyflow_cache_capacity_flows", "Size of the kernel flow cache (cache-entries).",
+                                value=meter.settings.cache_entries)
+        yield CounterMetricFamily("pyflow_flows_created", "Flow entries the kernel created.",
+                                  value=meter.flows_created())
+        expired = CounterMetricFamily("pyflow_flow_records", "Flow records exported, by end reason.",
+                                      labels=["reason"])
+        for reason, n in sorted(a.records_by_reason.items()):
+            expired.add_metric([reason], n)
+        yield expired
+        yield CounterMetricFamily("pyflow_flows_expired", "Flow entries removed from the kernel cache.",
+                                  value=a.deleted)
+        yield CounterMetricFamily("pyflow_spill_events", "Packets of expiring entries caught by the spill ring.",
+                                  value=a.spill_events)
+        yield from self._targets()
+        yield from self._gap(stats, label)
+
+    def _targets(self) -> Iterator[Metric]:
+        labels = ["target", "version"]
+        fams = {
+            "records": CounterMetricFamily("pyflow_export_records", "Flow records encoded for this target.", labels=labels),
+            "datagrams": CounterMetricFamily("pyflow_export_datagrams", "UDP datagrams sent.", labels=labels),
+            "bytes": CounterMetricFamily("pyflow_export_bytes", "UDP payload bytes sent.", labels=labels),
+            "templates": CounterMetricFamily("pyflow_export_template_datagrams",
+                                             "Datagrams that carried templates.", labels=labels),
+            "not_representable": CounterMetricFamily(
+                "pyflow_export_not_representable_records",
+                "Records the format cannot carry (IPv6 to NetFlow v1/v5), not sent.", labels=labels),
+        }
+        errors = CounterMetricFamily("pyflow_export_send_errors", "Failed sends, by errno.",
+                                     labels=[*labels, "error"])
+        for t in self.agent.targets:
+            lbl = [t.name, t.settings.version]
+            s = t.stats
+            for key, fam in fams.items():
+                fam.add_metric(lbl, float(getattr(s, key)))
+            for err, n in sorted(s.send_errors.items()):
+                errors.add_metric([*lbl, err], float(n))
+        yield from fams.values()
+        yield errors
+
+    def _gap(self, stats: dict[tuple[int, int], Any], label: Callable[[int], str]) -> Iterator[Metric]:
+        """Interface's own received packets minus what pyflow accounted for them.
+
+        Accounted = exported records + still in the cache + spilled but not yet
+        exported + not metered (kernel counters).  Only meaningful with sampling
+        off; should stay 0 apart from packets in flight at the instant of the scrape.
+        """
+        gap = GaugeMetricFamily(
+            "pyflow_accounting_gap_packets",
+            "Packets the interface received since pyflow attached minus packets pyflow accounted for.",
+            labels=["interface"])
+        rx = self.rx_packets()
+        accounted = self.agent.accounted_packets()
+        for (ifindex, hook), st in stats.items():
+            if hook != abi.Hook.XDP or ifindex not in rx:
+                continue
+            c = st["counters"]
+            not_metered = sum(int(c[cid]) for cid in abi.NOT_METERED_REASONS)
+            gap.add_metric([label(ifindex)], float(rx[ifindex] - accounted.get(ifindex, 0) - not_metered))
+        yield gap
+
+
+def serve(metrics: Metrics, address: str) -> Any:
+    """Start the HTTP endpoint on ``HOST:PORT`` (IPv6 as ``[::1]:9796``); returns the server."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        server, _thread = start_http_server(int(port), addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise PyflowError(f"cannot serve metrics on {address}: {exc.strerror or exc} "
+                          "(another process on that port? choose --metrics-address, or '' to turn it off)") from exc
+    return server

@@ -90,15 +90,17 @@ def veth_pair(tag: str) -> Iterator[Pair]:
         for ns in (pair.a, pair.b):
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
-            # no router solicitations / DAD noise that would race with the test
-            pair.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+            # no DAD, router solicitations or (below: multicast off) MLD reports of the
+            # hosts' own making: every metered packet is one a test sent, or a reply
+            pair.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                     "net.ipv6.conf.all.router_solicitations=0", "net.ipv6.conf.default.router_solicitations=0")
         ip("link", "add", pair.a_if, "netns", pair.a, "type", "veth", "peer", "name", pair.b_if, "netns", pair.b)
         ip("-n", pair.a, "addr", "add", f"{pair.a_v4}/24", "dev", pair.a_if)
         ip("-n", pair.b, "addr", "add", f"{pair.b_v4}/24", "dev", pair.b_if)
         ip("-n", pair.a, "addr", "add", f"{pair.a_v6}/64", "dev", pair.a_if, "nodad")
         ip("-n", pair.b, "addr", "add", f"{pair.b_v6}/64", "dev", pair.b_if, "nodad")
-        ip("-n", pair.a, "link", "set", pair.a_if, "up")
-        ip("-n", pair.b, "link", "set", pair.b_if, "up")
+        ip("-n", pair.a, "link", "set", pair.a_if, "multicast", "off", "up")
+        ip("-n", pair.b, "link", "set", pair.b_if, "multicast", "off", "up")
         pair.macs = {"a": pair.mac(pair.a, pair.a_if), "b": pair.mac(pair.b, pair.b_if)}
         # Static neighbours: no ARP or neighbour discovery traffic of the hosts' own
         # making, so every metered IP flow is one the test sent (or a reply to it).

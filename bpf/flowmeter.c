@@ -292,6 +292,8 @@ static __always_inline void meter(struct iface_stats *st, struct pkt_meta *m)
         add_to_entry(st, v, m, now);
         return;
     }
+    /* flow_seq: per-CPU count of entries created (their sum is the
+     * flows-created metric) and the source of unique flow ids */
     __u32 zero = 0;
     __u64 *seq = flow_seq.lookup(&zero);
     __u64 id = 0;
@@ -307,6 +309,8 @@ static __always_inline void meter(struct iface_stats *st, struct pkt_meta *m)
     nv.flow_id = id;
     nv.tcp_flags = m->tcp_flags;
     int err = flows.insert(&m->key, &nv);
+    if (err != 0 && seq)
+        *seq -= 1;   /* not created; the same CPU, so the id is simply reused */
     if (err == 0) {
         count(st, PF_CNT_METERED);
         st->metered_bytes += m->bytes;

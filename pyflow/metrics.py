@@ -30,6 +30,16 @@ from pyflow.kernel import abi
 if TYPE_CHECKING:
     from pyflow.agent import Agent
 
+def _bcc_version() -> str:
+    try:
+        import bcc
+
+        return str(getattr(bcc, "__version__", "unknown"))
+    except ImportError:
+        return "missing"
+
+
+BCC_VERSION = _bcc_version()
 SWEEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -78,8 +88,8 @@ class PyflowCollector(Collector):
         def label(ifindex: int) -> str:
             return names.get(ifindex, str(ifindex))
 
-        info = InfoMetricFamily("pyflow_build", "pyflow, bcc and kernel versions.")
-        info.add_metric([], {"version": __version__, "kernel": platform.release(),
+        info = InfoMetricFamily("pyflow_build", "pyflow, bcc, kernel and Python versions.")
+        info.add_metric([], {"version": __version__, "bcc": BCC_VERSION, "kernel": platform.release(),
                              "python": platform.python_version()})
         yield info
         yield GaugeMetricFamily("pyflow_start_time_seconds", "When the agent started, Unix time.",
@@ -132,11 +142,13 @@ class PyflowCollector(Collector):
     def _targets(self) -> Iterator[Metric]:
         labels = ["target", "version"]
         fams = {
-            "records": CounterMetricFamily("pyflow_export_records", "Flow records encoded for this target.", labels=labels),
+            "records": CounterMetricFamily("pyflow_export_records", "Flow records encoded for this target.",
+                                           labels=labels),
             "datagrams": CounterMetricFamily("pyflow_export_datagrams", "UDP datagrams sent.", labels=labels),
             "bytes": CounterMetricFamily("pyflow_export_bytes", "UDP payload bytes sent.", labels=labels),
             "templates": CounterMetricFamily("pyflow_export_template_datagrams",
-                                             "Datagrams that carried templates.", labels=labels),
+                                             "Template rounds sent (templates and options templates, "
+                                             "at start, on refresh by count and by time).", labels=labels),
             "not_representable": CounterMetricFamily(
                 "pyflow_export_not_representable_records",
                 "Records the format cannot carry (IPv6 to NetFlow v1/v5), not sent.", labels=labels),
@@ -166,12 +178,10 @@ class PyflowCollector(Collector):
             labels=["interface"])
         rx = self.rx_packets()
         accounted = self.agent.accounted_packets()
-        for (ifindex, hook), st in stats.items():
-            if hook != abi.Hook.XDP or ifindex not in rx:
-                continue
-            c = st["counters"]
-            not_metered = sum(int(c[cid]) for cid in abi.NOT_METERED_REASONS)
-            gap.add_metric([label(ifindex)], float(rx[ifindex] - accounted.get(ifindex, 0) - not_metered))
+        for ifindex, received in sorted(rx.items()):
+            st = stats.get((ifindex, int(abi.Hook.XDP)))
+            not_metered = 0 if st is None else sum(int(st["counters"][cid]) for cid in abi.NOT_METERED_REASONS)
+            gap.add_metric([label(ifindex)], float(received - accounted.get(ifindex, 0) - not_metered))
         yield gap
 
 

@@ -30,12 +30,20 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
     with ExitStack() as stack:
         for ts in settings.targets:
             encoder_for(ts.version)  # an unknown version fails before anything is loaded
+        metrics = Metrics()
+        if settings.metrics_address:  # a taken port fails before anything is attached
+            server = serve(metrics, settings.metrics_address)
+            stack.callback(server.shutdown)
+            log(f"metrics on http://{settings.metrics_address}/metrics")
         meter = stack.enter_context(FlowMeter(kernel_settings(settings)))
         meter.load()
         names = resolve_interfaces(settings.interfaces)
         interfaces = []
+        rx_at_attach: dict[int, int] = {}
         for name in names:
             att = meter.attach(name, settings.xdp_mode)
+            # the interface's own counter right after the attach: the gap metric's zero point
+            rx_at_attach.update(rx_packets([att.ifindex]))
             interfaces.append((att.ifindex, name))
             log(f"metering {name} (ifindex {att.ifindex}) with XDP in {att.mode} mode")
         targets = [
@@ -46,19 +54,13 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             stack.callback(t.close)
             t.open()
             log(f"exporting to {t.name}")
-        metrics = Metrics()
         agent = Agent(settings, meter, targets, log=log, metrics=metrics)
         attached = [(name, idx, "xdp", meter.attachments[name].mode) for idx, name in interfaces]
-        rx_at_attach = rx_packets([idx for idx, _ in interfaces])
         metrics.attach(
             agent,
             interfaces=lambda: attached,
             rx_packets=lambda: {i: n - rx_at_attach.get(i, 0) for i, n in rx_packets(list(rx_at_attach)).items()},
         )
-        if settings.metrics_address:
-            server = serve(metrics, settings.metrics_address)
-            stack.callback(server.shutdown)
-            log(f"metrics on http://{settings.metrics_address}/metrics")
         agent.run(stop)
         for t in targets:
             s = t.stats

@@ -72,3 +72,27 @@ def test_not_root_is_a_clear_error() -> None:
                          timeout=60)
     assert res.returncode == 3
     assert "pyflow needs root" in res.stderr
+
+
+def test_metrics_port_taken_fails_before_attaching(pair: Pair) -> None:
+    import socket
+
+    from tests.integration.netns import in_netns
+
+    def occupy() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 19797))
+        s.listen()
+        return s
+
+    holder = in_netns(pair.b, occupy)
+    try:
+        res = subprocess.run(["ip", "netns", "exec", pair.b, PYFLOW, "run", "--interface", pair.b_if,
+                              "--target", "127.0.0.1/ipfix", "--metrics-address", "127.0.0.1:19797"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        holder.close()
+    assert res.returncode == 1
+    assert "cannot serve metrics on 127.0.0.1:19797" in res.stderr
+    assert "metering" not in res.stderr
+    assert xdp_prog_id(pair.b, pair.b_if) is None

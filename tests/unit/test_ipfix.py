@@ -492,20 +492,24 @@ def write_pcap(path: Path, messages: list[bytes]) -> None:
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed (apt-get install tshark)")
+def tshark_pdml(tmp_path: Path, messages: list[bytes], name: str = "cflow.pcap") -> list[ET.Element]:
+    """The datagrams as a pcap to UDP 4739, dissected by tshark: one PDML <packet> each."""
+    pcap = tmp_path / name
+    write_pcap(pcap, messages)
+    result = subprocess.run(
+        ["tshark", "-n", "-r", str(pcap), "-d", "udp.port==4739,cflow", "-T", "pdml"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return ET.fromstring(result.stdout).findall("packet")
+
+
 def test_tshark_decodes_same_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     batch = np.concatenate([make_batch(FLOW_V4, FLOW_V6), record_batch_for_tshark(rng, 60)])
     messages1, state = ipfix.encode(batch[:30], IpfixState(100, 5), CLOCK, True, 600)
     messages2, _ = ipfix.encode(batch[30:], state, LATER, False, 600)
     messages = messages1 + messages2
-    pcap = tmp_path / "ipfix.pcap"
-    write_pcap(pcap, messages)
-
-    result = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), "-d", "udp.port==4739,cflow", "-T", "pdml"],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
-    packets = ET.fromstring(result.stdout).findall("packet")
+    packets = tshark_pdml(tmp_path, messages)
 
     assert len(packets) == len(messages)
     assert [c for p in packets for c in tshark_complaints(p)] == []

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import shutil
 import struct
-import subprocess
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ from pyflow.export.target import ExportClock, ExportContext, Sampling
 from pyflow.export.templates import DataQueue, WholeSet
 from pyflow.records import empty
 from tests.unit.nfcapd import collect, requires_nfdump
-from tests.unit.test_ipfix import FLOW_V4, FLOW_V6, make_batch, tshark_complaints, write_pcap
+from tests.unit.test_ipfix import FLOW_V4, FLOW_V6, make_batch, tshark_complaints, tshark_pdml
 
 EXPORT_S = 1_700_000_010
 CLOCK = ExportClock(unix_ns=EXPORT_S * 10**9 + 400_000_000, uptime_ms=3_600_000)
@@ -189,13 +187,7 @@ def test_ipfix_tshark_decodes_routeros_mode_and_options(tmp_path: Path) -> None:
         pytest.skip("tshark is not installed (apt-get install tshark)")
     batch = make_batch(*[FLOW_V4 | {"src_port": 1000 + i} for i in range(30)], FLOW_V6)
     messages, _ = ipfix.encode(batch, IpfixState(50, 2), CLOCK, True, 700, ROUTEROS)
-    pcap = tmp_path / "ipfix.pcap"
-    write_pcap(pcap, messages)
-    result = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), "-d", "udp.port==4739,cflow", "-T", "pdml"],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
-    packets = ET.fromstring(result.stdout).findall("packet")
+    packets = tshark_pdml(tmp_path, messages)
     assert len(packets) == len(messages) > 1
     # Wireshark checks IPFIX sequence numbers the RFC way, options records included, so it flags each
     # message after one carrying options data; we follow nfdump instead (ipfix.IpfixState).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import struct
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from pyflow.export.templates import build_template
 from pyflow.export.v9 import V9_TEMPLATES, V9State
 from pyflow.records import RECORD_DTYPE, V4_MAPPED_PREFIX, empty
 from tests.unit.nfcapd import collect, requires_nfdump
-from tests.unit.test_ipfix import FLOW_V4, FLOW_V6, by_version, make_batch, tshark_complaints, write_pcap
+from tests.unit.test_ipfix import FLOW_V4, FLOW_V6, by_version, make_batch, tshark_complaints, tshark_pdml
 
 U32 = 1 << 32
 EXPORT_S = 1_700_000_010
@@ -444,13 +443,7 @@ def test_tshark_decodes_values_and_options(tmp_path: Path) -> None:
     packets1, state = v9.encode(batch[:25], V9State(100, 5), CLOCK, True, 700, CTX)
     packets2, _ = v9.encode(batch[25:], state, LATER, False, 700, CTX)
     packets = packets1 + packets2
-    pcap = tmp_path / "v9.pcap"
-    write_pcap(pcap, packets)
-    result = subprocess.run(
-        ["tshark", "-n", "-r", str(pcap), "-d", "udp.port==4739,cflow", "-T", "pdml"],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
-    decoded = ET.fromstring(result.stdout).findall("packet")
+    decoded = tshark_pdml(tmp_path, packets)
 
     assert len(decoded) == len(packets)
     assert [c for p in decoded for c in tshark_complaints(p)] == []

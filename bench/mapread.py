@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from bench.fill import synthetic_cache
 from pyflow.kernel.bpfsys import map_update_batch
 from pyflow.kernel.loader import FlowMeter, KernelSettings
+
+
+@contextmanager
+def filled_meter(n: int, now_ns: int) -> Iterator[FlowMeter]:
+    """A loaded meter whose flow cache holds ``n`` synthetic entries."""
+    with FlowMeter(KernelSettings(cache_entries=n)) as meter:
+        meter.load()
+        keys, values = synthetic_cache(n, now_ns)
+        for lo in range(0, n, 65536):
+            map_update_batch(meter.flows_fd, keys[lo:lo + 65536], values[lo:lo + 65536])
+        yield meter
 
 
 def run(sizes: list[int], repeat: int, median_time: Callable[[Callable[[], object], int], float]) -> None:
@@ -14,11 +26,7 @@ def run(sizes: list[int], repeat: int, median_time: Callable[[Callable[[], objec
     print("| entries | bcc items_lookup_batch s | entries/s | pyflow MapBatchReader s | entries/s | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
-        with FlowMeter(KernelSettings(cache_entries=n)) as meter:
-            meter.load()
-            keys, values = synthetic_cache(n, 10**15)
-            for lo in range(0, n, 65536):
-                map_update_batch(meter.flows_fd, keys[lo:lo + 65536], values[lo:lo + 65536])
+        with filled_meter(n, 10**15) as meter:
             table = meter.table("flows")
             got = sum(1 for _ in table.items_lookup_batch())
             k, _ = meter.read_flows()
@@ -38,11 +46,7 @@ def run_tick(sizes: list[int]) -> None:
     print("| entries | tick s | deleted | records | entries/s |")
     print("|---:|---:|---:|---:|---:|")
     for n in sizes:
-        with FlowMeter(KernelSettings(cache_entries=n)) as meter:
-            meter.load()
-            keys, values = synthetic_cache(n, boot_ns())
-            for lo in range(0, n, 65536):
-                map_update_batch(meter.flows_fd, keys[lo:lo + 65536], values[lo:lo + 65536])
+        with filled_meter(n, boot_ns()) as meter:
             agent = Agent(Settings(cache_entries=max(n, 16)), meter, [], log=lambda _m: None)
             recs = agent.tick()
             t = agent.stats.last_sweep_seconds

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pyflow.export.options import ipfix_options
-from pyflow.export.target import ExportClock, ExportContext
+from pyflow.export.target import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.templates import (
     STANDARD_TEMPLATES,
     TIME_FIELDS,
@@ -35,7 +35,7 @@ from pyflow.export.templates import (
 IPFIX_VERSION = 10
 _HEADER = struct.Struct("!HHIII")
 HEADER_LENGTH = _HEADER.size
-DEFAULT_MAX_SIZE = 1472  # 1500-byte Ethernet MTU - 20 (IPv4) - 8 (UDP)
+DEFAULT_MAX_SIZE = MAX_PAYLOAD_V4  # one definition: the IPv4 target payload
 _SEQUENCE_MODULUS = 1 << 32
 
 # RouterOS time mode gets its own template ids: a collector must never see one

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pyflow.export.options import v9_options
-from pyflow.export.target import ExportClock, ExportContext
+from pyflow.export.target import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.templates import (
     IPV4_FLOW_TEMPLATE_ID,
     IPV6_FLOW_TEMPLATE_ID,
@@ -43,7 +43,7 @@ from pyflow.export.templates import (
 V9_VERSION = 9
 _HEADER = struct.Struct("!HHIIII")
 HEADER_LENGTH = _HEADER.size
-DEFAULT_MAX_SIZE = 1472  # 1500-byte Ethernet MTU - 20 (IPv4) - 8 (UDP)
+DEFAULT_MAX_SIZE = MAX_PAYLOAD_V4  # one definition: the IPv4 target payload
 FLOWSET_ALIGNMENT = 4  # RFC 3954 §5.3: pad so the next FlowSet starts on a 4-byte boundary
 _MODULUS = 1 << 32
 

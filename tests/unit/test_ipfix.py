@@ -202,10 +202,15 @@ def golden_template() -> Template:
     return build_template(256, [BY_ID[i].name for i in (8, 12, 7, 11, 4, 1, 2, 152, 153)])
 
 
-def test_golden_message_of_flow_protocols_6_1() -> None:
+def golden_flow_batch() -> np.ndarray:
+    """The one flow of the flow-protocols.md §6 worked examples."""
     flow = {k: FLOW_V4[k] for k in ("src_addr", "dst_addr", "ip_version", "src_port", "dst_port", "protocol")}
-    batch = make_batch(flow | {"bytes": 1500, "packets": 10, "start_ms": 1_700_000_000_000,
-                               "end_ms": 1_700_000_005_000})  # fmt: skip
+    return make_batch(flow | {"bytes": 1500, "packets": 10, "start_ms": 1_700_000_000_000,
+                              "end_ms": 1_700_000_005_000})  # fmt: skip
+
+
+def test_golden_message_of_flow_protocols_6_1() -> None:
+    batch = golden_flow_batch()
     messages, state = ipfix.encode(batch, IpfixState(), CLOCK, True, templates={4: golden_template()})
     assert messages == [GOLDEN_6_1]
     assert state == IpfixState(sequence=1, observation_domain_id=0)

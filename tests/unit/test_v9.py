@@ -36,7 +36,15 @@ from pyflow.export.templates import build_template
 from pyflow.export.v9 import V9_TEMPLATES, V9State
 from pyflow.records import RECORD_DTYPE, V4_MAPPED_PREFIX, empty
 from tests.unit.nfcapd import collect, requires_nfdump
-from tests.unit.test_ipfix import FLOW_V4, FLOW_V6, by_version, make_batch, tshark_complaints, tshark_pdml
+from tests.unit.test_ipfix import (
+    FLOW_V4,
+    FLOW_V6,
+    by_version,
+    golden_flow_batch,
+    make_batch,
+    tshark_complaints,
+    tshark_pdml,
+)
 
 U32 = 1 << 32
 EXPORT_S = 1_700_000_010
@@ -193,9 +201,7 @@ def golden_template_6_2() -> v9.Template:
 
 
 def test_golden_packet_of_flow_protocols_6_2() -> None:
-    flow = {k: FLOW_V4[k] for k in ("src_addr", "dst_addr", "ip_version", "src_port", "dst_port", "protocol")}
-    batch = make_batch(flow | {"bytes": 1500, "packets": 10, "start_ms": 1_700_000_000_000,
-                               "end_ms": 1_700_000_005_000})  # fmt: skip
+    batch = golden_flow_batch()
     packets, state = v9.encode(batch, V9State(), CLOCK, True, templates={4: golden_template_6_2()})
     assert packets == [GOLDEN_6_2]
     assert state == V9State(sequence=1, source_id=0)

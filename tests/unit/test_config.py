@@ -103,3 +103,17 @@ def test_target_options_use_routeros_names() -> None:
         parse_target("192.0.2.9,time=local")
     with pytest.raises(ConfigError, match="different IP versions"):
         parse_target("192.0.2.9,src-address=2001:db8::1")
+
+
+def test_not_root_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real CLI path as an unprivileged user: exit 3 and a message that says what to do.
+
+    (In-process with the effective uid faked: running the venv as another user
+    depends on the clone's directory permissions, which a test cannot rely on.)
+    """
+    from pyflow import cli
+
+    monkeypatch.setattr("os.geteuid", lambda: 65534)
+    rc = cli.main(["run", "--interface", "lo", "--target", "127.0.0.1/ipfix", "--metrics-address", ""])
+    assert rc == 3
+    assert "pyflow needs root" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
- * pyflow flow meter: XDP program (TC later shares the same parser).
+ * pyflow flow meter: one parser and one meter behind three entry points,
+ * pyflow_xdp (XDP, ingress), pyflow_tc_ingress and pyflow_tc_egress (TC
+ * clsact, direct action).
  *
  * Compiled at start by bcc.  Settings arrive as -D flags from
  * pyflow/kernel/loader.py:
@@ -10,8 +12,16 @@
  *   END_IDLE_NS       idle time after which a flow that saw TCP FIN or RST
  *                     is over (same rule: never written again)
  *   MAX_IPV6_EXT      IPv6 extension headers skipped at most
+ *   PF_F_TTL          1: keep min/max TTL per flow (a per-packet cost)
+ *   PF_F_LENGTH       1: keep min/max IP total length per flow (per packet)
+ *   PF_F_FIB          1: bpf_fib_lookup on a new flow's first packet at
+ *                     ingress for the out-interface and gateway
+ *   PF_OWN_EXPORT     1: skip the agent's own export datagrams (own_export)
  *
- * The program never changes traffic: every path returns XDP_PASS.
+ * The program never changes traffic: every path returns XDP_PASS, or
+ * TC_ACT_UNSPEC at TC (the packet goes on to the next filter or the qdisc's
+ * default, exactly as if pyflow were not there; TC_ACT_OK would skip any
+ * filter after ours).  Fields that are off cost nothing per packet.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -22,6 +32,7 @@
 #include <uapi/linux/udp.h>
 #include <uapi/linux/icmp.h>
 #include <uapi/linux/icmpv6.h>
+#include <uapi/linux/pkt_cls.h>
 
 #include "flowmeter.h"
 
@@ -43,6 +54,24 @@
 #ifndef MAX_IFACE_STATS
 #define MAX_IFACE_STATS 1024
 #endif
+#ifndef PF_F_TTL
+#define PF_F_TTL 1
+#endif
+#ifndef PF_F_LENGTH
+#define PF_F_LENGTH 1
+#endif
+#ifndef PF_F_FIB
+#define PF_F_FIB 1
+#endif
+#ifndef PF_OWN_EXPORT
+#define PF_OWN_EXPORT 1
+#endif
+#ifndef MAX_OWN_EXPORT
+#define MAX_OWN_EXPORT 64
+#endif
+/* Linear bytes a TC program wants before parsing (pulled only when the
+ * skb's linear part is shorter than this and than the packet). */
+#define PF_PULL_LEN 128
 #ifndef SPILL_RING_PAGES
 #define SPILL_RING_PAGES 64
 #endif
@@ -54,6 +83,9 @@
 #define PF_ETH_P_8021AD 0x88A8
 #define PF_ETH_P_IP     0x0800
 #define PF_ETH_P_IPV6   0x86DD
+#define PF_IPPROTO_IGMP 2
+#define PF_IPPROTO_SCTP 132
+#define PF_IPPROTO_ICMPV6 58
 
 BPF_TABLE("hash", struct flow_key, struct flow_value, flows, CACHE_ENTRIES);
 /* Interface stats: a per-CPU array slot (ifindex * 3 + hook) for the usual
@@ -65,6 +97,7 @@ BPF_PERCPU_HASH(iface_stats, struct iface_key, struct iface_stats, MAX_IFACE_STA
 BPF_PERCPU_ARRAY(overflow_stats, struct iface_stats, 1);
 BPF_PERCPU_ARRAY(flow_seq, __u64, 1);
 BPF_RINGBUF_OUTPUT(spill, SPILL_RING_PAGES);
+BPF_HASH(own_export, struct own_key, __u8, MAX_OWN_EXPORT);
 /* Update of this map-in-map from user space waits for an RCU grace period:
  * the agent's barrier between "read idle entries" and "delete them". */
 BPF_ARRAY(barrier_inner, __u32, 1);
@@ -75,11 +108,24 @@ struct vlan_hdr_pf {
     __be16 proto;
 };
 
-/* What the parser extracts from one packet. */
+/* What the parser extracts from one packet.  Per-packet work stays small:
+ * the first-packet detail of a new flow is read later, from the offsets
+ * kept here (fill_first), only when an entry is created. */
 struct pkt_meta {
     struct flow_key key;
-    __u64 bytes;
     __u32 tcp_flags;
+    __u64 bytes;          /* IP bytes; for a GSO/GRO skb, of all segments */
+    __u32 packets;        /* 1, or the segments of a GSO/GRO skb */
+    __u32 flow_label;
+    __u16 length_min;     /* IP total length (GSO: smallest / largest segment) */
+    __u16 length_max;
+    __u16 vlan_tci;       /* outer tag, 0 = untagged */
+    __u32 l3_off;         /* offsets from the start of the frame */
+    __u32 l4_off;         /* valid when has_l4 */
+    __u8  ttl;
+    __u8  ip_header_length;
+    __u8  l4_header_length; /* TCP data offset / UDP 8, for GSO segment sizes */
+    __u8  has_l4;         /* 0: no L4 header (non-first fragment, ...) */
 };
 
 static __always_inline struct iface_stats *stats_for(__u32 ifindex, __u32 hook)
@@ -97,32 +143,30 @@ static __always_inline struct iface_stats *stats_for(__u32 ifindex, __u32 hook)
     return overflow_stats.lookup(&slot);
 }
 
-static __always_inline void count(struct iface_stats *st, __u32 id)
-{
-    if (id < PF_CNT_MAX)
-        st->counters[id] += 1;   /* per-CPU value: no atomics needed */
-}
-
 enum parse_result { PARSE_OK = 0, PARSE_NOT_IP, PARSE_BAD };
 
-static __always_inline int parse_l4(void *l4, void *data_end, __u8 proto,
+static __always_inline int parse_l4(void *data, void *l4, void *data_end, __u8 proto,
                                     struct pkt_meta *m)
 {
+    m->l4_off = (__u32)(l4 - data);
+    m->has_l4 = 1;
     if (proto == IPPROTO_TCP) {
         struct tcphdr *th = l4;
         if ((void *)(th + 1) > data_end)
             return PARSE_BAD;
         m->key.src_port = bpf_ntohs(th->source);
         m->key.dst_port = bpf_ntohs(th->dest);
-        /* flags byte: the 14th byte of the TCP header */
+        /* data offset and flags: bytes 12 and 13 of the TCP header */
+        m->l4_header_length = (((__u8 *)th)[12] >> 4) * 4;
         m->tcp_flags = ((__u8 *)th)[13];
-    } else if (proto == IPPROTO_UDP || proto == 132 /* SCTP */) {
+    } else if (proto == IPPROTO_UDP || proto == PF_IPPROTO_SCTP) {
         struct udphdr *uh = l4;   /* SCTP ports sit at the same offsets */
         if ((void *)(uh + 1) > data_end)
             return PARSE_BAD;
         m->key.src_port = bpf_ntohs(uh->source);
         m->key.dst_port = bpf_ntohs(uh->dest);
-    } else if (proto == IPPROTO_ICMP || proto == 58 /* ICMPv6 */) {
+        m->l4_header_length = 8;
+    } else if (proto == IPPROTO_ICMP || proto == PF_IPPROTO_ICMPV6) {
         __u8 *ic = l4;
         if ((void *)(ic + 2) > data_end)
             return PARSE_BAD;
@@ -151,9 +195,12 @@ static __always_inline int parse_packet(void *data, void *data_end,
         struct vlan_hdr_pf *vh = cur;
         if ((void *)(vh + 1) > data_end)
             return PARSE_BAD;
+        if (i == 0)
+            m->vlan_tci = bpf_ntohs(vh->tci);
         proto = bpf_ntohs(vh->proto);
         cur = vh + 1;
     }
+    m->l3_off = (__u32)(cur - data);
 
     if (proto == PF_ETH_P_IP) {
         struct iphdr *iph = cur;
@@ -168,6 +215,8 @@ static __always_inline int parse_packet(void *data, void *data_end,
         m->key.ip_version = 4;
         m->key.protocol = iph->protocol;
         m->key.tos = iph->tos;
+        m->ttl = iph->ttl;
+        m->ip_header_length = ihl;
         m->bytes = tot;
         m->key.src_addr[10] = 0xff;
         m->key.src_addr[11] = 0xff;
@@ -181,7 +230,7 @@ static __always_inline int parse_packet(void *data, void *data_end,
         void *l4 = cur + ihl;
         if (l4 > data_end)
             return PARSE_BAD;
-        return parse_l4(l4, data_end, iph->protocol, m);
+        return parse_l4(data, l4, data_end, iph->protocol, m);
     }
 
     if (proto == PF_ETH_P_IPV6) {
@@ -193,6 +242,9 @@ static __always_inline int parse_packet(void *data, void *data_end,
             return PARSE_BAD;
         m->key.ip_version = 6;
         m->key.tos = (__u8)((w[0] << 4) | (w[1] >> 4));
+        m->flow_label = ((__u32)(w[1] & 0x0F) << 16) | ((__u32)w[2] << 8) | w[3];
+        m->ttl = ip6->hop_limit;
+        m->ip_header_length = sizeof(*ip6);
         m->bytes = (__u64)bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
         __builtin_memcpy(m->key.src_addr, &ip6->saddr, 16);
         __builtin_memcpy(m->key.dst_addr, &ip6->daddr, 16);
@@ -239,7 +291,7 @@ static __always_inline int parse_packet(void *data, void *data_end,
             return PARSE_OK;
         if (l4 > data_end)
             return PARSE_BAD;
-        return parse_l4(l4, data_end, next, m);
+        return parse_l4(data, l4, data_end, next, m);
     }
     return PARSE_NOT_IP;
 }
@@ -248,15 +300,20 @@ static __always_inline void spill_packet(struct iface_stats *st, struct pkt_meta
 {
     struct spill_event *ev = spill.ringbuf_reserve(sizeof(struct spill_event));
     if (!ev) {
-        count(st, PF_CNT_SPILL_LOST);
+        st->counters[PF_CNT_SPILL_LOST] += m->packets;
         return;
     }
     __builtin_memcpy(&ev->key, &m->key, sizeof(ev->key));
     ev->tcp_flags = m->tcp_flags;
     ev->bytes = m->bytes;
     ev->ts_ns = now;
+    ev->packets = m->packets;
+    ev->length_min = m->length_min;
+    ev->length_max = m->length_max;
+    ev->ttl = m->ttl;
+    __builtin_memset(ev->pad, 0, sizeof(ev->pad));
     spill.ringbuf_submit(ev, 0);
-    count(st, PF_CNT_SPILLED);
+    st->counters[PF_CNT_SPILLED] += m->packets;
     st->metered_bytes += m->bytes;
 }
 
@@ -274,17 +331,121 @@ static __always_inline void add_to_entry(struct iface_stats *st, struct flow_val
         spill_packet(st, m, now);
         return;
     }
-    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->packets, m->packets);
     __sync_fetch_and_add(&v->bytes, m->bytes);
     if (idle > 0)
         v->last_seen_ns = now;
     if (m->tcp_flags & ~v->tcp_flags)
         __sync_fetch_and_or(&v->tcp_flags, m->tcp_flags);
-    count(st, PF_CNT_METERED);
+    /* min/max: plain stores, written only when they change.  Two CPUs racing
+     * on one flow can at worst keep the less extreme of two new values. */
+#if PF_F_TTL
+    if (m->ttl < v->ttl_min)
+        v->ttl_min = m->ttl;
+    if (m->ttl > v->ttl_max)
+        v->ttl_max = m->ttl;
+#endif
+#if PF_F_LENGTH
+    if (m->length_min < v->length_min)
+        v->length_min = m->length_min;
+    if (m->length_max > v->length_max)
+        v->length_max = m->length_max;
+#endif
+    st->counters[PF_CNT_METERED] += m->packets;
     st->metered_bytes += m->bytes;
 }
 
-static __always_inline void meter(struct iface_stats *st, struct pkt_meta *m)
+/* Where the first packet of a new flow goes: the fib's answer at ingress
+ * (out-interface and gateway), as the kernel will route it. */
+static __always_inline void fib_first(void *ctx, struct flow_value *nv, struct pkt_meta *m)
+{
+#if PF_F_FIB
+    struct bpf_fib_lookup fib = {};
+    fib.ifindex = m->key.ifindex;
+    fib.l4_protocol = m->key.protocol;
+    fib.sport = bpf_htons(m->key.src_port);
+    fib.dport = bpf_htons(m->key.dst_port);
+    fib.tot_len = m->length_max;
+    if (m->key.ip_version == 4) {
+        fib.family = 2;  /* AF_INET */
+        fib.tos = m->key.tos;
+        __builtin_memcpy(&fib.ipv4_src, &m->key.src_addr[12], 4);
+        __builtin_memcpy(&fib.ipv4_dst, &m->key.dst_addr[12], 4);
+    } else {
+        fib.family = 10; /* AF_INET6 */
+        fib.flowinfo = bpf_htonl(((__u32)m->key.tos << 20) | m->flow_label);
+        __builtin_memcpy(fib.ipv6_src, m->key.src_addr, 16);
+        __builtin_memcpy(fib.ipv6_dst, m->key.dst_addr, 16);
+    }
+    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    /* NO_NEIGH: routed, but the next hop's MAC is not resolved yet; the
+     * interface and gateway are filled all the same. */
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+        return;
+    nv->out_ifindex = fib.ifindex;
+    /* The lookup leaves the destination there for a directly connected
+     * route and puts the gateway there otherwise. */
+    if (m->key.ip_version == 4) {
+        __u32 dst;
+        __builtin_memcpy(&dst, &m->key.dst_addr[12], 4);
+        if (fib.ipv4_dst != dst) {
+            nv->next_hop[10] = 0xff;
+            nv->next_hop[11] = 0xff;
+            __builtin_memcpy(&nv->next_hop[12], &fib.ipv4_dst, 4);
+        }
+    } else {
+        /* no memcmp: bcc's LLVM would emit a library call */
+        __u32 dst[4];
+        __builtin_memcpy(dst, m->key.dst_addr, 16);
+        if ((fib.ipv6_dst[0] ^ dst[0]) | (fib.ipv6_dst[1] ^ dst[1]) |
+            (fib.ipv6_dst[2] ^ dst[2]) | (fib.ipv6_dst[3] ^ dst[3]))
+            __builtin_memcpy(nv->next_hop, fib.ipv6_dst, 16);
+    }
+#endif
+}
+
+/* The detail of a new flow, from its first packet. */
+static __always_inline void fill_first(void *data, void *data_end, struct flow_value *nv,
+                                       struct pkt_meta *m)
+{
+    __u8 *eth = data;
+    if ((void *)(eth + 12) <= data_end) {
+        __builtin_memcpy(nv->dst_mac, eth, 6);
+        __builtin_memcpy(nv->src_mac, eth + 6, 6);
+    }
+    nv->vlan_id = m->vlan_tci & 0x0FFF;
+    nv->ttl_min = m->ttl;
+    nv->ttl_max = m->ttl;
+    nv->length_min = m->length_min;
+    nv->length_max = m->length_max;
+    nv->ip_header_length = m->ip_header_length;
+    nv->flow_label = m->flow_label;
+    if (!m->has_l4)
+        return;
+    __u32 off = m->l4_off;
+    if (off > 1023)
+        return;
+    __u8 *l4 = data + off;
+    __u8 proto = m->key.protocol;
+    if (proto == IPPROTO_TCP) {
+        if ((void *)(l4 + 16) > data_end)
+            return;
+        nv->tcp_seq = bpf_ntohl(*(__be32 *)(l4 + 4));
+        nv->tcp_ack = bpf_ntohl(*(__be32 *)(l4 + 8));
+        nv->tcp_window = bpf_ntohs(*(__be16 *)(l4 + 14));
+    } else if (proto == IPPROTO_UDP) {
+        if ((void *)(l4 + 8) > data_end)
+            return;
+        nv->udp_length = bpf_ntohs(*(__be16 *)(l4 + 4));
+    } else if (proto == PF_IPPROTO_IGMP) {
+        if ((void *)(l4 + 1) > data_end)
+            return;
+        nv->igmp_type = l4[0];
+    }
+}
+
+static __always_inline void meter(void *ctx, void *data, void *data_end, struct iface_stats *st,
+                                  struct pkt_meta *m, __u32 hook, __u32 in_ifindex)
 {
     __u64 now = bpf_ktime_get_boot_ns();
     struct flow_value *v = flows.lookup(&m->key);
@@ -302,17 +463,23 @@ static __always_inline void meter(struct iface_stats *st, struct pkt_meta *m)
         id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq & 0xFFFFFFFFFFFFULL);
     }
     struct flow_value nv = {};
-    nv.packets = 1;
+    nv.packets = m->packets;
     nv.bytes = m->bytes;
     nv.first_seen_ns = now;
     nv.last_seen_ns = now;
     nv.flow_id = id;
     nv.tcp_flags = m->tcp_flags;
+    nv.in_ifindex = in_ifindex;
+    fill_first(data, data_end, &nv, m);
+    if (hook == PF_HOOK_TC_EGRESS)
+        nv.out_ifindex = m->key.ifindex;
+    else
+        fib_first(ctx, &nv, m);
     int err = flows.insert(&m->key, &nv);
     if (err != 0 && seq)
         *seq -= 1;   /* not created; the same CPU, so the id is simply reused */
     if (err == 0) {
-        count(st, PF_CNT_METERED);
+        st->counters[PF_CNT_METERED] += m->packets;
         st->metered_bytes += m->bytes;
         return;
     }
@@ -322,35 +489,100 @@ static __always_inline void meter(struct iface_stats *st, struct pkt_meta *m)
         add_to_entry(st, v, m, now);
         return;
     }
-    count(st, PF_CNT_CACHE_FULL);
+    st->counters[PF_CNT_CACHE_FULL] += m->packets;
 }
 
-static __always_inline void process(void *data, void *data_end, __u32 ifindex,
-                                    __u32 hook, __u8 direction)
+static __always_inline int is_own_export(struct pkt_meta *m)
+{
+#if PF_OWN_EXPORT
+    if (m->key.protocol != IPPROTO_UDP)
+        return 0;
+    struct own_key k;
+    __builtin_memcpy(k.src_addr, m->key.src_addr, 16);
+    __builtin_memcpy(k.dst_addr, m->key.dst_addr, 16);
+    k.src_port = m->key.src_port;
+    k.dst_port = m->key.dst_port;
+    return own_export.lookup(&k) != 0;
+#else
+    return 0;
+#endif
+}
+
+/* gso: segments and segment payload size of a GSO/GRO skb (0 otherwise).
+ * Such a skb is counted as the packets it was or will be on the wire: their
+ * IP bytes are the payload plus one set of headers per segment. */
+static __always_inline void process(void *ctx, void *data, void *data_end, __u32 ifindex,
+                                    __u32 hook, __u8 direction, __u32 in_ifindex,
+                                    __u32 gso_segs, __u32 gso_size, __u32 frame_len)
 {
     struct iface_stats *st = stats_for(ifindex, hook);
     if (!st)
         return;   /* cannot happen: the overflow array always has its element */
     struct pkt_meta m = {};
-    count(st, PF_CNT_PACKETS_SEEN);
+    m.packets = 1;
     int r = parse_packet(data, data_end, &m);
+    __u32 l3_len = frame_len > m.l3_off ? frame_len - m.l3_off : 0;
+    if (gso_segs > 1 && r == PARSE_OK && gso_size > 0 && l3_len > 0) {
+        __u32 hdr = m.ip_header_length + m.l4_header_length;
+        __u32 payload = l3_len > hdr ? l3_len - hdr : 0;
+        m.packets = gso_segs;
+        m.bytes = (__u64)l3_len + (__u64)(gso_segs - 1) * hdr;
+        __u32 last = payload - (gso_segs - 1) * gso_size;
+        m.length_max = (__u16)(hdr + (payload < gso_size ? payload : gso_size));
+        m.length_min = (__u16)(hdr + (last < gso_size ? last : gso_size));
+    } else {
+        m.length_min = (__u16)m.bytes;
+        m.length_max = (__u16)m.bytes;
+    }
+    /* per-CPU values: plain adds, no atomics needed */
+    st->counters[PF_CNT_PACKETS_SEEN] += m.packets;
     if (r == PARSE_NOT_IP) {
-        count(st, PF_CNT_NOT_IP);
+        st->counters[PF_CNT_NOT_IP] += m.packets;
         return;
     }
     if (r != PARSE_OK) {
-        count(st, PF_CNT_UNPARSABLE);
+        st->counters[PF_CNT_UNPARSABLE] += m.packets;
+        return;
+    }
+    if (is_own_export(&m)) {
+        st->counters[PF_CNT_OWN_EXPORT] += m.packets;
         return;
     }
     m.key.ifindex = ifindex;
     m.key.direction = direction;
-    meter(st, &m);
+    meter(ctx, data, data_end, st, &m, hook, in_ifindex);
 }
 
 int pyflow_xdp(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    process(data, data_end, ctx->ingress_ifindex, PF_HOOK_XDP, 0);
+    process(ctx, data, data_end, ctx->ingress_ifindex, PF_HOOK_XDP, 0, ctx->ingress_ifindex,
+            0, 0, 0);
     return XDP_PASS;
+}
+
+static __always_inline void process_skb(struct __sk_buff *skb, __u32 hook, __u8 direction)
+{
+    __u32 len = skb->len;
+    if ((__u32)(skb->data_end - skb->data) < len &&
+        (__u32)(skb->data_end - skb->data) < PF_PULL_LEN)
+        bpf_skb_pull_data(skb, len < PF_PULL_LEN ? len : PF_PULL_LEN);
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u32 in = hook == PF_HOOK_TC_EGRESS ? skb->ingress_ifindex : skb->ifindex;
+    process(skb, data, data_end, skb->ifindex, hook, direction, in, skb->gso_segs,
+            skb->gso_size, len);
+}
+
+int pyflow_tc_ingress(struct __sk_buff *skb)
+{
+    process_skb(skb, PF_HOOK_TC_INGRESS, 0);
+    return TC_ACT_UNSPEC;
+}
+
+int pyflow_tc_egress(struct __sk_buff *skb)
+{
+    process_skb(skb, PF_HOOK_TC_EGRESS, 1);
+    return TC_ACT_UNSPEC;
 }

@@ -28,7 +28,10 @@ struct flow_key {
 };                      /* 44 bytes */
 
 /* Flow value: cumulative since the entry was created. The agent exports
- * deltas against what it last exported; the kernel never resets it. */
+ * deltas against what it last exported; the kernel never resets it.
+ * The first 48 bytes are written on every packet; the detail after them is
+ * taken from the flow's first packet (MACs, VLAN, TCP seq/ack/window, ...),
+ * except the min/max pairs, which follow every packet. */
 struct flow_value {
     __u64 packets;
     __u64 bytes;          /* sum of IP total length (NetFlow octets) */
@@ -37,17 +40,53 @@ struct flow_value {
     __u64 flow_id;        /* unique per entry: cpu << 48 | per-CPU sequence */
     __u64 tcp_flags;      /* OR of TCP flags seen (low 8 bits used; 64-bit
                            * because bcc's LLVM only has 64-bit atomic OR) */
-};                        /* 48 bytes */
+    __u8  src_mac[6];     /* 48: Ethernet source / destination */
+    __u8  dst_mac[6];     /* 54 */
+    __u16 vlan_id;        /* 60: outer VLAN id (12 bits), 0 = untagged */
+    __u16 length_min;     /* 62: IP total length, min / max over packets */
+    __u16 length_max;     /* 64 */
+    __u8  ttl_min;        /* 66: IPv4 TTL / IPv6 hop limit, min / max */
+    __u8  ttl_max;        /* 67 */
+    __u32 tcp_seq;        /* 68: first packet's TCP sequence number */
+    __u32 tcp_ack;        /* 72: ... acknowledgement number */
+    __u16 tcp_window;     /* 76: ... window */
+    __u16 udp_length;     /* 78: first packet's UDP length field */
+    __u32 flow_label;     /* 80: IPv6 flow label (20 bits) */
+    __u32 in_ifindex;     /* 84: where the packet came in (TC egress: the
+                           * skb's ingress interface, 0 = sent by this host) */
+    __u32 out_ifindex;    /* 88: where it leaves: fib lookup at ingress (0 =
+                           * delivered locally / not routed), the metered
+                           * interface at TC egress */
+    __u8  ip_header_length; /* 92: octets (IPv4 IHL*4, IPv6 40) */
+    __u8  igmp_type;      /* 93 */
+    __u8  pad[2];         /* 94 (ICMP type/code ride in the key's dst_port) */
+    __u8  next_hop[16];   /* 96: gateway from the fib lookup (v4-mapped for
+                           * IPv4); all zero = directly connected or unknown */
+};                        /* 112 bytes */
 
 /* A packet for a flow whose entry is idle-expired (the agent may be
  * deleting it right now) is not added to the entry but sent to the agent
  * through the spill ring buffer, so no count is lost in that race. */
 struct spill_event {
     struct flow_key key;  /* 44 */
-    __u32 tcp_flags;
-    __u64 bytes;
-    __u64 ts_ns;
-};                        /* 64 bytes */
+    __u32 tcp_flags;      /* 44 */
+    __u64 bytes;          /* 48 */
+    __u64 ts_ns;          /* 56 */
+    __u32 packets;        /* 64: more than 1 for a GSO/GRO packet (TC) */
+    __u16 length_min;     /* 68 */
+    __u16 length_max;     /* 70 */
+    __u8  ttl;            /* 72 */
+    __u8  pad[7];
+};                        /* 80 bytes */
+
+/* The agent's own export datagrams (key: their UDP 4-tuple), never metered
+ * so that a target reached over a metered interface makes no feedback loop. */
+struct own_key {
+    __u8  src_addr[16];   /* v4-mapped for IPv4, as in flow_key */
+    __u8  dst_addr[16];
+    __u16 src_port;
+    __u16 dst_port;
+};                        /* 36 bytes */
 
 /* Per-CPU counters, per interface and hook (BPF_PERCPU_HASH "iface_stats",
  * key struct iface_key), read at scrape time.  Every packet the program sees

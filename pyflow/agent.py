@@ -174,8 +174,11 @@ class Agent:
         reasons, counts = np.unique(batch["end_reason"], return_counts=True)
         for r, n in zip(reasons.tolist(), counts.tolist(), strict=True):
             s.records_by_reason[REASON_LABELS.get(EndReason(r), str(r))] += n
-        idx, pk = np.unique(batch["ifindex"], return_inverse=True)
-        sums = np.bincount(pk.reshape(-1), weights=batch["packets"].astype(np.float64), minlength=len(idx))
+        # what each interface received: flows metered on ingress (the gap metric compares it
+        # with the interface's own rx counter)
+        ingress = batch[batch["direction"] == 0]
+        idx, pk = np.unique(ingress["meter_ifindex"], return_inverse=True)
+        sums = np.bincount(pk.reshape(-1), weights=ingress["packets"].astype(np.float64), minlength=len(idx))
         for ifindex, n in zip(idx.tolist(), sums.tolist(), strict=True):
             s.exported_packets[ifindex] += int(n)
         if self.metrics is not None:
@@ -203,12 +206,15 @@ class Agent:
             has, pos = self.baseline.join(values["flow_id"])
             base = np.where(has, self.baseline.packets[pos] if len(self.baseline) else 0, 0)
             pending = (values["packets"] - base.astype(np.uint64)).astype(np.float64)
+            ingress = keys["direction"] == 0
+            keys, pending = keys[ingress], pending[ingress]
             idx, inv = np.unique(keys["ifindex"], return_inverse=True)
             for ifindex, n in zip(idx.tolist(), np.bincount(inv.reshape(-1), weights=pending,
                                                             minlength=len(idx)).tolist(), strict=True):
                 total[ifindex] += int(n)
             for ev in self._spilled:
-                total[int(ev["key"]["ifindex"][0])] += len(ev)
+                if ev["key"]["direction"][0] == 0:
+                    total[int(ev["key"]["ifindex"][0])] += int(ev["packets"].sum())
             return dict(total)
 
     def export(self, batch: np.ndarray, clock: ExportClock, now_ns: int) -> None:

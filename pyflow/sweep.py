@@ -140,10 +140,15 @@ def sweep(
     idx = np.flatnonzero(export)
     out = rec.empty(len(idx))
     k = keys[idx]
-    for name in ("src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",
-                 "tos", "direction"):
-        out[name] = k[name]
     v = values[idx]
+    _key_columns(out, k)
+    for name in _DETAIL_COLUMNS:
+        out[name] = v[name]
+    # where the packets came in and leave: the kernel's answer (XDP / TC ingress:
+    # the metered interface and the fib's out-interface; TC egress: the skb's
+    # ingress interface and the metered one)
+    out["ifindex"] = v["in_ifindex"]
+    out["egress_ifindex"] = v["out_ifindex"]
     out["tcp_flags"] = v["tcp_flags"] & 0xFF
     out["packets"] = d_pk[idx]
     out["bytes"] = d_by[idx]
@@ -167,6 +172,23 @@ def sweep(
     return SweepResult(out, delete, nb)
 
 
+_KEY_COLUMNS = ("src_addr", "dst_addr", "src_port", "dst_port", "protocol", "ip_version", "tos", "direction")
+# first-packet detail and min/max pairs, same names in the kernel value and the record
+_DETAIL_COLUMNS = ("src_mac", "dst_mac", "vlan_id", "ttl_min", "ttl_max", "length_min", "length_max",
+                   "ip_header_length", "tcp_seq", "tcp_ack", "tcp_window", "udp_length", "igmp_type",
+                   "flow_label", "next_hop")
+
+
+def _key_columns(out: np.ndarray, keys: np.ndarray) -> None:
+    for name in _KEY_COLUMNS:
+        out[name] = keys[name]
+    out["meter_ifindex"] = keys["ifindex"]
+    icmp = (keys["protocol"] == 1) | (keys["protocol"] == 58)
+    # ICMP type/code ride in the key's dst port (type * 256 + code)
+    out["icmp_type"] = np.where(icmp, keys["dst_port"] >> 8, 0)
+    out["icmp_code"] = np.where(icmp, keys["dst_port"] & 0xFF, 0)
+
+
 def spill_records(events: np.ndarray, wall_offset_ns: int) -> np.ndarray:
     """Aggregate spill events (packets of expired entries) per flow key into records.
 
@@ -184,10 +206,21 @@ def spill_records(events: np.ndarray, wall_offset_ns: int) -> np.ndarray:
     first_idx = np.full(m, len(events), dtype=np.intp)
     np.minimum.at(first_idx, inverse, np.arange(len(events)))
     k = keys[first_idx]
-    for name in ("src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",
-                 "tos", "direction"):
-        out[name] = k[name]
-    out["packets"] = np.bincount(inverse, minlength=m).astype(np.uint64)
+    _key_columns(out, k)
+    # what a spill event does not carry (first-packet detail, the out-interface)
+    # stays zero; the in-interface of an ingress flow is the metered one
+    out["ifindex"] = np.where(k["direction"] == 0, k["ifindex"], 0)
+    out["egress_ifindex"] = np.where(k["direction"] == 1, k["ifindex"], 0)
+    out["packets"] = np.bincount(inverse, weights=events["packets"].astype(np.float64), minlength=m).astype(np.uint64)
+    lmin = np.full(m, 0xFFFF, dtype=np.uint16)
+    lmax = np.zeros(m, dtype=np.uint16)
+    tmin = np.full(m, 0xFF, dtype=np.uint8)
+    tmax = np.zeros(m, dtype=np.uint8)
+    np.minimum.at(lmin, inverse, events["length_min"])
+    np.maximum.at(lmax, inverse, events["length_max"])
+    np.minimum.at(tmin, inverse, events["ttl"])
+    np.maximum.at(tmax, inverse, events["ttl"])
+    out["length_min"], out["length_max"], out["ttl_min"], out["ttl_max"] = lmin, lmax, tmin, tmax
     by = np.zeros(m, dtype=np.uint64)
     np.add.at(by, inverse, events["bytes"])
     out["bytes"] = by

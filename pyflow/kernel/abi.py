@@ -26,19 +26,37 @@ FLOW_KEY_DTYPE = np.dtype(
 
 FLOW_VALUE_DTYPE = np.dtype(
     {
-        "names": ["packets", "bytes", "first_seen_ns", "last_seen_ns", "flow_id", "tcp_flags"],
-        "formats": ["<u8", "<u8", "<u8", "<u8", "<u8", "<u8"],
-        "offsets": [0, 8, 16, 24, 32, 40],
-        "itemsize": 48,
+        "names": ["packets", "bytes", "first_seen_ns", "last_seen_ns", "flow_id", "tcp_flags",
+                  "src_mac", "dst_mac", "vlan_id", "length_min", "length_max", "ttl_min", "ttl_max",
+                  "tcp_seq", "tcp_ack", "tcp_window", "udp_length", "flow_label", "in_ifindex",
+                  "out_ifindex", "ip_header_length", "igmp_type", "pad", "next_hop"],
+        "formats": ["<u8", "<u8", "<u8", "<u8", "<u8", "<u8",
+                    "V6", "V6", "<u2", "<u2", "<u2", "u1", "u1",
+                    "<u4", "<u4", "<u2", "<u2", "<u4", "<u4",
+                    "<u4", "u1", "u1", "V2", "V16"],
+        "offsets": [0, 8, 16, 24, 32, 40,
+                    48, 54, 60, 62, 64, 66, 67,
+                    68, 72, 76, 78, 80, 84,
+                    88, 92, 93, 94, 96],
+        "itemsize": 112,
     }
 )
 
 SPILL_EVENT_DTYPE = np.dtype(
     {
-        "names": ["key", "tcp_flags", "bytes", "ts_ns"],
-        "formats": [FLOW_KEY_DTYPE, "<u4", "<u8", "<u8"],
-        "offsets": [0, 44, 48, 56],
-        "itemsize": 64,
+        "names": ["key", "tcp_flags", "bytes", "ts_ns", "packets", "length_min", "length_max", "ttl", "pad"],
+        "formats": [FLOW_KEY_DTYPE, "<u4", "<u8", "<u8", "<u4", "<u2", "<u2", "u1", "V7"],
+        "offsets": [0, 44, 48, 56, 64, 68, 70, 72, 73],
+        "itemsize": 80,
+    }
+)
+
+OWN_KEY_DTYPE = np.dtype(
+    {
+        "names": ["src_addr", "dst_addr", "src_port", "dst_port"],
+        "formats": ["V16", "V16", "<u2", "<u2"],
+        "offsets": [0, 16, 32, 34],
+        "itemsize": 36,
     }
 )
 

@@ -7,7 +7,9 @@ attachment is removed on the way out, exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
 import platform
 import socket
@@ -29,6 +31,15 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
+#: Hook names (the metrics' "hook" label) -> program entry point.
+PROGRAMS = {"xdp": "pyflow_xdp", "tc_ingress": "pyflow_tc_ingress", "tc_egress": "pyflow_tc_egress"}
+#: clsact parents of the TC hooks (TC_H_CLSACT:TC_H_MIN_INGRESS / _EGRESS).
+TC_PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}
+#: Our TC filters run first (priority 1) and return TC_ACT_UNSPEC, so every
+#: filter after them still runs as if pyflow were not there.
+TC_PRIORITY = 1
+TC_HANDLE = 0x1
+
 
 @dataclass(frozen=True)
 class KernelSettings:
@@ -39,6 +50,21 @@ class KernelSettings:
     end_idle_ns: int = 2_000_000_000
     max_ipv6_ext: int = 6
     spill_ring_pages: int = 64
+    # per-flow detail the kernel keeps (off = no per-packet or first-packet cost)
+    ttl: bool = True  # min/max TTL, per packet
+    length: bool = True  # min/max IP total length, per packet
+    fib: bool = True  # out-interface + gateway by bpf_fib_lookup, per new flow at ingress
+    own_export: bool = True  # skip the agent's own export datagrams (one lookup per UDP packet)
+
+    def __post_init__(self) -> None:
+        # Only integers reach the compiler: a value that is not one cannot inject code.
+        for name in ("cache_entries", "inactive_timeout_ns", "end_idle_ns", "max_ipv6_ext", "spill_ring_pages"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise KernelError(f"kernel setting {name}={value!r} is not a positive integer")
+        for name in ("ttl", "length", "fib", "own_export"):
+            if type(getattr(self, name)) is not bool:
+                raise KernelError(f"kernel setting {name}={getattr(self, name)!r} is not a boolean")
 
     def cflags(self) -> list[str]:
         return [
@@ -47,6 +73,10 @@ class KernelSettings:
             f"-DEND_IDLE_NS={self.end_idle_ns}ULL",
             f"-DMAX_IPV6_EXT={self.max_ipv6_ext}",
             f"-DSPILL_RING_PAGES={self.spill_ring_pages}",
+            f"-DPF_F_TTL={int(self.ttl)}",
+            f"-DPF_F_LENGTH={int(self.length)}",
+            f"-DPF_F_FIB={int(self.fib)}",
+            f"-DPF_OWN_EXPORT={int(self.own_export)}",
         ]
 
 
@@ -54,8 +84,9 @@ class KernelSettings:
 class Attachment:
     ifname: str
     ifindex: int
-    hook: str  # "xdp"
-    mode: str  # "native" or "generic"
+    hook: str  # "xdp", "tc_ingress" or "tc_egress"
+    mode: str  # XDP: "native" or "generic"; TC: "clsact"
+    created_qdisc: bool = False  # TC: we added the clsact qdisc (and remove it if it is left empty)
 
 
 def _import_bcc() -> Any:
@@ -101,15 +132,15 @@ def ifindex_of(ifname: str) -> int:
 class FlowMeter:
     """One compiled and loaded flow meter program and its attachments."""
 
-    PROG_NAME = "pyflow_xdp"
+    PROG_NAME = PROGRAMS["xdp"]
 
     def __init__(self, settings: KernelSettings, bpf_dir: Path = abi.BPF_DIR) -> None:
         self.settings = settings
         self.bpf_dir = bpf_dir
         self.bpf: Any = None
         self.prog_fd: int | None = None
-        self._prog: Any = None
-        self.attachments: dict[str, Attachment] = {}
+        self._progs: dict[str, Any] = {}
+        self.attachments: dict[tuple[str, str], Attachment] = {}
         self._reader: MapBatchReader | None = None
         self._closed = False
 
@@ -127,62 +158,134 @@ class FlowMeter:
         except Exception as exc:
             raise KernelError(f"compiling {src} with bcc failed: {exc} (compiler output above)") from exc
 
-    def load(self) -> int:
+    def load(self, hook: str = "xdp") -> int:
+        """Load the program of ``hook`` (compiling first if needed); its fd."""
+        if hook in self._progs:
+            return int(self._progs[hook].fd)
+        if hook not in PROGRAMS:
+            raise KernelError(f"unknown hook {hook!r} (one of {', '.join(PROGRAMS)})")
         if self.bpf is None:
             self.compile()
         bcc = _import_bcc()
+        name = PROGRAMS[hook]
+        prog_type = bcc.BPF.XDP if hook == "xdp" else bcc.BPF.SCHED_CLS
         try:
-            self._prog = self.bpf.load_func(self.PROG_NAME.encode(), bcc.BPF.XDP)
+            prog = self.bpf.load_func(name.encode(), prog_type)
         except Exception as exc:
             msg = str(exc)
             if "Permission denied" in msg or "Invalid argument" in msg:
                 raise KernelError(
-                    f"the kernel verifier rejected {self.PROG_NAME}: {msg} (the verifier log is printed above)"
+                    f"the kernel verifier rejected {name}: {msg} (the verifier log is printed above)"
                 ) from exc
-            raise KernelError(f"loading {self.PROG_NAME} failed: {msg}") from exc
-        self.prog_fd = int(self._prog.fd)
-        return self.prog_fd
+            raise KernelError(f"loading {name} failed: {msg}") from exc
+        self._progs[hook] = prog
+        if hook == "xdp":
+            self.prog_fd = int(prog.fd)
+        return int(prog.fd)
 
-    def attach(self, ifname: str, mode: str = "auto") -> Attachment:
-        """Attach XDP to ``ifname``: native first, generic if the driver lacks it."""
-        if ifname in self.attachments:
-            return self.attachments[ifname]
-        if self.prog_fd is None:
-            self.load()
+    def prog_fd_of(self, hook: str) -> int:
+        """The fd of ``hook``'s program, loading it if needed."""
+        return self.load(hook)
+
+    def attach(self, ifname: str, mode: str = "auto", hook: str = "xdp") -> Attachment:
+        """Attach ``hook``'s program to ``ifname``.
+
+        XDP: native first, generic if the driver lacks it (``mode`` auto), or
+        the given mode.  TC: a clsact qdisc (added if missing) and a
+        direct-action filter on its ingress or egress side.
+        """
+        if (ifname, hook) in self.attachments:
+            return self.attachments[(ifname, hook)]
+        if hook not in PROGRAMS:
+            raise KernelError(f"unknown hook {hook!r} (one of {', '.join(PROGRAMS)})")
+        fd = self.load(hook)
         ifindex = ifindex_of(ifname)
+        att = self._attach_xdp(ifname, ifindex, mode) if hook == "xdp" else self._attach_tc(ifname, ifindex, hook, fd)
+        self.attachments[(ifname, hook)] = att
+        return att
+
+    def _attach_xdp(self, ifname: str, ifindex: int, mode: str) -> Attachment:
         modes = ["native", "generic"] if mode == "auto" else [mode]
         if any(m not in XDP_MODES for m in modes):
             raise KernelError(f"unknown XDP mode {mode!r} (auto, native or generic)")
         errors = []
         for m in modes:
             try:
-                self.bpf.attach_xdp(ifname.encode(), self._prog, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
+                self.bpf.attach_xdp(ifname.encode(), self._progs["xdp"], XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
             except Exception as exc:
                 errors.append(f"{m}: {exc}")
                 if "busy" in str(exc).lower():
                     raise KernelError(
                         f"{ifname} already has an XDP program attached ({exc}); pyflow does not replace "
-                        f"another program. Remove it with `ip link set dev {ifname} xdp off` if it is stale"
+                        f"another program. Remove it with `ip link set dev {ifname} xdp off` if it is stale, "
+                        f"or meter {ifname} with hook=tc"
                     ) from exc
                 continue
-            att = Attachment(ifname=ifname, ifindex=ifindex, hook="xdp", mode=m)
-            self.attachments[ifname] = att
-            return att
+            return Attachment(ifname=ifname, ifindex=ifindex, hook="xdp", mode=m)
         raise KernelError(f"cannot attach XDP to {ifname}: " + "; ".join(errors))
 
-    def detach(self, ifname: str) -> None:
-        """Remove our program from ``ifname``; a no-op when it is not attached."""
-        att = self.attachments.pop(ifname, None)
-        if att is None or self.bpf is None:
-            return
-        try:
-            self.bpf.remove_xdp(ifname.encode(), XDP_MODES[att.mode])
-        except Exception as exc:  # the interface may be gone already
-            print(f"pyflow: detaching from {ifname}: {exc}", file=sys.stderr)
+    def _attach_tc(self, ifname: str, ifindex: int, hook: str, fd: int) -> Attachment:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        created = False
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+                created = True
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise KernelError(f"cannot add a clsact qdisc to {ifname}: {exc}") from exc
+            try:
+                ipr.tc("add-filter", "bpf", ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[hook],
+                       parent=TC_PARENTS[hook], classid=1, direct_action=True, prio=TC_PRIORITY)
+            except NetlinkError as exc:
+                if created:
+                    _quiet(lambda: ipr.tc("del", "clsact", ifindex))
+                if exc.code == errno.EEXIST:
+                    raise KernelError(
+                        f"{ifname} already has a TC filter at {hook.replace('_', ' ')} priority {TC_PRIORITY} "
+                        f"handle {TC_HANDLE}; pyflow does not replace it (see `tc filter show dev {ifname} "
+                        f"{'ingress' if hook == 'tc_ingress' else 'egress'}`)"
+                    ) from exc
+                raise KernelError(f"cannot attach the TC program to {ifname} ({hook}): {exc}") from exc
+        return Attachment(ifname=ifname, ifindex=ifindex, hook=hook, mode="clsact", created_qdisc=created)
+
+    def detach(self, ifname: str, hook: str | None = None) -> None:
+        """Remove our program(s) from ``ifname`` (every hook, or one); a no-op when not attached."""
+        for key in [k for k in self.attachments if k[0] == ifname and hook in (None, k[1])]:
+            att = self.attachments.pop(key)
+            if self.bpf is None:
+                continue
+            try:
+                if att.hook == "xdp":
+                    self.bpf.remove_xdp(ifname.encode(), XDP_MODES[att.mode])
+                else:
+                    self._detach_tc(att)
+            except Exception as exc:  # the interface may be gone already
+                print(f"pyflow: detaching {att.hook} from {ifname}: {exc}", file=sys.stderr)
+
+    @staticmethod
+    def _detach_tc(att: Attachment) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("del-filter", "bpf", att.ifindex, TC_HANDLE, parent=TC_PARENTS[att.hook], prio=TC_PRIORITY)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                    raise
+            if att.created_qdisc:
+                # ours, and nobody else's filters in it: remove it again
+                others = [f for f in ipr.get_filters(att.ifindex, parent=0xFFFFFFF2)
+                          + ipr.get_filters(att.ifindex, parent=0xFFFFFFF3) if f.get_attr("TCA_KIND")]
+                if not others:
+                    _quiet(lambda: ipr.tc("del", "clsact", att.ifindex))
 
     def detach_all(self) -> None:
-        for ifname in list(self.attachments):
-            self.detach(ifname)
+        for ifname, hook in list(self.attachments):
+            self.detach(ifname, hook)
 
     def close(self) -> None:
         """Detach everything and release the program and maps. Idempotent."""
@@ -192,6 +295,17 @@ class FlowMeter:
         self.detach_all()
         if self.bpf is not None:
             self.bpf.cleanup()
+
+    # -- own exports -----------------------------------------------------------
+
+    def exclude_own_export(self, src: str, src_port: int, dst: str, dst_port: int) -> None:
+        """Never meter UDP datagrams with this 4-tuple: the agent's own exports."""
+        from pyflow.records import addr_to_16
+
+        table = self.table("own_export")
+        key = table.Key()
+        ctypes.memmove(ctypes.addressof(key), _own_key(addr_to_16(src), src_port, addr_to_16(dst), dst_port), 36)
+        table[key] = ctypes.c_uint8(1)
 
     def __enter__(self) -> FlowMeter:
         return self
@@ -271,6 +385,20 @@ class FlowMeter:
 
     def poll_spill(self) -> None:
         self.bpf.ring_buffer_consume()
+
+
+def _own_key(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
+    k = np.zeros((), dtype=abi.OWN_KEY_DTYPE)
+    k["src_addr"] = src
+    k["dst_addr"] = dst
+    k["src_port"] = sport
+    k["dst_port"] = dport
+    return k.tobytes()
+
+
+def _quiet(fn: Callable[[], object]) -> None:
+    with contextlib.suppress(Exception):  # best effort clean-up of what we created
+        fn()
 
 
 def _sum_cpus(per_cpu: Any) -> np.ndarray:

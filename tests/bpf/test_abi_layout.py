@@ -45,7 +45,7 @@ def test_flow_key_layout(meter: FlowMeter) -> None:
 
 def test_flow_value_layout(meter: FlowMeter) -> None:
     assert_same_layout(meter.table("flows").Leaf, abi.FLOW_VALUE_DTYPE)
-    assert abi.FLOW_VALUE_DTYPE.itemsize == 48
+    assert abi.FLOW_VALUE_DTYPE.itemsize == 112
 
 
 def test_flow_dtypes_are_little_endian_unsigned() -> None:
@@ -54,8 +54,12 @@ def test_flow_dtypes_are_little_endian_unsigned() -> None:
         assert dtype.fields is not None
         for name in dtype.names or ():
             field = dtype.fields[name][0]
-            if name.endswith("_addr"):
+            if name.endswith(("_addr", "next_hop")):
                 assert field == np.dtype("V16")
+            elif name.endswith("_mac"):
+                assert field == np.dtype("V6")
+            elif name == "pad":
+                assert field.kind == "V"
             else:
                 assert field.kind == "u" and field.str[0] in "<|", name
 
@@ -65,7 +69,8 @@ def spill_layout_prog(_require_root: None) -> Iterator[Any]:
     """A tiny bcc program that only declares a map of struct spill_event."""
     import bcc
 
-    text = b'#include "flowmeter.h"\nBPF_ARRAY(spill_layout, struct spill_event, 1);\n'
+    text = (b'#include "flowmeter.h"\nBPF_ARRAY(spill_layout, struct spill_event, 1);\n'
+            b'BPF_ARRAY(own_layout, struct own_key, 1);\n')
     prog = bcc.BPF(text=text, cflags=[f"-I{abi.BPF_DIR}"])
     try:
         yield prog
@@ -76,14 +81,20 @@ def spill_layout_prog(_require_root: None) -> Iterator[Any]:
 def test_spill_event_layout(spill_layout_prog: Any) -> None:
     leaf = spill_layout_prog[b"spill_layout"].Leaf
     dt = abi.SPILL_EVENT_DTYPE
-    assert dt.itemsize == 64 == ctypes.sizeof(leaf)
-    assert ctypes_layout(leaf) == [("key", 0, 44), ("tcp_flags", 44, 4), ("bytes", 48, 8), ("ts_ns", 56, 8)]
+    assert dt.itemsize == 80 == ctypes.sizeof(leaf)
+    assert ctypes_layout(leaf) == [("key", 0, 44), ("tcp_flags", 44, 4), ("bytes", 48, 8), ("ts_ns", 56, 8),
+                                   ("packets", 64, 4), ("length_min", 68, 2), ("length_max", 70, 2),
+                                   ("ttl", 72, 1), ("pad", 73, 7)]
     assert ctypes_layout(leaf) == dtype_layout(dt)
     # the embedded key is the flow key, field for field
     key_ctype = next(t for name, t in leaf._fields_ if name == "key")
     assert dt.fields is not None
     assert_same_layout(key_ctype, dt.fields["key"][0])
     assert dt.fields["key"][0] == abi.FLOW_KEY_DTYPE
+
+
+def test_own_key_layout(spill_layout_prog: Any) -> None:
+    assert_same_layout(spill_layout_prog[b"own_layout"].Leaf, abi.OWN_KEY_DTYPE)
 
 
 def header_counters() -> dict[str, int]:

@@ -26,6 +26,7 @@ def cache(*flows: dict) -> tuple[np.ndarray, np.ndarray]:
         keys[i]["src_port"] = f.get("sport", 1000 + i)
         keys[i]["dst_port"] = 443
         keys[i]["ifindex"] = 3
+        values[i]["in_ifindex"] = 3
         values[i]["packets"] = f["pk"]
         values[i]["bytes"] = f["by"]
         values[i]["first_seen_ns"] = f["first"]
@@ -125,6 +126,7 @@ def test_spill_events_aggregate_per_flow() -> None:
         ev[i]["key"]["src_port"] = sport
         ev[i]["key"]["ip_version"] = 4
         ev[i]["bytes"] = by
+        ev[i]["packets"] = 1
         ev[i]["ts_ns"] = ts
         ev[i]["tcp_flags"] = 0x02 if i == 0 else 0x10
     recs = spill_records(ev, WALL)
@@ -132,6 +134,48 @@ def test_spill_events_aggregate_per_flow() -> None:
                                 int(r["end_ms"])) for r in recs}
     ms = lambda t: (WALL + t) // 10**6  # noqa: E731
     assert got == {1: (2, 140, 0x12, ms(5 * S), ms(7 * S)), 2: (1, 60, 0x10, ms(6 * S), ms(6 * S))}
+
+
+def test_spill_events_keep_segments_lengths_and_ttl() -> None:
+    """A spilled GSO skb counts as its segments; min/max length and TTL aggregate per flow."""
+    ev = np.zeros(2, dtype=abi.SPILL_EVENT_DTYPE)
+    ev["key"]["ip_version"] = 4
+    ev["key"]["ifindex"] = 7
+    ev["key"]["direction"] = 1
+    ev["packets"] = [3, 1]
+    ev["bytes"] = [3000, 60]
+    ev["length_min"], ev["length_max"] = [900, 60], [1100, 60]
+    ev["ttl"] = [64, 61]
+    (r,) = spill_records(ev, WALL)
+    assert (r["packets"], r["bytes"], r["length_min"], r["length_max"], r["ttl_min"], r["ttl_max"]) == (
+        4, 3060, 60, 1100, 61, 64)
+    # egress flow: the metered interface is the out-interface; the in-interface is unknown
+    assert (r["ifindex"], r["egress_ifindex"], r["meter_ifindex"]) == (0, 7, 7)
+
+
+def test_detail_columns_and_interfaces_come_from_the_kernel_value() -> None:
+    keys, values = cache({"pk": 2, "by": 120, "first": 100 * S, "last": 101 * S})
+    keys["direction"] = 1  # TC egress on ifindex 3, came in on 9
+    values["in_ifindex"], values["out_ifindex"] = 9, 3
+    values["src_mac"] = bytes.fromhex("020000000001")
+    values["ttl_min"], values["ttl_max"] = 37, 64
+    values["length_min"], values["length_max"] = 52, 1500
+    values["tcp_seq"], values["tcp_ack"], values["tcp_window"] = 0xDEADBEEF, 7, 29200
+    values["vlan_id"] = 42
+    values["next_hop"] = addr_to_16("192.0.2.254")
+    (r,) = sweep(keys, values, Baseline(), now_ns=125 * S, wall_offset_ns=WALL, rules=RULES).records
+    assert (r["ifindex"], r["egress_ifindex"], r["meter_ifindex"], r["direction"]) == (9, 3, 3, 1)
+    assert bytes(r["src_mac"]) == bytes.fromhex("020000000001")
+    assert (r["ttl_min"], r["ttl_max"], r["length_min"], r["length_max"]) == (37, 64, 52, 1500)
+    assert (r["tcp_seq"], r["tcp_ack"], r["tcp_window"], r["vlan_id"]) == (0xDEADBEEF, 7, 29200, 42)
+    assert bytes(r["next_hop"]) == addr_to_16("192.0.2.254")
+
+
+def test_icmp_type_and_code_from_the_key() -> None:
+    keys, values = cache({"pk": 1, "by": 84, "first": 100 * S, "last": 100 * S})
+    keys["protocol"], keys["src_port"], keys["dst_port"] = 1, 0, 3 * 256 + 13
+    (r,) = sweep(keys, values, Baseline(), now_ns=125 * S, wall_offset_ns=WALL, rules=RULES).records
+    assert (r["icmp_type"], r["icmp_code"]) == (3, 13)
 
 
 @settings(max_examples=200, deadline=None)

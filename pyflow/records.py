@@ -42,6 +42,38 @@ RECORD_DTYPE = np.dtype(
         ("bytes", "<u8"),
         ("start_ms", "<u8"),
         ("end_ms", "<u8"),
+        # -- detail of the flow's packets, from the kernel (first packet unless said) --
+        ("src_mac", "V6"),
+        ("dst_mac", "V6"),
+        ("vlan_id", "<u2"),  # outer 802.1Q/802.1ad VLAN id, 0 = untagged
+        ("ttl_min", "u1"),  # IPv4 TTL / IPv6 hop limit, minimum and maximum over all packets
+        ("ttl_max", "u1"),
+        ("length_min", "<u2"),  # IP total length, minimum and maximum over all packets
+        ("length_max", "<u2"),
+        ("ip_header_length", "u1"),  # octets: IPv4 IHL*4, IPv6 40
+        ("tcp_seq", "<u4"),
+        ("tcp_ack", "<u4"),
+        ("tcp_window", "<u2"),
+        ("udp_length", "<u2"),
+        ("icmp_type", "u1"),  # ICMP/ICMPv6 type and code (also dst_port = type*256+code)
+        ("icmp_code", "u1"),
+        ("igmp_type", "u1"),
+        ("flow_label", "<u4"),  # IPv6 flow label (20 bits)
+        ("next_hop", "V16"),  # gateway, 16 bytes like the addresses; all zero = none/direct
+        # -- from the host: routing table, conntrack, prefix-to-AS file --
+        ("src_mask", "u1"),  # prefix length of the route to the source
+        ("dst_mask", "u1"),  # prefix length of the route to the destination
+        ("is_multicast", "u1"),  # IPFIX isMulticast octet
+        ("src_as", "<u4"),
+        ("dst_as", "<u4"),
+        ("nat_src_addr", "V16"),  # post-NAT source/destination, all zero = not translated
+        ("nat_dst_addr", "V16"),
+        ("nat_src_port", "<u2"),
+        ("nat_dst_port", "<u2"),
+        ("nat_event", "u1"),  # natEvent (IE 230): 0 for flow records, 4/5 NAT44 create/delete
+        # -- bookkeeping, not exported: the interface the kernel metered the flow on
+        # (the key's ifindex; ``ifindex`` above is where the packets came in) --
+        ("meter_ifindex", "<u4"),
     ]
 )
 

@@ -15,6 +15,7 @@ from pyflow.config import (
     Settings,
     duration,
     normalize_version,
+    parse_interface,
     parse_target,
     size,
 )
@@ -30,6 +31,10 @@ MikroTik RouterOS "IP Traffic Flow": the same settings, names and defaults.
 RUN_EPILOG = """\
 settings (RouterOS name -> flag):
   interfaces               --interface IF (repeat it), or 'all' (default)
+                           per interface: --interface eth1,direction=both,hook=tc
+                           direction: ingress (what the interface receives, as RouterOS
+                           meters; XDP), egress (what it sends; TC clsact egress) or both;
+                           --direction / --hook set the default for every interface
   cache-entries            --cache-entries 64k   flow cache size (k = 1024, M = 1024k)
   active-flow-timeout      --active-flow-timeout 30m
                            a flow open this long exports what it has and goes on
@@ -93,9 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("-i", "--interface", action="append", metavar="IF",
+    run.add_argument("-i", "--interface", action="append", metavar="IF[,OPTION=VALUE...]",
                      help="interface to meter (repeatable); 'all' = every non-loopback interface that is up "
-                          "(default: all)")
+                          "(default: all); options: direction=ingress|egress|both, hook=auto|xdp|tc")
+    run.add_argument("--direction", choices=("ingress", "egress", "both"), default="ingress",
+                     help="what to meter on every interface: what it receives (RouterOS's way), what it sends "
+                          "(TC egress), or both (default: ingress)")
+    run.add_argument("--hook", choices=("auto", "xdp", "tc"), default="auto",
+                     help="receive-side hook: XDP, TC clsact ingress, or auto = XDP where it attaches, "
+                          "else TC (default: auto)")
     run.add_argument("-t", "--target", action="append", metavar="HOST[:PORT][/VERSION]",
                      help="collector to export to (repeatable); required")
     run.add_argument("--version", dest="default_version", default=DEFAULT_VERSION, metavar="VERSION",
@@ -127,8 +138,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for spec in args.target:
         targets.append(parse_target(spec, default_version, v9_template_refresh=args.v9_template_refresh,
                                     v9_template_timeout_ns=args.v9_template_timeout))
+    names, options = [], []
+    direction, hook = args.direction, args.hook
+    for spec in args.interface or ["all"]:
+        opt = parse_interface(spec, args.direction, args.hook)
+        names.append(opt.name)
+        if opt.name == "all":  # all,direction=both: the options of every interface
+            direction, hook = opt.direction, opt.hook
+        elif "," in spec:
+            options.append(opt)
+    if "all" in names and len(names) > 1:
+        raise ConfigError("--interface all cannot be combined with named interfaces")
     return Settings(
-        interfaces=tuple(args.interface or ["all"]),
+        interfaces=tuple(names),
+        direction=direction,
+        hook=hook,
+        interface_options=tuple(options),
         cache_entries=args.cache_entries,
         active_flow_timeout_ns=args.active_flow_timeout,
         inactive_flow_timeout_ns=args.inactive_flow_timeout,

@@ -141,6 +141,56 @@ def _port(text: str, whole: str) -> int:
         raise ConfigError(f"target {whole!r}: port {text!r} is not a number") from None
 
 
+DIRECTIONS = ("ingress", "egress", "both")
+HOOKS = ("auto", "xdp", "tc")
+
+
+@dataclass(frozen=True)
+class InterfaceOptions:
+    """How one interface is metered (pyflow's own knobs; RouterOS has no equivalent).
+
+    ``direction``: what to meter, the packets the interface receives
+    (``ingress``, RouterOS's behaviour and the default), sends (``egress``,
+    TC), or both.  ``hook`` for the receive side: ``xdp``, ``tc`` (clsact
+    ingress), or ``auto`` (XDP, and TC where XDP cannot attach).
+    """
+
+    name: str
+    direction: str = "ingress"
+    hook: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 15 or "/" in self.name or any(c.isspace() for c in self.name):
+            raise ConfigError(f"interface name {self.name!r} is not a Linux interface name (1-15 characters, "
+                              "no '/' or spaces)")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"interface {self.name}: direction {self.direction!r} is not one of "
+                              f"{', '.join(DIRECTIONS)}")
+        if self.hook not in HOOKS:
+            raise ConfigError(f"interface {self.name}: hook {self.hook!r} is not one of {', '.join(HOOKS)}")
+
+    @property
+    def ingress(self) -> bool:
+        return self.direction in ("ingress", "both")
+
+    @property
+    def egress(self) -> bool:
+        return self.direction in ("egress", "both")
+
+
+def parse_interface(text: str, direction: str = "ingress", hook: str = "auto") -> InterfaceOptions:
+    """``NAME[,direction=ingress|egress|both][,hook=auto|xdp|tc]``."""
+    name, *opts = text.strip().split(",")
+    fields = {"direction": direction, "hook": hook}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ConfigError(f"interface {text!r}: unknown option {opt!r} (known: direction=, hook=)")
+        fields[key] = value.strip()
+    return InterfaceOptions(name.strip(), **fields)
+
+
 @dataclass(frozen=True)
 class Settings:
     """``/ip traffic-flow`` plus pyflow's own knobs."""
@@ -154,6 +204,10 @@ class Settings:
     end_idle_ns: int = 2 * 10**9
     xdp_mode: str = "auto"
     metrics_address: str = "127.0.0.1:9796"  # Prometheus endpoint; "" = off
+    # how interfaces are metered: the default for every interface, and per-interface overrides
+    direction: str = "ingress"
+    hook: str = "auto"
+    interface_options: tuple[InterfaceOptions, ...] = ()
 
     def __post_init__(self) -> None:
         if self.metrics_address:
@@ -167,10 +221,23 @@ class Settings:
                          ("sweep-interval", self.sweep_interval_ns)):
             if ns < 10**8:
                 raise ConfigError(f"{name} {format_duration(ns)} is too short (at least 100ms)")
+        InterfaceOptions("default", self.direction, self.hook)  # validates both
+        names = [o.name for o in self.interface_options]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"an interface is given twice: {', '.join(twice)}")
         if self.xdp_mode not in ("auto", "native", "generic"):
             raise ConfigError(f"xdp-mode {self.xdp_mode!r} is not auto, native or generic")
         # A FIN/RST flow ends after a short idle, never later than the inactive timeout.
         object.__setattr__(self, "end_idle_ns", min(self.end_idle_ns, self.inactive_flow_timeout_ns))
+
+
+    def options_for(self, name: str) -> InterfaceOptions:
+        """How ``name`` is metered: its own options, or the defaults."""
+        for o in self.interface_options:
+            if o.name == name:
+                return o
+        return InterfaceOptions(name, self.direction, self.hook)
 
 
 def _check_listen_address(text: str) -> None:

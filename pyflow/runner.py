@@ -7,12 +7,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from pyflow.agent import Agent
-from pyflow.config import Settings
-from pyflow.errors import ConfigError
+from pyflow.config import InterfaceOptions, Settings
+from pyflow.errors import ConfigError, KernelError
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportContext, Target
 from pyflow.interfaces import resolve_interfaces, rx_packets
-from pyflow.kernel.loader import FlowMeter, KernelSettings
+from pyflow.kernel.loader import Attachment, FlowMeter, KernelSettings
 from pyflow.metrics import Metrics, serve
 
 
@@ -22,6 +22,40 @@ def kernel_settings(settings: Settings) -> KernelSettings:
         inactive_timeout_ns=settings.inactive_flow_timeout_ns,
         end_idle_ns=settings.end_idle_ns,
     )
+
+
+HOOK_WORDS = {"xdp": "with XDP", "tc_ingress": "with TC on ingress", "tc_egress": "with TC on egress"}
+
+
+def attach_interface(meter: FlowMeter, opts: InterfaceOptions, xdp_mode: str,
+                     log: Callable[[str], None]) -> list[Attachment]:
+    """Attach what ``opts`` asks for; hook auto takes TC ingress where XDP cannot attach."""
+    out = []
+    if opts.ingress:
+        if opts.hook == "tc":
+            out.append(meter.attach(opts.name, hook="tc_ingress"))
+        elif opts.hook == "xdp":
+            out.append(meter.attach(opts.name, xdp_mode, hook="xdp"))
+        else:
+            try:
+                out.append(meter.attach(opts.name, xdp_mode, hook="xdp"))
+            except KernelError as exc:
+                if "no such interface" in str(exc):
+                    raise
+                log(f"{opts.name}: XDP not possible ({exc}); metering its ingress with TC instead")
+                out.append(meter.attach(opts.name, hook="tc_ingress"))
+    if opts.egress:
+        out.append(meter.attach(opts.name, hook="tc_egress"))
+    return out
+
+
+def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
+    """Tell the kernel the 4-tuple of ``target``'s datagrams: they are never metered."""
+    if target.sock is None:
+        return
+    src, sport = target.sock.getsockname()[:2]
+    dst, dport = target.sock.getpeername()[:2]
+    meter.exclude_own_export(str(src).split("%")[0], int(sport), str(dst).split("%")[0], int(dport))
 
 
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None]) -> None:
@@ -39,13 +73,19 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         meter.load()
         names = resolve_interfaces(settings.interfaces)
         interfaces = []
+        attached: list[tuple[str, int, str, str]] = []
         rx_at_attach: dict[int, int] = {}
         for name in names:
-            att = meter.attach(name, settings.xdp_mode)
-            # the interface's own counter right after the attach: the gap metric's zero point
-            rx_at_attach.update(rx_packets([att.ifindex]))
-            interfaces.append((att.ifindex, name))
-            log(f"metering {name} (ifindex {att.ifindex}) with XDP in {att.mode} mode")
+            opts = settings.options_for(name)
+            ifindex = 0
+            for att in attach_interface(meter, opts, settings.xdp_mode, log):
+                ifindex = att.ifindex
+                attached.append((name, att.ifindex, att.hook, att.mode))
+                log(f"metering {name} (ifindex {att.ifindex}) {HOOK_WORDS[att.hook]} in {att.mode} mode")
+            if opts.ingress:
+                # the interface's own counter right after the attach: the gap metric's zero point
+                rx_at_attach.update(rx_packets([ifindex]))
+            interfaces.append((ifindex, name))
         targets = [
             Target(ts, encoder_for(ts.version), ctx=ExportContext(interfaces=tuple(interfaces), time_mode=ts.time_mode))
             for ts in settings.targets
@@ -53,9 +93,9 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         for t in targets:
             stack.callback(t.close)
             t.open()
+            exclude_own_exports(meter, t)
             log(f"exporting to {t.name}")
         agent = Agent(settings, meter, targets, log=log, metrics=metrics)
-        attached = [(name, idx, "xdp", meter.attachments[name].mode) for idx, name in interfaces]
         metrics.attach(
             agent,
             interfaces=lambda: attached,

@@ -47,9 +47,46 @@ def test_attach_refuses_someone_elses_program(veth_root: str) -> None:
     with FlowMeter(KernelSettings(cache_entries=256)) as first:
         first.attach(veth_root)
         with FlowMeter(KernelSettings(cache_entries=256)) as second, pytest.raises(KernelError, match="already has"):
-            second.attach(veth_root, mode=first.attachments[veth_root].mode)
+            second.attach(veth_root, mode=first.attachments[(veth_root, "xdp")].mode)
         assert xdp_prog_id(None, veth_root) is not None  # the first one's program is untouched
     assert xdp_prog_id(None, veth_root) is None
+
+
+def tc_state(dev: str) -> tuple[bool, str]:
+    """(has a clsact qdisc, `tc filter show` of both clsact sides)."""
+    qdisc = subprocess.run(["tc", "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+    filters = "".join(subprocess.run(["tc", "filter", "show", "dev", dev, side], capture_output=True,
+                                     text=True).stdout for side in ("ingress", "egress"))
+    return "clsact" in qdisc, filters
+
+
+def test_tc_attach_and_detach_leave_the_interface_as_found(veth_root: str) -> None:
+    with FlowMeter(KernelSettings(cache_entries=256)) as meter:
+        meter.attach(veth_root, hook="tc_ingress")
+        meter.attach(veth_root, hook="tc_egress")
+        has_clsact, filters = tc_state(veth_root)
+        assert has_clsact
+        assert "pyflow_tc_ingress" in filters and "pyflow_tc_egress" in filters and "direct-action" in filters
+        meter.detach(veth_root, "tc_egress")
+        assert "pyflow_tc_egress" not in tc_state(veth_root)[1]
+    assert tc_state(veth_root) == (False, "")  # our clsact qdisc is gone with our filters
+
+
+def test_tc_keeps_a_clsact_qdisc_it_did_not_create(veth_root: str) -> None:
+    subprocess.run(["tc", "qdisc", "add", "dev", veth_root, "clsact"], check=True)
+    with FlowMeter(KernelSettings(cache_entries=256)) as meter:
+        meter.attach(veth_root, hook="tc_egress")
+        assert "pyflow_tc_egress" in tc_state(veth_root)[1]
+    assert tc_state(veth_root) == (True, "")  # someone else's qdisc stays, our filter does not
+
+
+def test_tc_refuses_to_replace_a_filter_in_its_slot(veth_root: str) -> None:
+    with FlowMeter(KernelSettings(cache_entries=256)) as first:
+        first.attach(veth_root, hook="tc_egress")
+        with (FlowMeter(KernelSettings(cache_entries=256)) as second,
+              pytest.raises(KernelError, match="already has a TC")):
+            second.attach(veth_root, hook="tc_egress")
+        assert "pyflow_tc_egress" in tc_state(veth_root)[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

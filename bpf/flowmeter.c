@@ -544,7 +544,9 @@ static __always_inline void process(void *ctx, void *data, void *data_end, __u32
         st->counters[PF_CNT_UNPARSABLE] += m.packets;
         return;
     }
-    if (is_own_export(&m)) {
+    /* Our own datagrams only ever leave this host: checked on egress only
+     * (hook is a constant in each entry point, so XDP and TC ingress skip it). */
+    if (hook == PF_HOOK_TC_EGRESS && is_own_export(&m)) {
         st->counters[PF_CNT_OWN_EXPORT] += m.packets;
         return;
     }

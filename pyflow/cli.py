@@ -20,6 +20,7 @@ from pyflow.config import (
     size,
 )
 from pyflow.errors import ConfigError, PyflowError
+from pyflow.fields import parse_fields
 from pyflow.units import format_duration, format_size
 
 DESCRIPTION = """\
@@ -50,6 +51,19 @@ settings (RouterOS name -> flag):
                            as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
   target v9-template-refresh / v9-template-timeout
                            --v9-template-refresh 20 --v9-template-timeout 30m
+  ipfix (/ip traffic-flow ipfix field toggles)
+                           --ipfix NAME=yes|no[,NAME=yes|no...] (repeat it; a later value
+                           wins): the fields v9 and IPFIX records carry. RouterOS's names
+                           bytes dst-address dst-address-mask dst-mac-address dst-port
+                           first-forwarded gateway icmp-code icmp-type igmp-type
+                           in-interface ip-header-length ip-total-length ipv6-flow-label
+                           is-multicast last-forwarded nat-dst-address nat-dst-port
+                           nat-events nat-src-address nat-src-port out-interface packets
+                           protocol src-address src-address-mask src-mac-address src-port
+                           sys-init-time tcp-ack-num tcp-flags tcp-seq-num tcp-window-size
+                           tos ttl udp-length, and pyflow's as (BGP AS numbers) and vlan-id;
+                           all yes except nat-events=no (as in RouterOS), e.g.
+                           --ipfix nat-events=yes,ttl=no
 
 durations are written as RouterOS does: 500ms, 15s, 30m, 1h30m, 1d, 00:30:00.
 
@@ -126,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="XDP attach mode; auto tries native, then generic (default: auto)")
     run.add_argument("--metrics-address", default="127.0.0.1:9796", metavar="HOST:PORT",
                      help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
+    run.add_argument("--ipfix", action="append", metavar="NAME=yes|no[,...]",
+                     help="turn v9/IPFIX record fields on or off, RouterOS's /ip traffic-flow ipfix "
+                          "(repeatable, a later value wins; default: all yes but nat-events)")
     run.set_defaults(func=cmd_run)
     return p
 
@@ -161,6 +178,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sweep_interval_ns=args.sweep_interval,
         xdp_mode=args.xdp_mode,
         metrics_address=args.metrics_address,
+        ipfix=parse_fields(args.ipfix or ()),
     )
 
 

@@ -13,6 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from pyflow.errors import ConfigError
+from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
 from pyflow.units import format_duration, parse_duration_ns, parse_size
 
 VERSIONS = ("1", "5", "9", "ipfix")
@@ -208,8 +209,12 @@ class Settings:
     direction: str = "ingress"
     hook: str = "auto"
     interface_options: tuple[InterfaceOptions, ...] = ()
+    # /ip traffic-flow ipfix: the fields the v9 and IPFIX templates carry (pyflow.fields)
+    ipfix: FieldSet = ROUTEROS_DEFAULTS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ipfix, FieldSet):
+            raise ConfigError(f"ipfix fields must be a FieldSet (FieldSet.parse('ttl=no,...')), not {self.ipfix!r}")
         if self.metrics_address:
             _check_listen_address(self.metrics_address)
         if not self.interfaces:

@@ -17,10 +17,22 @@ from pyflow.metrics import Metrics, serve
 
 
 def kernel_settings(settings: Settings) -> KernelSettings:
+    """The -D flags: timeouts, cache size, and the per-flow detail the field set needs.
+
+    A field that is off costs nothing per packet: min/max TTL and length are
+    only kept when ``ttl`` / ``ip-total-length`` are on, and the fib lookup on
+    a new flow only runs when ``out-interface`` or ``gateway`` is (v1/v5
+    targets carry both, so they keep it on).
+    """
+    fields = settings.ipfix
+    legacy = any(t.version in ("1", "5") for t in settings.targets)
     return KernelSettings(
         cache_entries=settings.cache_entries,
         inactive_timeout_ns=settings.inactive_flow_timeout_ns,
         end_idle_ns=settings.end_idle_ns,
+        ttl="ttl" in fields,
+        length="ip-total-length" in fields,
+        fib=legacy or "out-interface" in fields or "gateway" in fields,
     )
 
 
@@ -87,7 +99,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
                 rx_at_attach.update(rx_packets([ifindex]))
             interfaces.append((ifindex, name))
         targets = [
-            Target(ts, encoder_for(ts.version), ctx=ExportContext(interfaces=tuple(interfaces), time_mode=ts.time_mode))
+            Target(ts, encoder_for(ts.version),
+                   ctx=ExportContext(interfaces=tuple(interfaces), time_mode=ts.time_mode, fields=settings.ipfix))
             for ts in settings.targets
         ]
         for t in targets:

@@ -20,14 +20,13 @@ import numpy as np
 from pyflow.export.options import ipfix_options
 from pyflow.export.target import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.templates import (
-    STANDARD_TEMPLATES,
-    TIME_FIELDS,
+    ExportTemplates,
     Section,
     Template,
     WholeSet,
     check_max_size,
+    export_templates,
     flow_queues,
-    flow_templates,
     ipfix_template_set,
     message_bodies,
 )
@@ -38,14 +37,10 @@ HEADER_LENGTH = _HEADER.size
 DEFAULT_MAX_SIZE = MAX_PAYLOAD_V4  # one definition: the IPv4 target payload
 _SEQUENCE_MODULUS = 1 << 32
 
-# RouterOS time mode gets its own template ids: a collector must never see one
-# id with two definitions (it would decode cached data with the wrong one).
-ROUTEROS_IPV4_TEMPLATE_ID = 258
-ROUTEROS_IPV6_TEMPLATE_ID = 259
-TEMPLATES_BY_TIME_MODE: Mapping[str, Mapping[int, Template]] = {
-    "absolute": STANDARD_TEMPLATES,
-    "routeros": flow_templates(ROUTEROS_IPV4_TEMPLATE_ID, ROUTEROS_IPV6_TEMPLATE_ID, TIME_FIELDS["routeros"]),
-}
+# RouterOS time mode gets its own template ids (258/259 for the default field set): a
+# collector must never see one id with two definitions (it would decode cached data with
+# the wrong one).  templates.export_templates chooses every id.
+IPFIX_TIME_MODES = ("absolute", "routeros")
 
 _DEFAULT_CONTEXT = ExportContext()
 
@@ -71,12 +66,17 @@ class IpfixState:
     observation_domain_id: int = 0
 
 
-def templates_for(ctx: ExportContext) -> Mapping[int, Template]:
-    """The flow templates of ``ctx.time_mode`` (absolute: 256/257 with 152/153; routeros: 258/259 with 22/21/160)."""
-    try:
-        return TEMPLATES_BY_TIME_MODE[ctx.time_mode]
-    except KeyError:
-        raise ValueError(f"unknown time mode {ctx.time_mode!r} (known: {', '.join(TEMPLATES_BY_TIME_MODE)})") from None
+def templates_for(ctx: ExportContext) -> ExportTemplates:
+    """The templates of ``ctx.fields`` in ``ctx.time_mode``.
+
+    For the default field set: absolute, 256/257 with 152/153; routeros,
+    258/259 with 22/21/160.  Other field sets get ids of their own
+    (``templates.export_templates``); NAT event templates 262/263 with
+    ``nat-events=yes``.
+    """
+    if ctx.time_mode not in IPFIX_TIME_MODES:
+        raise ValueError(f"unknown time mode {ctx.time_mode!r} (known: {', '.join(IPFIX_TIME_MODES)})")
+    return export_templates(ctx.fields, ctx.time_mode)
 
 
 def encode(
@@ -86,15 +86,17 @@ def encode(
     send_templates: bool,
     max_size: int = DEFAULT_MAX_SIZE,
     ctx: ExportContext = _DEFAULT_CONTEXT,
-    templates: Mapping[int, Template] | None = None,
+    templates: ExportTemplates | Mapping[int, Template] | None = None,
 ) -> tuple[list[bytes], IpfixState]:
     """Encode a ``RECORD_DTYPE`` batch into IPFIX messages of at most ``max_size`` bytes.
 
-    ``templates`` maps an ``ip_version`` to the template its records use; by
-    default the flow templates of ``ctx.time_mode``.  Data Sets appear in that
-    order, so IPv4 records precede IPv6 ones; within a version the batch
-    order is kept.  Export Time is ``clock.unix_s``; derived fields (22/21/160)
-    come from ``clock``.
+    ``templates`` are the templates records use (a plain mapping is
+    ``ip_version`` -> flow template); by default those of ``ctx.fields`` and
+    ``ctx.time_mode`` (:func:`templates_for`).  Data Sets appear in template
+    order: IPv4 flows, IPv6 flows, then NAT events (records with
+    ``nat_event`` != 0, which need ``nat-events=yes``); within a template
+    the batch order is kept.  Export Time is ``clock.unix_s``; derived
+    fields (22/21/160) come from ``clock``.
 
     With ``send_templates`` the first message(s) carry, before any flow data,
     a Template Set holding every template, then the options templates and
@@ -103,11 +105,15 @@ def encode(
     data).  An empty batch then yields those messages alone.  Returns the
     messages and the state for the next call.
     """
-    templates = templates_for(ctx) if templates is None else templates
+    if templates is None:
+        templates = templates_for(ctx)
+    elif not isinstance(templates, ExportTemplates):
+        templates = ExportTemplates(templates)
     sections: list[Section] = []
     if send_templates:
         options_sets, options_data = ipfix_options(ctx, state.observation_domain_id)
-        sections += [WholeSet(ipfix_template_set(templates.values()), len(templates)), *options_sets, *options_data]
+        every = templates.all()
+        sections += [WholeSet(ipfix_template_set(every), len(every)), *options_sets, *options_data]
     sections += flow_queues(records, templates, clock)
     check_max_size(sections, HEADER_LENGTH, max_size)
 

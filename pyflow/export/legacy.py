@@ -10,8 +10,15 @@ with numpy (no Python loop per record):
 * ifIndex above 65535 becomes 0 ("unknown"): truncating it would name some
   other, real interface, and saturating at 65535 could too;
 * First/Last are wall-clock ms turned into the header's uptime clock, mod 2^32;
-* nexthop, AS numbers and prefix masks are 0 (the records have none; RouterOS
-  also sends AS and masks as 0, §5.4).
+* nexthop is the IPv4 part of ``next_hop`` (0.0.0.0: none, a directly
+  connected destination); output is ``egress_ifindex``; the prefix masks are
+  ``src_mask``/``dst_mask`` (v5 only, like AS numbers);
+* AS numbers (v5) are 16 bits: a 4-byte AS above 65535 is sent as AS_TRANS
+  23456, as RFC 6793 §2 prescribes for a 2-byte AS field (0 stays "unknown").
+
+The ``/ip traffic-flow ipfix`` field toggles do not apply: these layouts are
+fixed.  NAT events (``nat_event`` != 0) are never sent in v1/v5 (the Target
+counts them as not representable).
 
 The caller owns the transport; v5's flow sequence is carried in
 :class:`V5State` from one call to the next, so this module has no hidden state.
@@ -34,6 +41,8 @@ RECORD_LENGTH = 48
 
 COUNTER_MAX = 0xFFFF_FFFF  # dPkts / dOctets are 32 bits
 IFINDEX_MAX = 0xFFFF  # input / output are 16 bits
+AS_MAX = 0xFFFF  # src_as / dst_as are 16 bits
+AS_TRANS = 23456  # RFC 6793 §2: stands in for a 4-byte AS in a 2-byte field
 SAMPLING_INTERVAL_MAX = 0x3FFF  # the low 14 bits of the v5 sampling word
 SAMPLING_MODE_PACKET_INTERVAL = 1  # deterministic 1-in-N, as RouterOS samples
 # A record is split into at most this many records.  Anything physical fits
@@ -63,7 +72,7 @@ V5_HEADER_DTYPE = np.dtype(
 _COMMON_FIELDS = [
     ("srcaddr", "u1", (4,)),
     ("dstaddr", "u1", (4,)),
-    ("nexthop", ">u4"),
+    ("nexthop", "u1", (4,)),
     ("input", ">u2"),
     ("output", ">u2"),
     ("dpkts", ">u4"),
@@ -241,10 +250,13 @@ def _fill_records(records: np.ndarray, clock: ExportClock, dtype: np.dtype) -> n
         raise TypeError(f"expected a RECORD_DTYPE batch, got {records.dtype}")
     if np.any(records["ip_version"] != 4):
         raise ValueError("NetFlow v1/v5 carry IPv4 only: filter IPv6 records out first")
+    if np.any(records["nat_event"] != 0):
+        raise ValueError("NetFlow v1/v5 carry no NAT events (nat_event != 0): filter them out first")
     records = split_counters(records)
     out = np.zeros(len(records), dtype)
     out["srcaddr"] = _ipv4_bytes(records, "src_addr")
     out["dstaddr"] = _ipv4_bytes(records, "dst_addr")
+    out["nexthop"] = _ipv4_bytes(records, "next_hop")
     for wire, column in (("input", "ifindex"), ("output", "egress_ifindex")):
         ifindex = records[column]
         out[wire] = np.where(ifindex > IFINDEX_MAX, 0, ifindex)
@@ -261,11 +273,17 @@ def _fill_records(records: np.ndarray, clock: ExportClock, dtype: np.dtype) -> n
     out["prot"] = records["protocol"]
     out["tos"] = records["tos"]
     out["tcp_flags"] = records["tcp_flags"]
+    if dtype is V5_RECORD_DTYPE:
+        for column in ("src_as", "dst_as"):
+            asn = records[column]
+            out[column] = np.where(asn > AS_MAX, AS_TRANS, asn)
+        out["src_mask"] = records["src_mask"]
+        out["dst_mask"] = records["dst_mask"]
     return out
 
 
 def _ipv4_bytes(records: np.ndarray, column: str) -> np.ndarray:
-    """The IPv4 address of a v4-mapped column: its last 4 bytes, already in network order.
+    """The IPv4 address of a 16-byte address column: its last 4 bytes, already in network order.
 
     A dtype overlay reads them in place, for any batch layout (a column of a
     structured array is strided, so it cannot be viewed as plain bytes).

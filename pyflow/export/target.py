@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pyflow.config import TargetSettings
+from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
 
 # UDP payload that fits a 1500-byte MTU without fragmentation.
 MAX_PAYLOAD_V4 = 1500 - 20 - 8
@@ -73,7 +74,10 @@ class ExportContext:
     ``interfaces`` (ifindex, name) feed the interface-name options records;
     ``time_mode`` "absolute" sends flowStart/EndMilliseconds (152/153),
     "routeros" sends flowStart/EndSysUpTime (22/21) plus systemInitTimeMilliseconds
-    (160) in every record, as RouterOS does.
+    (160) in every record, as RouterOS does.  ``fields`` are RouterOS's
+    ``/ip traffic-flow ipfix`` toggles (``pyflow.fields``): the v9 and IPFIX
+    templates are built from them, and with ``nat-events`` on, records whose
+    ``nat_event`` is not 0 go out as NAT events (v1/v5 never carry those).
     """
 
     sampling: Sampling | None = None
@@ -81,6 +85,7 @@ class ExportContext:
     time_mode: str = "absolute"
     engine_type: int = 0
     engine_id: int = 0
+    fields: FieldSet = ROUTEROS_DEFAULTS
 
 
 class VersionEncoder(Protocol):
@@ -130,7 +135,7 @@ class TargetStats:
     bytes: int = 0
     templates: int = 0  # datagrams that carried templates
     send_errors: collections.Counter[str] = field(default_factory=collections.Counter)
-    not_representable: int = 0  # records the format cannot carry (IPv6 to v1/v5)
+    not_representable: int = 0  # records the target cannot carry (IPv6 to v1/v5, NAT events)
 
 
 class Target:
@@ -178,13 +183,22 @@ class Target:
             self.sock = None
 
     def export(self, records: np.ndarray, clock: ExportClock, now_ns: int) -> None:
-        """Encode and send ``records``; never raises for network errors."""
-        if not self.encoder.carries_ipv6 and len(records):
-            v6 = records["ip_version"] == 6
-            n6 = int(np.count_nonzero(v6))
-            if n6:
-                self.stats.not_representable += n6
-                records = records[~v6]
+        """Encode and send ``records``; never raises for network errors.
+
+        Records the target cannot carry are counted as not representable and
+        left out: IPv6 for v1/v5, and NAT events (``nat_event`` != 0) unless
+        the format has templates and ``nat-events`` is on.
+        """
+        if len(records):
+            drop = np.zeros(len(records), dtype=bool)
+            if not self.encoder.carries_ipv6:
+                drop |= records["ip_version"] == 6
+            if not (self.encoder.uses_templates and "nat-events" in self.ctx.fields):
+                drop |= records["nat_event"] != 0
+            dropped = int(np.count_nonzero(drop))
+            if dropped:
+                self.stats.not_representable += dropped
+                records = records[~drop]
         templates = self.encoder.uses_templates and self.clock.due(now_ns)
         if len(records) == 0 and not templates:
             return

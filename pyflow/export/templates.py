@@ -16,23 +16,29 @@ clock (flowStart/EndSysUpTime, systemInitTimeMilliseconds).  They are
 *derived columns* (:data:`DERIVED_COLUMNS`): computed column-wise at fill
 time, so every encoder gets them from this one place.
 
-The second half of the module is what IPFIX and v9 messages share: whole
+The second part of the module is what IPFIX and v9 messages share: whole
 sets (templates) and data queues, greedily packed into bounded messages.
+The last part builds the templates a target sends from its field set
+(``pyflow.fields``, RouterOS's ``/ip traffic-flow ipfix`` toggles) and time
+mode: :func:`export_templates`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pyflow.export.ie import BY_NAME, InformationElement
+from pyflow.fields import END_TIME, ROUTEROS_DEFAULTS, START_TIME, SYSTEM_INIT_TIME, TIME_ROLES, FieldSet
 from pyflow.records import RECORD_DTYPE
 
 if TYPE_CHECKING:
@@ -42,8 +48,10 @@ IPFIX_TEMPLATE_SET_ID = 2
 V9_TEMPLATE_FLOWSET_ID = 0
 MIN_DATA_TEMPLATE_ID = 256  # 0..255 are set/flowset ids, never template ids
 
-# Stable for the life of the process and across releases: collectors key their
-# template cache on the id, and RFC 7011 §8.4 forbids quick reuse over UDP.
+# The default field set's flow templates (absolute times; v9 too).  Ids are stable for the
+# life of the process and across restarts: collectors key their template cache on the id,
+# and RFC 7011 §8.4 forbids reusing one with another layout over UDP.  Other field sets get
+# other ids (export_templates, layout_template_id).
 IPV4_FLOW_TEMPLATE_ID = 256
 IPV6_FLOW_TEMPLATE_ID = 257
 
@@ -330,6 +338,12 @@ class DataQueue:
         n = min(self.remaining, max(0, (room - SET_HEADER_LENGTH) // self.record_length))
         while n and self.set_length(n) > room:
             n -= 1
+        # Padding at least a record long would read as one more record (RFC 7011 §3.3.1 forbids
+        # it; RFC 3954 does not say).  Only v9 pads, and only records under 4 bytes can meet it:
+        # 3-byte records (every field toggle off) padded by 3.  One record fewer avoids it; the
+        # rest go in the next set.
+        while n > 1 and self.set_length(n) - SET_HEADER_LENGTH - n * self.record_length >= self.record_length:
+            n -= 1
         if n == 0:
             return [], 0
         start = self._offset
@@ -352,33 +366,40 @@ class MessageBody:
 
 
 def flow_queues(
-    records: np.ndarray, templates: Mapping[int, Template], clock: ExportClock, *, align: int = 1
+    records: np.ndarray,
+    templates: ExportTemplates | Mapping[int, Template],
+    clock: ExportClock,
+    *,
+    align: int = 1,
 ) -> list[DataQueue]:
-    """One queue per template, fed by the records whose ``ip_version`` maps to it.
+    """One queue per template, fed by the records that belong to it.
 
-    Queue order is ``templates`` order, so IPv4 records precede IPv6 ones;
-    within a version the batch order is kept.
+    Records with ``nat_event`` 0 are flow records and go to the flow template
+    of their ``ip_version``; the others are NAT events and go to the NAT
+    event template of their version.  A record no template takes is an
+    error (callers filter what a target cannot carry, and count it).
+    Queue order is ``templates.all()`` order: IPv4 flows, IPv6 flows, then
+    NAT events; within a template the batch order is kept.
     """
     if records.dtype != RECORD_DTYPE:
         raise TypeError(f"expected a RECORD_DTYPE batch, got {records.dtype}")
-    if not templates:
-        raise ValueError("no templates given")
+    if not isinstance(templates, ExportTemplates):
+        templates = ExportTemplates(templates)
     versions = records["ip_version"]
-    present = np.flatnonzero(np.bincount(versions, minlength=256))
-    unknown = sorted(set(present.tolist()) - set(templates))
-    if unknown:
-        raise ValueError(f"no template for ip_version {unknown}")
-    # take() with indices copies a structured batch ~4x faster than a boolean mask.
-    return [
-        DataQueue(
-            template.template_id,
-            template.record_length,
-            template.encode_records(records.take(np.flatnonzero(versions == version)), clock),
-            flow=True,
-            align=align,
-        )
-        for version, template in templates.items()
-    ]
+    is_event = records["nat_event"] != 0
+    queues = []
+    for mapping, selected, what in ((templates.flows, ~is_event, "ip_version"),
+                                    (templates.nat_events, is_event, "NAT events (nat_event != 0) of ip_version")):
+        present = np.flatnonzero(np.bincount(versions[selected], minlength=256))
+        unknown = sorted(set(present.tolist()) - set(mapping))
+        if unknown:
+            raise ValueError(f"no template for {what} {unknown}")
+        for version, template in mapping.items():
+            # take() with indices copies a structured batch ~4x faster than a boolean mask.
+            chosen = records.take(np.flatnonzero(selected & (versions == version)))
+            data = template.encode_records(chosen, clock)
+            queues.append(DataQueue(template.template_id, template.record_length, data, flow=True, align=align))
+    return queues
 
 
 def check_max_size(sections: Sequence[Section], header_length: int, max_size: int) -> None:
@@ -416,11 +437,14 @@ def message_bodies(sections: Sequence[Section], room: int) -> Iterator[MessageBo
                 left -= len(section.data)
                 records += section.records
             else:
-                taken, n = section.take_set(left)
-                parts += taken
-                left -= sum(len(p) for p in taken)
-                records += n
-                flow_records += n if section.flow else 0
+                while True:  # one set, or more when padding made take_set stop short (see there)
+                    taken, n = section.take_set(left)
+                    parts += taken
+                    left -= sum(len(p) for p in taken)
+                    records += n
+                    flow_records += n if section.flow else 0
+                    if not n or not section.remaining or section.set_length(1) > left:
+                        break
                 if section.remaining:
                     break
             pending.popleft()
@@ -430,55 +454,149 @@ def message_bodies(sections: Sequence[Section], room: int) -> Iterator[MessageBo
 
 
 # --------------------------------------------------------------------------
-# The standard flow templates: one field group, only addresses and times differ.
+# Flow and NAT event templates, built from a field set and a time mode.
 # --------------------------------------------------------------------------
 
-_FIELDS_BEFORE_TIME: tuple[str, ...] = (
-    "sourceTransportPort",
-    "destinationTransportPort",
-    "protocolIdentifier",
-    "ipClassOfService",
-    "tcpControlBits",
-    "ingressInterface",
-    "egressInterface",
-    "ipVersion",
-    "flowDirection",
-    "octetDeltaCount",
-    "packetDeltaCount",
-)
-_FIELDS_AFTER_TIME: tuple[str, ...] = ("flowEndReason",)
 
-TIME_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+@dataclass(frozen=True)
+class TimeMode:
+    """The IEs the time roles of ``pyflow.fields`` become; ``system_init`` None: no 160."""
+
+    start: str
+    end: str
+    system_init: str | None
+
+
+TIME_MODES: Mapping[str, TimeMode] = MappingProxyType(
     {
         # Absolute ms: every collector places these without help (flow-protocols.md §3.10).
-        "absolute": ("flowStartMilliseconds", "flowEndMilliseconds"),
-        # v9 FIRST/LAST_SWITCHED: the v9 header's sysUptime and UNIX Secs anchor them.
-        "uptime": ("flowStartSysUpTime", "flowEndSysUpTime"),
-        # RouterOS IPFIX: 22/21 mean nothing without 160, so 160 goes in every record, after them.
-        "routeros": ("flowStartSysUpTime", "flowEndSysUpTime", "systemInitTimeMilliseconds"),
+        "absolute": TimeMode("flowStartMilliseconds", "flowEndMilliseconds", None),
+        # RouterOS IPFIX: 22/21 mean nothing without 160, which goes in every record, after them.
+        "routeros": TimeMode("flowStartSysUpTime", "flowEndSysUpTime", "systemInitTimeMilliseconds"),
+        # NetFlow v9 FIRST/LAST_SWITCHED: the header's sysUptime and UNIX Secs anchor them; 160
+        # is sent too (sys-init-time), for collectors that read it.  nfcapd 1.7.1 ignores it
+        # and places v9 flows by the header (whole seconds), checked.
+        "uptime": TimeMode("flowStartSysUpTime", "flowEndSysUpTime", "systemInitTimeMilliseconds"),
     }
 )
-_ADDRESS_FIELDS = {
-    4: ("sourceIPv4Address", "destinationIPv4Address"),
-    6: ("sourceIPv6Address", "destinationIPv6Address"),
+
+# Template ids.  The flow templates of the default field set keep the ids pyflow always used;
+# 260/261 are the options templates (options.py); 262/263 the NAT event templates.  Any other
+# layout gets an id derived from the layout itself (layout_template_id), from 264 up.
+DEFAULT_FLOW_TEMPLATE_IDS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "absolute": (IPV4_FLOW_TEMPLATE_ID, IPV6_FLOW_TEMPLATE_ID),
+        "routeros": (258, 259),
+        "uptime": (IPV4_FLOW_TEMPLATE_ID, IPV6_FLOW_TEMPLATE_ID),
+    }
+)
+NAT_EVENT_TEMPLATE_IDS: Mapping[int, int] = MappingProxyType({4: 262, 6: 263})
+FIRST_LAYOUT_TEMPLATE_ID = 264
+_FIXED_TEMPLATE_IDS = frozenset(range(MIN_DATA_TEMPLATE_ID, FIRST_LAYOUT_TEMPLATE_ID))
+
+# NAT event records (nat-events=yes): the event, its time, the pre- and the post-NAT tuple.
+_NAT_EVENT_TUPLES = {
+    4: ("sourceIPv4Address", "destinationIPv4Address", "postNATSourceIPv4Address", "postNATDestinationIPv4Address"),
+    6: ("sourceIPv6Address", "destinationIPv6Address", "postNATSourceIPv6Address", "postNATDestinationIPv6Address"),
 }
+_NAT_EVENT_FIELDS: Mapping[int, tuple[str, ...]] = MappingProxyType(
+    {
+        version: (
+            *("observationTimeMilliseconds", "natEvent", "protocolIdentifier", src, dst),
+            *("sourceTransportPort", "destinationTransportPort", nat_src, nat_dst),
+            *("postNAPTSourceTransportPort", "postNAPTDestinationTransportPort"),
+        )
+        for version, (src, dst, nat_src, nat_dst) in _NAT_EVENT_TUPLES.items()
+    }
+)
 
 
-def flow_templates(ipv4_id: int, ipv6_id: int, time_fields: Sequence[str]) -> Mapping[int, Template]:
-    """The flow template for each IP version (key: ``ip_version``), with the given time fields."""
-    ids = {4: ipv4_id, 6: ipv6_id}
-    return MappingProxyType(
-        {
-            version: build_template(
-                ids[version], (*_ADDRESS_FIELDS[version], *_FIELDS_BEFORE_TIME, *time_fields, *_FIELDS_AFTER_TIME)
-            )
-            for version in (4, 6)
-        }
-    )
+@dataclass(frozen=True)
+class ExportTemplates:
+    """The templates one target sends: flow templates and, with nat-events=yes, NAT event templates.
+
+    Both map an ``ip_version`` to its template; ``nat_events`` is empty when
+    NAT events are off.  See :func:`flow_queues` for which record goes where.
+    """
+
+    flows: Mapping[int, Template]
+    nat_events: Mapping[int, Template] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        ids = [t.template_id for t in self.all()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"template ids repeat: {ids}")
+
+    def all(self) -> tuple[Template, ...]:
+        """Every template, flows first: the order of the template set and of the data sets."""
+        return (*self.flows.values(), *self.nat_events.values())
 
 
-STANDARD_TEMPLATES = flow_templates(IPV4_FLOW_TEMPLATE_ID, IPV6_FLOW_TEMPLATE_ID, TIME_FIELDS["absolute"])
-"""The absolute-time flow template for each IP version (key: ``ip_version``)."""
+def layout_template_id(layout: Sequence[tuple[InformationElement, int]], taken: Iterable[int] = ()) -> int:
+    """A template id that is a function of the layout: 264 + CRC-32 of its field specifiers mod 65272.
+
+    The same field set always gives the same ids (stable across restarts,
+    like the fixed ones), and a different layout a different id (RFC 7011
+    §8.4: an id must not change layout within a session; a collector that
+    cached a layout under an id would misread data).  A collision of two
+    layouts is a 1 in 65272 chance and only matters if a collector sees both
+    from one exporter session; an id in ``taken`` (or a fixed one) moves to
+    the next free id, so the templates of one target never share an id.
+    """
+    taken = _FIXED_TEMPLATE_IDS | set(taken)
+    span = 0x10000 - FIRST_LAYOUT_TEMPLATE_ID
+    specifiers = b"".join(_TWO_U16.pack(ie.ie_id, length) for ie, length in layout)
+    offset = zlib.crc32(specifiers) % span
+    for step in range(span):
+        candidate = FIRST_LAYOUT_TEMPLATE_ID + (offset + step) % span
+        if candidate not in taken:
+            return candidate
+    raise ValueError("no template id left")  # unreachable: a target has a handful of templates
+
+
+def _resolve(names: Iterable[str], time_mode: TimeMode) -> list[str]:
+    """Time roles to the time mode's IEs (a role the mode lacks is dropped)."""
+    roles = {START_TIME: time_mode.start, END_TIME: time_mode.end, SYSTEM_INIT_TIME: time_mode.system_init}
+    resolved = (roles[name] if name in TIME_ROLES else name for name in names)
+    return [name for name in resolved if name is not None]
+
+
+def _layout(names: Sequence[str]) -> tuple[tuple[InformationElement, int], ...]:
+    return build_template(MIN_DATA_TEMPLATE_ID, names).fields
+
+
+@lru_cache(maxsize=64)
+def export_templates(fields: FieldSet = ROUTEROS_DEFAULTS, time_mode: str = "absolute") -> ExportTemplates:
+    """The templates for a field set and a time mode (absolute, routeros: IPFIX; uptime: v9).
+
+    The IPv4 and IPv6 flow templates are the IEs of the enabled rows of
+    ``pyflow.fields.FIELDS``, in table order.  Ids: a layout equal to the
+    default field set's keeps its fixed id (256/257; 258/259 in routeros
+    mode), any other gets :func:`layout_template_id`.  The NAT event
+    templates (262/263) are there only with ``nat-events=yes``.
+    """
+    try:
+        mode = TIME_MODES[time_mode]
+    except KeyError:
+        raise ValueError(f"unknown time mode {time_mode!r} (known: {', '.join(TIME_MODES)})") from None
+    flows: dict[int, Template] = {}
+    for version, default_id in zip((4, 6), DEFAULT_FLOW_TEMPLATE_IDS[time_mode], strict=True):
+        names = _resolve(fields.ies(version), mode)
+        layout = _layout(names)
+        if layout == _layout(_resolve(ROUTEROS_DEFAULTS.ies(version), mode)):
+            template_id = default_id
+        else:
+            template_id = layout_template_id(layout, taken=[t.template_id for t in flows.values()])
+        flows[version] = build_template(template_id, names)
+    nat_events = {}
+    if "nat-events" in fields:
+        nat_events = {v: build_template(NAT_EVENT_TEMPLATE_IDS[v], _NAT_EVENT_FIELDS[v]) for v in (4, 6)}
+    return ExportTemplates(MappingProxyType(flows), MappingProxyType(nat_events))
+
+
+_DEFAULT_TEMPLATES = export_templates(ROUTEROS_DEFAULTS, "absolute")
+STANDARD_TEMPLATES = _DEFAULT_TEMPLATES.flows
+"""The flow template of each IP version (key: ``ip_version``) for the default field set, absolute times."""
 
 IPV4_FLOW = STANDARD_TEMPLATES[4]
 IPV6_FLOW = STANDARD_TEMPLATES[6]

@@ -13,7 +13,8 @@ Same shape as ``ipfix.py`` (the caller owns transport, template clock and
   ``templates.DERIVED_COLUMNS``).  Counters go out as 8 bytes, so they never wrap.
 
 ``ExportContext.time_mode`` does not apply: v9 always sends uptimes, as
-RouterOS does; the header anchors them.
+RouterOS does; the header anchors them.  ``ExportContext.fields`` does: the
+templates are built from the same field set as IPFIX's (time mode "uptime").
 """
 
 from __future__ import annotations
@@ -27,15 +28,13 @@ import numpy as np
 from pyflow.export.options import v9_options
 from pyflow.export.target import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.templates import (
-    IPV4_FLOW_TEMPLATE_ID,
-    IPV6_FLOW_TEMPLATE_ID,
-    TIME_FIELDS,
+    ExportTemplates,
     Section,
     Template,
     WholeSet,
     check_max_size,
+    export_templates,
     flow_queues,
-    flow_templates,
     message_bodies,
     v9_template_flowset,
 )
@@ -47,10 +46,16 @@ DEFAULT_MAX_SIZE = MAX_PAYLOAD_V4  # one definition: the IPv4 target payload
 FLOWSET_ALIGNMENT = 4  # RFC 3954 §5.3: pad so the next FlowSet starts on a 4-byte boundary
 _MODULUS = 1 << 32
 
-V9_TEMPLATES: Mapping[int, Template] = flow_templates(
-    IPV4_FLOW_TEMPLATE_ID, IPV6_FLOW_TEMPLATE_ID, TIME_FIELDS["uptime"]
-)
-"""The v9 flow template for each IP version: 256 (IPv4) / 257 (IPv6), with FIRST/LAST_SWITCHED."""
+V9_TIME_MODE = "uptime"  # FIRST/LAST_SWITCHED (22/21), and 160 with sys-init-time
+
+V9_TEMPLATES: Mapping[int, Template] = export_templates(time_mode=V9_TIME_MODE).flows
+"""The v9 flow template for each IP version for the default field set: 256 (IPv4) / 257 (IPv6)."""
+
+
+def templates_for(ctx: ExportContext) -> ExportTemplates:
+    """The v9 templates of ``ctx.fields`` (``ctx.time_mode`` does not apply to v9)."""
+    return export_templates(ctx.fields, V9_TIME_MODE)
+
 
 _DEFAULT_CONTEXT = ExportContext()
 
@@ -74,22 +79,29 @@ def encode(
     send_templates: bool,
     max_size: int = DEFAULT_MAX_SIZE,
     ctx: ExportContext = _DEFAULT_CONTEXT,
-    templates: Mapping[int, Template] = V9_TEMPLATES,
+    templates: ExportTemplates | Mapping[int, Template] | None = None,
 ) -> tuple[list[bytes], V9State]:
     """Encode a ``RECORD_DTYPE`` batch into v9 export packets of at most ``max_size`` bytes.
 
-    ``templates`` maps an ``ip_version`` to the template its records use
-    (the v9 flow templates by default); data FlowSets follow that order, so
-    IPv4 records precede IPv6 ones, batch order within a version.  With
+    ``templates`` are the templates records use (a plain mapping is
+    ``ip_version`` -> flow template); by default those of ``ctx.fields``
+    (:func:`templates_for`).  Data FlowSets follow template order: IPv4
+    flows, IPv6 flows, then NAT events (records with ``nat_event`` != 0,
+    which need ``nat-events=yes``); batch order within a template.  With
     ``send_templates`` the first packet(s) carry, before any flow data, the
     Template FlowSet, then the options templates and options records ``ctx``
     calls for (``options.py``).  sysUptime is ``clock.uptime_ms`` mod 2^32,
     UNIX Secs ``clock.unix_s``.  Returns the packets and the state for the
     next call.
     """
+    if templates is None:
+        templates = templates_for(ctx)
+    elif not isinstance(templates, ExportTemplates):
+        templates = ExportTemplates(templates)
     sections: list[Section] = []
     if send_templates:
-        template_flowset = WholeSet(v9_template_flowset(templates.values()), len(templates))
+        every = templates.all()
+        template_flowset = WholeSet(v9_template_flowset(every), len(every))
         options_flowsets, options_data = v9_options(ctx, state.source_id)
         sections += [template_flowset, *options_flowsets, *options_data]
     sections += flow_queues(records, templates, clock, align=FLOWSET_ALIGNMENT)

@@ -129,7 +129,7 @@ def test_one_options_template_per_set_v9_padded_ipfix_not() -> None:
 # --------------------------------------------------------------------------
 
 # Record lengths by set id: flow templates 256/257 (absolute) and 258/259 (routeros), options 260/261.
-RECORD_LENGTHS = {256: 58, 257: 82, 258: 58, 259: 82, 260: 40, 261: 18}
+RECORD_LENGTHS = {256: 121, 257: 184, 258: 121, 259: 184, 260: 40, 261: 18}
 
 
 def count_records(message: bytes, flows_only: bool) -> int:
@@ -160,12 +160,14 @@ def test_ipfix_options_follow_templates_and_precede_flow_data() -> None:
 
 
 def test_routeros_mode_templates_have_their_own_ids() -> None:
-    absolute, routeros = ipfix.templates_for(ExportContext()), ipfix.templates_for(ROUTEROS)
+    absolute, routeros = ipfix.templates_for(ExportContext()).flows, ipfix.templates_for(ROUTEROS).flows
     assert [t.template_id for t in absolute.values()] == [256, 257]
     assert [t.template_id for t in routeros.values()] == [258, 259]
     names = [ie.name for ie, _ in routeros[4].fields]
-    assert names[-4:] == ["flowStartSysUpTime", "flowEndSysUpTime", "systemInitTimeMilliseconds", "flowEndReason"]
-    assert [(ie.ie_id, n) for ie, n in routeros[6].fields[-4:]] == [(22, 4), (21, 4), (160, 8), (136, 1)]
+    # RouterOS's order: ipVersion, then 22/21, then 160 (flow-protocols.md §5.2, §5.3)
+    assert names[:4] == ["ipVersion", "flowStartSysUpTime", "flowEndSysUpTime", "systemInitTimeMilliseconds"]
+    assert [(ie.ie_id, n) for ie, n in routeros[6].fields[:4]] == [(60, 1), (22, 4), (21, 4), (160, 8)]
+    assert routeros[4].fields[4:] == absolute[4].fields[3:] and routeros[6].fields[4:] == absolute[6].fields[3:]
     with pytest.raises(ValueError, match="unknown time mode 'local'"):
         ipfix.templates_for(ExportContext(time_mode="local"))
 
@@ -174,10 +176,10 @@ def test_routeros_mode_records_carry_uptimes_and_system_init_time() -> None:
     batch = make_batch(FLOW_V4, FLOW_V6)
     messages, _ = ipfix.encode(batch, IpfixState(), CLOCK, True, ctx=ExportContext(time_mode="routeros"))
     [message] = messages
-    v4_set = message.index(struct.pack("!HH", 258, 4 + 58))  # 22+21+160 take the 16 bytes of 152+153
-    v6_set = message.index(struct.pack("!HH", 259, 4 + 82))
-    for start, flow, length in ((v4_set, FLOW_V4, 58), (v6_set, FLOW_V6, 82)):
-        first, last, init = struct.unpack_from("!IIQ", message, start + 4 + length - 17)
+    v4_set = message.index(struct.pack("!HH", 258, 4 + 121))  # 22+21+160 take the 16 bytes of 152+153
+    v6_set = message.index(struct.pack("!HH", 259, 4 + 184))
+    for start, flow in ((v4_set, FLOW_V4), (v6_set, FLOW_V6)):
+        first, last, init = struct.unpack_from("!IIQ", message, start + 4 + 1)  # after ipVersion
         assert init == BOOT_MS
         assert (init + first, init + last) == (flow["start_ms"], flow["end_ms"])  # exact, unlike v9
 

@@ -11,6 +11,7 @@ import pytest
 from pyflow.config import TargetSettings
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportClock, Target, TemplateClock
+from pyflow.export.templates import IPV4_FLOW
 from pyflow.records import addr_to_16, empty
 
 S = 10**9
@@ -54,12 +55,12 @@ def set_ids(msg: bytes) -> list[int]:
 
 
 def data_records(msg: bytes) -> int:
-    """IPv4 flow records in one IPFIX message (template 256 records are 58 bytes)."""
+    """IPv4 flow records in one IPFIX message (template 256, the default IPv4 layout)."""
     n, off = 0, 16
     while off + 4 <= len(msg):
         sid, length = struct.unpack_from("!HH", msg, off)
         if sid == 256:
-            n += (length - 4) // 58
+            n += (length - 4) // IPV4_FLOW.record_length
         off += length
     return n
 

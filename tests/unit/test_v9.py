@@ -34,17 +34,24 @@ from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportClock, ExportContext, Sampling, Target
 from pyflow.export.templates import build_template
 from pyflow.export.v9 import V9_TEMPLATES, V9State
-from pyflow.records import RECORD_DTYPE, V4_MAPPED_PREFIX, empty
+from pyflow.records import V4_MAPPED_PREFIX, empty
 from tests.unit.nfcapd import collect, requires_nfdump
 from tests.unit.test_ipfix import (
     FLOW_V4,
     FLOW_V6,
+    IPV4_IES,
+    IPV6_IES,
+    V4_RECORD,
+    V6_RECORD,
     by_version,
     golden_flow_batch,
     make_batch,
+    on_the_wire,
     tshark_complaints,
     tshark_pdml,
 )
+from tests.unit.test_ipfix import record_batches as ipfix_record_batches
+from tests.unit.test_ipfix import rows_to_batch as ipfix_rows_to_batch
 
 U32 = 1 << 32
 EXPORT_S = 1_700_000_010
@@ -67,9 +74,18 @@ GOLDEN_6_2 = bytes.fromhex(
 
 TYPE_COLUMNS = {
     1: "bytes", 2: "packets", 4: "protocol", 5: "tos", 6: "tcp_flags", 7: "src_port", 8: "src_addr",
-    10: "ifindex", 11: "dst_port", 12: "dst_addr", 14: "egress_ifindex", 21: "end_ms", 22: "start_ms",
-    27: "src_addr", 28: "dst_addr", 60: "ip_version", 61: "direction", 136: "end_reason",
+    9: "src_mask", 10: "ifindex", 11: "dst_port", 12: "dst_addr", 13: "dst_mask", 14: "egress_ifindex",
+    15: "next_hop", 16: "src_as", 17: "dst_as", 21: "end_ms", 22: "start_ms", 25: "length_min",
+    26: "length_max", 27: "src_addr", 28: "dst_addr", 29: "src_mask", 30: "dst_mask", 31: "flow_label",
+    33: "igmp_type", 52: "ttl_min", 53: "ttl_max", 56: "src_mac", 58: "vlan_id", 60: "ip_version",
+    61: "direction", 62: "next_hop", 80: "dst_mac", 136: "end_reason", 160: "system_init_ms",
+    176: "icmp_type", 177: "icmp_code", 178: "icmp_type", 179: "icmp_code", 184: "tcp_seq", 185: "tcp_ack",
+    186: "tcp_window", 189: "ip_header_length", 205: "udp_length", 206: "is_multicast", 225: "nat_src_addr",
+    226: "nat_dst_addr", 227: "nat_src_port", 228: "nat_dst_port", 230: "nat_event", 281: "nat_src_addr",
+    282: "nat_dst_addr", 323: "start_ms",
 }  # fmt: skip
+IPV4_ADDRESS_TYPES = {8, 12, 15, 225, 226}
+RAW_TYPES = {27, 28, 62, 281, 282, 56, 80}  # IPv6 addresses and MACs: the bytes as they are
 
 
 @dataclass
@@ -165,9 +181,9 @@ def decode_flow(record: list[tuple[int, bytes]], packet: Packet) -> dict[str, in
     row: dict[str, int | bytes] = {}
     for field_type, chunk in record:
         name = TYPE_COLUMNS[field_type]
-        if field_type in (8, 12):
+        if field_type in IPV4_ADDRESS_TYPES:
             row[name] = V4_MAPPED_PREFIX + chunk
-        elif field_type in (27, 28):
+        elif field_type in RAW_TYPES:
             row[name] = chunk
         elif field_type in (21, 22):
             uptime = int.from_bytes(chunk, "big")
@@ -183,10 +199,12 @@ def parse_all(packets: list[bytes]) -> list[Packet]:
 
 
 def rows_to_batch(rows: list[dict[str, int | bytes]]) -> np.ndarray:
-    batch = empty(len(rows))
-    for name in RECORD_DTYPE.names or ():
-        batch[name] = [row[name] for row in rows]
-    return batch
+    """Decoded rows as a record batch, without systemInitTimeMilliseconds (no column: see system_init_ms)."""
+    return ipfix_rows_to_batch([{k: v for k, v in row.items() if k != "system_init_ms"} for row in rows])
+
+
+def system_init_ms(rows: list[dict[str, int | bytes]]) -> set[int | bytes]:
+    return {row["system_init_ms"] for row in rows}
 
 
 # --------------------------------------------------------------------------
@@ -214,14 +232,19 @@ def test_reduced_counters_saturate_instead_of_wrapping() -> None:
 
 
 def test_standard_templates() -> None:
+    """The IPFIX default layouts with FIRST/LAST_SWITCHED and systemInitTimeMilliseconds for 152/153."""
     v4, v6 = V9_TEMPLATES[4], V9_TEMPLATES[6]
     assert (v4.template_id, v6.template_id) == (256, 257)
     types = [(ie.v9_type, length) for ie, length in v4.fields]
-    assert types == [(8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (5, 1), (6, 1), (10, 4), (14, 4), (60, 1), (61, 1),
-                     (1, 8), (2, 8), (22, 4), (21, 4), (136, 1)]  # fmt: skip
-    assert [ie.v9_type for ie, _ in v6.fields[:2]] == [27, 28]
-    assert v4.fields[2:] == v6.fields[2:]
-    assert (v4.record_length, v6.record_length) == (50, 74)
+    assert types[:4] == [(60, 1), (22, 4), (21, 4), (160, 8)]
+    assert [t for t, _ in types[4:]] == IPV4_IES[3:]
+    assert [ie.v9_type for ie, _ in v6.fields[4:]] == IPV6_IES[3:]
+    assert (v4.record_length, v6.record_length) == (V4_RECORD, V6_RECORD)  # 22+21+160 take 152+153's 16 bytes
+
+
+TEMPLATE_FLOWSET = 4 + 2 * (4 + 4 * 42)  # both default templates have 42 fields
+V4_DATA = 4 + V4_RECORD + 3  # a data flowset of one IPv4 record, padded to 4 bytes
+V6_DATA = 4 + V6_RECORD  # already 4-byte aligned
 
 
 # --------------------------------------------------------------------------
@@ -235,19 +258,21 @@ def test_mixed_batch_in_one_packet_templates_first_v4_then_v6() -> None:
     assert parsed.flowset_ids == [0, 256, 257]
     assert (parsed.count, parsed.records) == (4, 4)  # 2 templates + 2 data records
     assert (parsed.sys_uptime, parsed.unix_secs, parsed.sequence, parsed.source_id) == (3_600_000, EXPORT_S, 41, 7)
-    assert len(packets[0]) == 20 + (4 + 2 * (4 + 16 * 4)) + (4 + 50 + 2) + (4 + 74 + 2)
-    assert rows_to_batch(parsed.rows).tolist() == make_batch(FLOW_V4, FLOW_V6).tolist()
+    assert len(packets[0]) == 20 + TEMPLATE_FLOWSET + V4_DATA + V6_DATA
+    assert rows_to_batch(parsed.rows).tolist() == on_the_wire(make_batch(FLOW_V4, FLOW_V6)).tolist()
+    assert system_init_ms(parsed.rows) == {CLOCK.boot_unix_ms}
     assert state == V9State(42, 7)
 
 
 def test_sequence_counts_packets_including_template_only_ones() -> None:
-    max_size = 20 + 140  # the template flowset fills the first packet alone; then 2 records per packet
+    max_size = 20 + TEMPLATE_FLOWSET  # the template flowset fills the first packet alone; then 2 records per packet
     packets, state = v9.encode(make_batch(*[FLOW_V4] * 7), V9State(), CLOCK, True, max_size)
     parsed = parse_all(packets)
     assert [p.flowset_ids for p in parsed] == [[0], [256], [256], [256], [256]]
     assert [(p.sequence, p.count, len(p.rows)) for p in parsed] == [(0, 2, 0), (1, 2, 2), (2, 2, 2), (3, 2, 2),
                                                                     (4, 1, 1)]  # fmt: skip
-    assert [len(p) for p in packets] == [160, 124, 124, 124, 76]  # 4 + 50 + 2 zero bytes: padded to 4
+    two = 4 + 2 * V4_RECORD + 2  # 246 bytes, padded to 248
+    assert [len(p) for p in packets] == [max_size, 20 + two, 20 + two, 20 + two, 20 + V4_DATA]
     assert state.sequence == 5
 
 
@@ -257,7 +282,7 @@ def test_sequence_and_uptime_wrap_mod_2_32() -> None:
     packets, state = v9.encode(batch, V9State(U32 - 1), late, True)
     [parsed] = parse_all(packets)
     assert (parsed.sequence, parsed.sys_uptime, state.sequence) == (U32 - 1, 5_000, 0)  # sysUptime wrapped too
-    raw_start, raw_end = struct.unpack_from("!II", packets[0], 20 + 140 + 4 + 41)
+    raw_start, raw_end = struct.unpack_from("!II", packets[0], 20 + TEMPLATE_FLOWSET + 4 + 1)  # after ipVersion
     assert (raw_start, raw_end) == (U32 - 3_000, 4_000)  # started before the wrap, ended after it
     assert (parsed.rows[0]["start_ms"], parsed.rows[0]["end_ms"]) == (EXPORT_S * 1000 - 8_000, EXPORT_S * 1000 - 1_000)
 
@@ -276,9 +301,10 @@ def test_no_records_no_templates_no_packet() -> None:
     assert (parsed.flowset_ids, parsed.count, parsed.sequence, state.sequence) == ([0], 2, 3, 4)
 
 
-@pytest.mark.parametrize(("max_size", "send_templates"), [(99, False), (159, True), (65536, False)])
+@pytest.mark.parametrize(("max_size", "send_templates"),
+                         [(20 + V6_DATA - 1, False), (20 + TEMPLATE_FLOWSET - 1, True), (65536, False)])
 def test_max_size_out_of_range(max_size: int, send_templates: bool) -> None:
-    # 20 header + 4 + 74 (IPv6 record) + 2 padding = 100; the template flowset needs 20 + 140.
+    # 20 header + one IPv6 data flowset (4 + 184) = 208; the template flowset needs 20 + 348.
     with pytest.raises(ValueError, match="max_size"):
         v9.encode(make_batch(FLOW_V4), V9State(), CLOCK, send_templates, max_size)
 
@@ -365,28 +391,17 @@ def test_scapy_decodes_exact_values() -> None:
 
 @st.composite
 def record_batches(draw: st.DrawFn, export_ms: int) -> np.ndarray:
-    """0..500 records of both IP versions, every column random / zero / maximum, except times:
-    those lie within the 2^32 ms before ``export_ms`` (what v9 uptimes can express), less a
-    second so a packet sent one second later still reaches back to them."""
-    n = draw(st.integers(0, 500))
+    """test_ipfix's batches (every column random / zero / maximum) with times that lie
+    within the 2^32 ms before ``export_ms`` (what v9 uptimes can express), less a second
+    so a packet sent one second later still reaches back to them."""
+    batch = draw(ipfix_record_batches())
+    n = len(batch)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    batch = empty(n)
-    batch["ip_version"] = np.where(rng.random(n) < draw(st.sampled_from([0.0, 0.5, 1.0])), 6, 4)
-    for name in RECORD_DTYPE.names or ():
-        if name.endswith("_addr"):
-            raw = rng.integers(0, 256, (n, 16), dtype=np.uint8)
-            raw[batch["ip_version"] == 4, :12] = np.frombuffer(V4_MAPPED_PREFIX, np.uint8)
-            batch[name] = raw.view("V16").ravel()
-        elif name.endswith("_ms"):
-            oldest = U32 - 1 - 1000
-            age = {"random": rng.integers(0, oldest, n, endpoint=True), "zero": np.zeros(n, np.int64),
-                   "max": np.full(n, oldest)}  # fmt: skip
-            batch[name] = export_ms - age[draw(st.sampled_from(sorted(age)))]
-        elif name != "ip_version":
-            top = np.iinfo(RECORD_DTYPE[name]).max
-            mode = draw(st.sampled_from(["random", "zero", "max"]))
-            batch[name] = rng.integers(0, top, n, dtype=RECORD_DTYPE[name], endpoint=True) if mode == "random" else (
-                np.full(n, 0 if mode == "zero" else top, dtype=RECORD_DTYPE[name]))  # fmt: skip
+    oldest = U32 - 1 - 1000
+    for name in ("start_ms", "end_ms"):
+        age = {"random": rng.integers(0, oldest, n, endpoint=True), "zero": np.zeros(n, np.int64),
+               "max": np.full(n, oldest)}  # fmt: skip
+        batch[name] = export_ms - age[draw(st.sampled_from(sorted(age)))]
     return batch
 
 
@@ -394,7 +409,7 @@ def record_batches(draw: st.DrawFn, export_ms: int) -> np.ndarray:
     data=st.data(),
     uptime_ms=st.integers(0, 2**40),
     split=st.floats(0, 1),
-    max_size=st.integers(200, 9000),
+    max_size=st.integers(20 + TEMPLATE_FLOWSET, 9000),
     sequence=st.integers(0, U32 - 1),
     source_id=st.integers(0, U32 - 1),
 )
@@ -423,8 +438,9 @@ def test_any_batch_round_trips(
     assert state1 == V9State((sequence + len(packets1)) % U32, source_id)
     assert state2 == V9State((sequence + len(parsed)) % U32, source_id)
 
-    decoded = rows_to_batch([row for p in parsed for row in p.rows])
-    assert decoded.tolist() == np.concatenate([by_version(first), by_version(second)]).tolist()
+    rows = [row for p in parsed for row in p.rows]
+    assert rows_to_batch(rows).tolist() == np.concatenate([on_the_wire(first), on_the_wire(second)]).tolist()
+    assert system_init_ms(rows) <= {clock.boot_unix_ms, later.boot_unix_ms}
 
 
 # --------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from pyflow.records import EndReason
 from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
 
 if TYPE_CHECKING:
+    from pyflow.enrich import Enricher
+    from pyflow.host.conntrack import NatEventListener
     from pyflow.metrics import Metrics
 
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
@@ -58,6 +60,7 @@ class AgentStats:
     records: int = 0
     deleted: int = 0
     spill_events: int = 0
+    nat_events: int = 0  # NAT event records (conntrack), not flows
     vanished: int = 0  # expired entries gone before the re-read (should stay 0)
     last_sweep_seconds: float = 0.0
     cached: int = 0  # entries in the cache after the last sweep
@@ -68,8 +71,12 @@ class AgentStats:
 class Agent:
     def __init__(self, settings: Settings, meter: FlowMeter, targets: Sequence[Target],
                  clocks: Clocks | None = None, log: Callable[[str], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, enricher: Enricher | None = None,
+                 nat_events: NatEventListener | None = None) -> None:
         self.settings = settings
+        # host-derived fields (masks, gateways, NAT, AS) and conntrack's NAT events, when wanted
+        self.enricher = enricher
+        self.nat_events = nat_events
         self.meter = meter
         self.targets = list(targets)
         self.clocks = clocks or Clocks()
@@ -157,6 +164,12 @@ class Agent:
             self._spilled.clear()
             self.stats.spill_events += len(events)
             batch = np.concatenate([batch, spill_records(events, wall_offset)])
+        if self.enricher is not None and len(batch):
+            if self.enricher.nat is not None:
+                self.enricher.nat.refresh()  # the NAT'ed connections as they are now
+            self.enricher.enrich(batch)
+        if self.nat_events is not None:
+            batch = np.concatenate([batch, self.nat_events.drain()])
         self.export(batch, clock, now)
         self._account(batch, len(keys) - int(np.count_nonzero(res.delete)), now, wall_offset)
         self.stats.last_sweep_seconds = time.perf_counter() - t0
@@ -167,6 +180,9 @@ class Agent:
     def _account(self, batch: np.ndarray, cached: int, now_ns: int, wall_offset_ns: int) -> None:
         s = self.stats
         s.sweeps += 1
+        events = batch["nat_event"] != 0
+        s.nat_events += int(np.count_nonzero(events))
+        batch = batch[~events]  # flow records only from here on
         s.records += len(batch)
         s.cached = cached
         if not len(batch):

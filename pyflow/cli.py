@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="DURATION", help="how often the cache is swept (default: 1s)")
     run.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
                      help="XDP attach mode; auto tries native, then generic (default: auto)")
+    run.add_argument("--as-file", metavar="FILE",
+                     help="prefix-to-AS file ('PREFIX AS' per line, '#' comments) for the src/dst AS fields; "
+                          "without it they are 0, as RouterOS sends when it runs no BGP")
     run.add_argument("--metrics-address", default="127.0.0.1:9796", metavar="HOST:PORT",
                      help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
     run.add_argument("--ipfix", action="append", metavar="NAME=yes|no[,...]",
@@ -171,6 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         direction=direction,
         hook=hook,
         interface_options=tuple(options),
+        as_file=args.as_file,
         cache_entries=args.cache_entries,
         active_flow_timeout_ns=args.active_flow_timeout,
         inactive_flow_timeout_ns=args.inactive_flow_timeout,

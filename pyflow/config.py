@@ -209,6 +209,7 @@ class Settings:
     direction: str = "ingress"
     hook: str = "auto"
     interface_options: tuple[InterfaceOptions, ...] = ()
+    as_file: str | None = None  # prefix-to-AS file for src/dst AS (RouterOS only has AS from BGP)
     # /ip traffic-flow ipfix: the fields the v9 and IPFIX templates carry (pyflow.fields)
     ipfix: FieldSet = ROUTEROS_DEFAULTS
 

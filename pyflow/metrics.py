@@ -136,6 +136,8 @@ class PyflowCollector(Collector):
                                   value=a.deleted)
         yield CounterMetricFamily("pyflow_spill_events", "Packets of expiring entries caught by the spill ring.",
                                   value=a.spill_events)
+        yield CounterMetricFamily("pyflow_nat_event_records", "NAT event records (nat-events=yes) exported, "
+                                  "from conntrack's NAT44 session create/delete events.", value=a.nat_events)
         yield from self._targets()
         yield from self._gap(stats, label)
 
@@ -151,7 +153,7 @@ class PyflowCollector(Collector):
                                              "at start, on refresh by count and by time).", labels=labels),
             "not_representable": CounterMetricFamily(
                 "pyflow_export_not_representable_records",
-                "Records the format cannot carry (IPv6 to NetFlow v1/v5), not sent.", labels=labels),
+                "Records the format cannot carry (IPv6 or NAT events to NetFlow v1/v5), not sent.", labels=labels),
         }
         errors = CounterMetricFamily("pyflow_export_send_errors", "Failed sends, by errno.",
                                      labels=[*labels, "error"])
@@ -179,8 +181,10 @@ class PyflowCollector(Collector):
         rx = self.rx_packets()
         accounted = self.agent.accounted_packets()
         for ifindex, received in sorted(rx.items()):
-            st = stats.get((ifindex, int(abi.Hook.XDP)))
-            not_metered = 0 if st is None else sum(int(st["counters"][cid]) for cid in abi.NOT_METERED_REASONS)
+            # what it received is metered by XDP or by TC ingress (never both)
+            not_metered = sum(int(st["counters"][cid]) for hook in (abi.Hook.XDP, abi.Hook.TC_INGRESS)
+                              if (st := stats.get((ifindex, int(hook)))) is not None
+                              for cid in abi.NOT_METERED_REASONS)
             gap.add_metric([label(ifindex)], float(received - accounted.get(ifindex, 0) - not_metered))
         yield gap
 

@@ -8,9 +8,11 @@ from contextlib import ExitStack
 
 from pyflow.agent import Agent
 from pyflow.config import InterfaceOptions, Settings
+from pyflow.enrich import Enricher
 from pyflow.errors import ConfigError, KernelError
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportContext, Target
+from pyflow.host.conntrack import NatEventListener
 from pyflow.interfaces import resolve_interfaces, rx_packets
 from pyflow.kernel.loader import Attachment, FlowMeter, KernelSettings
 from pyflow.metrics import Metrics, serve
@@ -70,6 +72,42 @@ def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
     meter.exclude_own_export(str(src).split("%")[0], int(sport), str(dst).split("%")[0], int(dport))
 
 
+ROUTE_FIELDS = ("src-address-mask", "dst-address-mask", "gateway", "out-interface")
+NAT_FIELDS = ("nat-src-address", "nat-dst-address", "nat-src-port", "nat-dst-port")
+
+
+def host_sources(settings: Settings, stack: ExitStack,
+                 log: Callable[[str], None]) -> tuple[Enricher, NatEventListener | None]:
+    """What the host adds to the records, for the fields some target sends.
+
+    Routes (masks, gateways) when a v9/IPFIX field or a v1/v5 target needs them;
+    conntrack's NAT table when a nat-* field is on; its events when nat-events=yes;
+    the AS file when one is given.  Each source is closed with ``stack``.
+    """
+    from pyflow.host.asn import AsTable
+    from pyflow.host.conntrack import NatTable
+    from pyflow.host.routes import RouteWatcher
+
+    fields = settings.ipfix
+    templated = any(t.version in ("9", "ipfix") for t in settings.targets)
+    legacy = any(t.version in ("1", "5") for t in settings.targets)
+    routes = nat = asn = events = None
+    if legacy or (templated and any(f in fields for f in ROUTE_FIELDS)):
+        routes = RouteWatcher()
+        stack.callback(routes.close)
+    if templated and any(f in fields for f in NAT_FIELDS):
+        nat = NatTable()
+        stack.callback(nat.close)
+    if templated and "nat-events" in fields:
+        events = NatEventListener()
+        stack.callback(events.close)
+        log("nat-events: NAT44 session create/delete records from conntrack events")
+    if settings.as_file:
+        asn = AsTable.from_file(settings.as_file)
+        log(f"AS numbers from {settings.as_file}")
+    return Enricher(routes=routes, nat=nat, asn=asn), events
+
+
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None]) -> None:
     if not settings.targets:
         raise ConfigError("no target configured")
@@ -83,6 +121,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             log(f"metrics on http://{settings.metrics_address}/metrics")
         meter = stack.enter_context(FlowMeter(kernel_settings(settings)))
         meter.load()
+        # host sources before any attach: conntrack events of the first metered flows are not missed
+        enricher, nat_events = host_sources(settings, stack, log)
         names = resolve_interfaces(settings.interfaces)
         interfaces = []
         attached: list[tuple[str, int, str, str]] = []
@@ -108,7 +148,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             t.open()
             exclude_own_exports(meter, t)
             log(f"exporting to {t.name}")
-        agent = Agent(settings, meter, targets, log=log, metrics=metrics)
+        agent = Agent(settings, meter, targets, log=log, metrics=metrics, enricher=enricher, nat_events=nat_events)
         metrics.attach(
             agent,
             interfaces=lambda: attached,

@@ -21,7 +21,7 @@ apt-get update -qq
 # tshark asks whether non-root users may capture; answer "no" up front.
 echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
 
-PKGS=(python3-bpfcc python3-venv python3-pip iproute2 nftables ethtool nfdump tshark pmacct)
+PKGS=(python3-bpfcc python3-venv python3-pip iproute2 nftables conntrack iputils-ping ethtool nfdump tshark pmacct)
 say "installing: ${PKGS[*]}"
 apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PYFLOW = str(Path(sys.executable).parent / "pyflow")
@@ -179,6 +180,17 @@ def tshark_cflow(pcap: Path, ports: list[int], fields: list[str], display_filter
         argv += ["-e", f]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return [line.split("\t") for line in out.splitlines() if line.strip()]
+
+
+def walk(node: Any) -> Iterator[dict[str, Any]]:
+    """Every dict inside a tshark JSON layer, depth first."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
 
 
 # debug: true logs each datagram the core reads, so a test knows when all arrived.

@@ -21,7 +21,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
 from tests.integration.netns import Pair
-from tests.integration.procs import nfacctd_in, nfcapd_in, nfdump_records, pyflow_in, tshark_capture_in
+from tests.integration.procs import nfacctd_in, nfcapd_in, nfdump_records, pyflow_in, tshark_capture_in, walk
 from tests.integration.test_end_to_end import eth, send
 
 FORMATS = {"1": 0, "5": 1, "9": 2, "ipfix": 3, "ipfix,time=routeros": 4}
@@ -75,17 +75,6 @@ def pmacct_totals(raw: dict[tuple[str, str, int, int, int], tuple[int, int]]) ->
     for (src, dst, sport, _dport, proto), (packets, octets) in raw.items():
         add(totals, (src, dst, proto, 0 if proto in (1, 58) else sport), packets, octets)
     return {k: (v[0], v[1]) for k, v in totals.items()}
-
-
-def walk(node: Any) -> Any:
-    """Every dict inside a tshark JSON layer, depth first."""
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from walk(v)
 
 
 def tshark_decode(pcap: Path, port: int) -> tuple[dict[Key, tuple[int, int]], list[str], list[dict[str, Any]]]:

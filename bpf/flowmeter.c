@@ -17,6 +17,10 @@
  *   PF_F_FIB          1: bpf_fib_lookup on a new flow's first packet at
  *                     ingress for the out-interface and gateway
  *   PF_OWN_EXPORT     1: skip the agent's own export datagrams (own_export)
+ *   SAMPLING_INTERVAL RouterOS packet sampling: sampling-interval N packets
+ *   SAMPLING_SPACE    sampled, then sampling-space M packets skipped; with
+ *                     M = 0, one packet in N.  0/0 (the default) = off,
+ *                     compiled out.  Counted per CPU.
  *
  * The program never changes traffic: every path returns XDP_PASS, or
  * TC_ACT_UNSPEC at TC (the packet goes on to the next filter or the qdisc's
@@ -66,6 +70,12 @@
 #ifndef PF_OWN_EXPORT
 #define PF_OWN_EXPORT 1
 #endif
+#ifndef SAMPLING_INTERVAL
+#define SAMPLING_INTERVAL 0
+#endif
+#ifndef SAMPLING_SPACE
+#define SAMPLING_SPACE 0
+#endif
 #ifndef MAX_OWN_EXPORT
 #define MAX_OWN_EXPORT 64
 #endif
@@ -96,6 +106,10 @@ BPF_PERCPU_ARRAY(iface_slots, struct iface_stats, IFACE_ARRAY_IFINDEX * 3);
 BPF_PERCPU_HASH(iface_stats, struct iface_key, struct iface_stats, MAX_IFACE_STATS);
 BPF_PERCPU_ARRAY(overflow_stats, struct iface_stats, 1);
 BPF_PERCPU_ARRAY(flow_seq, __u64, 1);
+#if SAMPLING_INTERVAL > 0
+/* Position in the sampling pattern, per CPU (no atomics on the packet path). */
+BPF_PERCPU_ARRAY(sample_pos, __u64, 1);
+#endif
 BPF_RINGBUF_OUTPUT(spill, SPILL_RING_PAGES);
 BPF_HASH(own_export, struct own_key, __u8, MAX_OWN_EXPORT);
 /* Update of this map-in-map from user space waits for an RCU grace period:
@@ -492,6 +506,27 @@ static __always_inline void meter(void *ctx, void *data, void *data_end, struct 
     st->counters[PF_CNT_CACHE_FULL] += m->packets;
 }
 
+/* RouterOS packet sampling: is this packet (or GSO skb) one of the sampled? */
+static __always_inline int sampled(void)
+{
+#if SAMPLING_INTERVAL > 0
+    __u32 zero = 0;
+    __u64 *pos = sample_pos.lookup(&zero);
+    if (!pos)
+        return 1;
+    __u64 p = *pos;
+#if SAMPLING_SPACE > 0
+    *pos = p + 1 >= SAMPLING_INTERVAL + SAMPLING_SPACE ? 0 : p + 1;
+    return p < SAMPLING_INTERVAL;
+#else
+    *pos = p + 1 >= SAMPLING_INTERVAL ? 0 : p + 1;
+    return p == 0;
+#endif
+#else
+    return 1;
+#endif
+}
+
 static __always_inline int is_own_export(struct pkt_meta *m)
 {
 #if PF_OWN_EXPORT
@@ -548,6 +583,10 @@ static __always_inline void process(void *ctx, void *data, void *data_end, __u32
      * (hook is a constant in each entry point, so XDP and TC ingress skip it). */
     if (hook == PF_HOOK_TC_EGRESS && is_own_export(&m)) {
         st->counters[PF_CNT_OWN_EXPORT] += m.packets;
+        return;
+    }
+    if (!sampled()) {
+        st->counters[PF_CNT_SAMPLED_OUT] += m.packets;
         return;
     }
     m.key.ifindex = ifindex;

@@ -54,7 +54,10 @@ class KernelSettings:
     ttl: bool = True  # min/max TTL, per packet
     length: bool = True  # min/max IP total length, per packet
     fib: bool = True  # out-interface + gateway by bpf_fib_lookup, per new flow at ingress
-    own_export: bool = True  # skip the agent's own export datagrams (one lookup per UDP packet)
+    own_export: bool = True  # skip the agent's own export datagrams (one lookup per UDP packet at TC egress)
+    # RouterOS packet sampling: interval packets sampled, then space skipped (space 0: 1 in interval); 0 = off
+    sampling_interval: int = 0
+    sampling_space: int = 0
 
     def __post_init__(self) -> None:
         # Only integers reach the compiler: a value that is not one cannot inject code.
@@ -62,6 +65,12 @@ class KernelSettings:
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise KernelError(f"kernel setting {name}={value!r} is not a positive integer")
+        for name in ("sampling_interval", "sampling_space"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value < 2**31:
+                raise KernelError(f"kernel setting {name}={value!r} is not an integer in 0..2^31-1")
+        if self.sampling_space and not self.sampling_interval:
+            raise KernelError("sampling-space needs a sampling-interval")
         for name in ("ttl", "length", "fib", "own_export"):
             if type(getattr(self, name)) is not bool:
                 raise KernelError(f"kernel setting {name}={getattr(self, name)!r} is not a boolean")
@@ -77,6 +86,8 @@ class KernelSettings:
             f"-DPF_F_LENGTH={int(self.length)}",
             f"-DPF_F_FIB={int(self.fib)}",
             f"-DPF_OWN_EXPORT={int(self.own_export)}",
+            f"-DSAMPLING_INTERVAL={self.sampling_interval}",
+            f"-DSAMPLING_SPACE={self.sampling_space}",
         ]
 
 

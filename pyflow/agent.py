@@ -258,7 +258,8 @@ class Agent:
 
     def flush(self) -> None:
         """Shutdown: detach (no more writers), then export everything still cached."""
-        self.meter.detach_all()
+        with self.lock:
+            self.meter.detach_all()
         self.meter.barrier()
         self.tick()  # normal rules first: expired entries end as idle / end of flow
         self.tick(final=True)  # what remains leaves as a forced end

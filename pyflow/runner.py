@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
 from pyflow.agent import Agent
-from pyflow.config import InterfaceOptions, Settings
+from pyflow.config import Settings
 from pyflow.enrich import Enricher
-from pyflow.errors import ConfigError, KernelError
+from pyflow.errors import ConfigError
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportContext, Target
+from pyflow.follow import InterfaceSet, LinkWatcher
 from pyflow.host.conntrack import NatEventListener
-from pyflow.interfaces import resolve_interfaces, rx_packets
-from pyflow.kernel.loader import Attachment, FlowMeter, KernelSettings
+from pyflow.interfaces import rx_packets
+from pyflow.kernel.loader import FlowMeter, KernelSettings
 from pyflow.metrics import Metrics, serve
 
 
@@ -36,31 +38,6 @@ def kernel_settings(settings: Settings) -> KernelSettings:
         length="ip-total-length" in fields,
         fib=legacy or "out-interface" in fields or "gateway" in fields,
     )
-
-
-HOOK_WORDS = {"xdp": "with XDP", "tc_ingress": "with TC on ingress", "tc_egress": "with TC on egress"}
-
-
-def attach_interface(meter: FlowMeter, opts: InterfaceOptions, xdp_mode: str,
-                     log: Callable[[str], None]) -> list[Attachment]:
-    """Attach what ``opts`` asks for; hook auto takes TC ingress where XDP cannot attach."""
-    out = []
-    if opts.ingress:
-        if opts.hook == "tc":
-            out.append(meter.attach(opts.name, hook="tc_ingress"))
-        elif opts.hook == "xdp":
-            out.append(meter.attach(opts.name, xdp_mode, hook="xdp"))
-        else:
-            try:
-                out.append(meter.attach(opts.name, xdp_mode, hook="xdp"))
-            except KernelError as exc:
-                if "no such interface" in str(exc):
-                    raise
-                log(f"{opts.name}: XDP not possible ({exc}); metering its ingress with TC instead")
-                out.append(meter.attach(opts.name, hook="tc_ingress"))
-    if opts.egress:
-        out.append(meter.attach(opts.name, hook="tc_egress"))
-    return out
 
 
 def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
@@ -123,24 +100,17 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         meter.load()
         # host sources before any attach: conntrack events of the first metered flows are not missed
         enricher, nat_events = host_sources(settings, stack, log)
-        names = resolve_interfaces(settings.interfaces)
-        interfaces = []
-        attached: list[tuple[str, int, str, str]] = []
-        rx_at_attach: dict[int, int] = {}
-        for name in names:
-            opts = settings.options_for(name)
-            ifindex = 0
-            for att in attach_interface(meter, opts, settings.xdp_mode, log):
-                ifindex = att.ifindex
-                attached.append((name, att.ifindex, att.hook, att.mode))
-                log(f"metering {name} (ifindex {att.ifindex}) {HOOK_WORDS[att.hook]} in {att.mode} mode")
-            if opts.ingress:
-                # the interface's own counter right after the attach: the gap metric's zero point
-                rx_at_attach.update(rx_packets([ifindex]))
-            interfaces.append((ifindex, name))
-        targets = [
+        targets: list[Target] = []
+
+        def interfaces_changed(ifs: InterfaceSet) -> None:
+            for t in targets:  # the interface-name options data follows the host
+                t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
+
+        ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
+        ifs.start()
+        targets += [
             Target(ts, encoder_for(ts.version),
-                   ctx=ExportContext(interfaces=tuple(interfaces), time_mode=ts.time_mode, fields=settings.ipfix))
+                   ctx=ExportContext(interfaces=ifs.names(), time_mode=ts.time_mode, fields=settings.ipfix))
             for ts in settings.targets
         ]
         for t in targets:
@@ -151,9 +121,18 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         agent = Agent(settings, meter, targets, log=log, metrics=metrics, enricher=enricher, nat_events=nat_events)
         metrics.attach(
             agent,
-            interfaces=lambda: attached,
-            rx_packets=lambda: {i: n - rx_at_attach.get(i, 0) for i, n in rx_packets(list(rx_at_attach)).items()},
+            interfaces=ifs.attached,
+            rx_packets=lambda: {i: n - ifs.rx_at_attach.get(i, 0)
+                                for i, n in rx_packets(list(ifs.rx_at_attach)).items()},
         )
+
+        def follow() -> None:
+            with agent.lock:  # never in the middle of a sweep, never after the final flush began
+                if not stop.is_set():
+                    ifs.reconcile()
+
+        watcher = LinkWatcher(follow, log)
+        stack.callback(watcher.close)
         agent.run(stop)
         for t in targets:
             s = t.stats

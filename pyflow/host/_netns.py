@@ -93,10 +93,11 @@ class WakePipe:
                 os.close(fd)
 
 
-def stop_reader(thread: threading.Thread, wake: WakePipe, cv: threading.Condition) -> None:
+def stop_reader(thread: threading.Thread, wake: WakePipe, cv: threading.Condition | None = None) -> None:
     """Stop a reader thread: wake it, wait for it, release its waiters, close the pipe."""
     wake.wake()
     thread.join(5)
-    with cv:
-        cv.notify_all()
+    if cv is not None:
+        with cv:
+            cv.notify_all()
     wake.close()

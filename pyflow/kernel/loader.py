@@ -294,6 +294,18 @@ class FlowMeter:
                 if not others:
                     _quiet(lambda: ipr.tc("del", "clsact", att.ifindex))
 
+    def forget(self, ifname: str) -> None:
+        """Drop the attachments of an interface that no longer exists (its programs went with it)."""
+        for key in [k for k in self.attachments if k[0] == ifname]:
+            del self.attachments[key]
+
+    def rename(self, old: str, new: str) -> None:
+        """An attached interface was renamed (same ifindex): keep its attachments under the new name."""
+        for key in [k for k in self.attachments if k[0] == old]:
+            att = self.attachments.pop(key)
+            att.ifname = new
+            self.attachments[(new, key[1])] = att
+
     def detach_all(self) -> None:
         for ifname, hook in list(self.attachments):
             self.detach(ifname, hook)

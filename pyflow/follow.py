@@ -1,0 +1,198 @@
+"""Interfaces that follow the host: attach to new ones, let go of removed ones, keep renamed ones.
+
+``interfaces=all`` means every non-loopback interface that is up, now and
+later: a link event (rtnetlink RTMGRP_LINK) wakes a thread that reconciles
+the attachments within a fraction of a second.  A named list is checked at
+start (a missing name is an error there); a named interface that disappears
+later is a warning, and it is metered again if it comes back.
+
+Flows are keyed by ifindex, so a renamed interface keeps its cached flows and
+only its name changes (in the options data and the metrics).  The cached
+flows of a removed interface stay in the cache and leave by the usual
+timeouts: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyflow.config import Settings
+from pyflow.errors import KernelError
+from pyflow.host._netns import WakePipe, stop_reader
+from pyflow.interfaces import IFF_LOOPBACK, IFF_UP, list_links, rx_packets
+from pyflow.kernel.loader import Attachment, FlowMeter
+
+RTMGRP_LINK = 0x1
+NETLINK_ROUTE = 0
+HOOK_WORDS = {"xdp": "with XDP", "tc_ingress": "with TC on ingress", "tc_egress": "with TC on egress"}
+
+
+def attach_interface(meter: FlowMeter, settings: Settings, name: str,
+                     log: Callable[[str], None]) -> list[Attachment]:
+    """Attach what the interface's options ask for; hook auto takes TC ingress where XDP cannot attach."""
+    opts = settings.options_for(name)
+    out = []
+    if opts.ingress:
+        if opts.hook == "tc":
+            out.append(meter.attach(name, hook="tc_ingress"))
+        elif opts.hook == "xdp":
+            out.append(meter.attach(name, settings.xdp_mode, hook="xdp"))
+        else:
+            try:
+                out.append(meter.attach(name, settings.xdp_mode, hook="xdp"))
+            except KernelError as exc:
+                if "no such interface" in str(exc):
+                    raise
+                log(f"{name}: XDP not possible ({exc}); metering its ingress with TC instead")
+                out.append(meter.attach(name, hook="tc_ingress"))
+    if opts.egress:
+        out.append(meter.attach(name, hook="tc_egress"))
+    return out
+
+
+@dataclass
+class Metered:
+    name: str
+    attachments: list[Attachment] = field(default_factory=list)
+
+
+class InterfaceSet:
+    """The interfaces being metered, reconciled with the host's links on demand."""
+
+    def __init__(self, meter: FlowMeter, settings: Settings, log: Callable[[str], None],
+                 on_change: Callable[[InterfaceSet], None] | None = None) -> None:
+        self.meter = meter
+        self.settings = settings
+        self.log = log
+        self.on_change = on_change
+        self.follow_all = tuple(settings.interfaces) == ("all",)
+        self.metered: dict[int, Metered] = {}  # ifindex -> name and attachments
+        self.rx_at_attach: dict[int, int] = {}  # the gap metric's zero point per ingress-metered ifindex
+        self.lock = threading.Lock()
+
+    # -- views for the exporters and the metrics ---------------------------------------
+
+    def names(self) -> tuple[tuple[int, str], ...]:
+        """(ifindex, name) of every metered interface: the interface-name options data."""
+        return tuple((idx, m.name) for idx, m in sorted(self.metered.items()))
+
+    def attached(self) -> list[tuple[str, int, str, str]]:
+        """(name, ifindex, hook, mode) of every attachment: the program-info metric."""
+        return [(m.name, idx, a.hook, a.mode) for idx, m in sorted(self.metered.items()) for a in m.attachments]
+
+    # -- reconciling -----------------------------------------------------------------
+
+    def wanted(self, links: list[tuple[int, str, int]]) -> dict[int, str]:
+        if self.follow_all:
+            return {idx: name for idx, name, flags in links if flags & IFF_UP and not flags & IFF_LOOPBACK}
+        named = set(self.settings.interfaces)
+        return {idx: name for idx, name, _ in links if name in named}
+
+    def start(self) -> None:
+        """The first reconcile: every named interface must exist; ``all`` must find one."""
+        links = list_links()
+        wanted = self.wanted(links)
+        if self.follow_all and not wanted:
+            raise KernelError("interfaces=all but no non-loopback interface is up")
+        missing = sorted(set(self.settings.interfaces) - set(wanted.values())) if not self.follow_all else []
+        if missing:
+            raise KernelError(f"no such interface: {', '.join(missing)} (see `ip link`)")
+        self.reconcile(links)
+
+    def reconcile(self, links: list[tuple[int, str, int]] | None = None) -> bool:
+        """Attach new interfaces, forget removed ones, rename renamed ones; True if anything changed."""
+        with self.lock:
+            links = list_links() if links is None else links
+            present = {idx: name for idx, name, _ in links}
+            wanted = self.wanted(links)
+            changed = False
+            for idx in [i for i in self.metered if i not in present]:
+                m = self.metered.pop(idx)
+                self.meter.forget(m.name)
+                self.rx_at_attach.pop(idx, None)
+                self.log(f"{m.name} (ifindex {idx}) is gone: no longer metered; its cached flows leave by "
+                         "the usual timeouts" + ("" if self.follow_all else " (a warning: it is in the interface "
+                                                 "list, and will be metered again if it comes back)"))
+                changed = True
+            for idx, m in self.metered.items():
+                if present[idx] != m.name:
+                    self.log(f"{m.name} (ifindex {idx}) is now called {present[idx]}: its flows carry on")
+                    self.meter.rename(m.name, present[idx])
+                    m.name = present[idx]
+                    changed = True
+            for idx, name in sorted(wanted.items()):
+                if idx in self.metered:
+                    continue
+                try:
+                    atts = attach_interface(self.meter, self.settings, name, self.log)
+                except KernelError as exc:
+                    if "no such interface" in str(exc):  # gone again meanwhile
+                        continue
+                    raise
+                self.metered[idx] = Metered(name, atts)
+                if self.settings.options_for(name).ingress:
+                    self.rx_at_attach.update(rx_packets([idx]))
+                for a in atts:
+                    self.log(f"metering {name} (ifindex {a.ifindex}) {HOOK_WORDS[a.hook]} in {a.mode} mode")
+                changed = True
+        if changed and self.on_change is not None:
+            self.on_change(self)
+        return changed
+
+
+class LinkWatcher:
+    """Calls ``callback`` (from its own thread) soon after any link is added, removed, renamed,
+    or goes up or down; ``close()`` stops it at once."""
+
+    def __init__(self, callback: Callable[[], object], log: Callable[[str], None],
+                 debounce: float = 0.05) -> None:
+        self.callback = callback
+        self.log = log
+        self.debounce = debounce
+        self.errors = 0
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        self._sock.bind((0, RTMGRP_LINK))
+        self._sock.setblocking(False)
+        self._wake = WakePipe()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pyflow-links", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        for _ in range(1000):
+            try:
+                self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ENOBUFS: events were lost; a reconcile catches up anyway
+                self.log(f"link events: {exc}")
+                return
+
+    def _run(self) -> None:
+        fd = self._sock.fileno()
+        while not self._closed:
+            ready, _, _ = select.select([fd, self._wake.fd], [], [])
+            if self._wake.fd in ready or self._closed:
+                return
+            self._drain()
+            # coalesce a burst (a veth pair, an interface with its addresses) into one reconcile
+            ready, _, _ = select.select([self._wake.fd], [], [], self.debounce)
+            if ready:
+                return
+            self._drain()
+            try:
+                self.callback()
+            except Exception as exc:  # keep following; the next event retries
+                self.errors += 1
+                self.log(f"following interfaces: {exc}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stop_reader(self._thread, self._wake)
+        self._sock.close()

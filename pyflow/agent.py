@@ -248,13 +248,35 @@ class Agent:
         now, _, clock = self._clock()
         self.export(rec.empty(0), clock, now)
 
-    def run(self, stop: threading.Event) -> None:
-        """Sweep every ``sweep-interval`` until ``stop`` is set, then flush everything."""
-        interval = self.settings.sweep_interval_ns / 1e9
+    def run(self, stop: threading.Event, between: Callable[[], None] | None = None) -> None:
+        """Sweep every ``sweep-interval`` until ``stop`` is set, then flush everything.
+
+        ``between`` runs before every sweep (the runner applies a pending reload there).
+        """
         self.announce()
-        while not stop.wait(interval):
+        while not stop.wait(self.settings.sweep_interval_ns / 1e9):
+            if between is not None:
+                between()
             self.tick()
         self.flush()
+
+    def hand_over(self, new_meter: FlowMeter) -> np.ndarray:
+        """Move to ``new_meter`` without losing a count (call with ``lock`` held).
+
+        The caller has already put the new program in the old one's place on
+        every interface (atomic replace), so nothing writes the old maps once
+        the RCU barrier has passed.  Everything left in them is exported --
+        expired entries as usual, the rest as forced ends -- then the agent
+        works on the new maps with a fresh baseline.  Returns what was exported.
+        """
+        old = self.meter
+        old.barrier()
+        done = [self._tick(False), self._tick(True)]
+        self.meter = new_meter
+        self.baseline = Baseline()
+        self._spilled.clear()
+        new_meter.open_spill(self._spilled.append)
+        return np.concatenate(done)
 
     def flush(self) -> None:
         """Shutdown: detach (no more writers), then export everything still cached."""

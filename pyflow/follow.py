@@ -103,6 +103,26 @@ class InterfaceSet:
             raise KernelError(f"no such interface: {', '.join(missing)} (see `ip link`)")
         self.reconcile(links)
 
+    def apply(self, settings: Settings, meter: FlowMeter) -> None:
+        """New settings (a reload) and/or a new program: re-read the attachments from ``meter``,
+        let go of interfaces no longer wanted or whose direction/hook changed, then reconcile."""
+        with self.lock:
+            old = self.settings
+            self.settings = settings
+            self.meter = meter
+            self.follow_all = tuple(settings.interfaces) == ("all",)
+            wanted = self.wanted(list_links())
+            for idx in list(self.metered):
+                m = self.metered[idx]
+                if idx not in wanted or old.options_for(m.name) != settings.options_for(m.name):
+                    meter.detach(m.name)
+                    del self.metered[idx]
+                    self.rx_at_attach.pop(idx, None)
+                    self.log(f"{m.name} (ifindex {idx}): no longer metered as before (settings reloaded)")
+                else:
+                    m.attachments = [a for (name, _), a in meter.attachments.items() if name == m.name]
+        self.reconcile()
+
     def reconcile(self, links: list[tuple[int, str, int]] | None = None) -> bool:
         """Attach new interfaces, forget removed ones, rename renamed ones; True if anything changed."""
         with self.lock:

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pyflow.agent import Agent
 from pyflow.config import Settings
 from pyflow.enrich import Enricher
-from pyflow.errors import ConfigError
+from pyflow.errors import ConfigError, PyflowError
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportContext, Target
 from pyflow.follow import InterfaceSet, LinkWatcher
@@ -18,6 +18,7 @@ from pyflow.host.conntrack import NatEventListener
 from pyflow.interfaces import rx_packets
 from pyflow.kernel.loader import FlowMeter, KernelSettings
 from pyflow.metrics import Metrics, serve
+from pyflow.sweep import SweepRules
 
 
 def kernel_settings(settings: Settings) -> KernelSettings:
@@ -47,6 +48,74 @@ def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
     src, sport = target.sock.getsockname()[:2]
     dst, dport = target.sock.getpeername()[:2]
     meter.exclude_own_export(str(src).split("%")[0], int(sport), str(dst).split("%")[0], int(dport))
+
+
+def open_target(t: Target, meter: FlowMeter, stack: ExitStack, log: Callable[[str], None]) -> None:
+    stack.callback(t.close)
+    t.open()
+    exclude_own_exports(meter, t)
+    log(f"exporting to {t.name}")
+
+
+def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list[Target], stack: ExitStack,
+                   log: Callable[[str], None]) -> None:
+    """SIGHUP: apply re-read settings without losing a count (called with the agent's lock held).
+
+    What the kernel program is compiled with (cache size, inactive timeout, the
+    per-flow detail the fields need, sampling) takes a new program: it is
+    compiled and loaded, put in the old one's place on every interface
+    atomically, and the old maps are exported to the end (``Agent.hand_over``).
+    Everything else applies at once: targets added, removed or kept (a kept
+    target keeps its socket, sequence numbers and template clock), field
+    toggles (templates are re-sent at once), timeouts, interfaces.
+    """
+    old = agent.settings
+    if new.metrics_address != old.metrics_address:
+        log("reload: metrics-address changes need a restart; the endpoint stays where it is")
+    for ts in new.targets:
+        encoder_for(ts.version)
+    old_kernel, new_kernel = kernel_settings(old), kernel_settings(new)
+    if new_kernel != old_kernel:
+        meter = FlowMeter(new_kernel)
+        try:
+            meter.load()
+            for hook in {h for _, h in agent.meter.attachments}:
+                meter.load(hook)
+            meter.take_over(agent.meter)
+        except BaseException:
+            meter.close()
+            raise
+        previous = agent.meter
+        done = agent.hand_over(meter)
+        stack.callback(meter.close)
+        previous.close()  # its programs are no longer attached anywhere: only the maps go
+        log(f"reload: new kernel program in place (cache-entries={new.cache_entries}); "
+            f"{len(done)} records exported from the old cache")
+    kept = {t.settings: t for t in targets}
+    new_targets = []
+    for ts in new.targets:
+        t = kept.pop(ts, None)
+        if t is None:
+            t = Target(ts, encoder_for(ts.version),
+                       ctx=ExportContext(interfaces=ifs.names(), time_mode=ts.time_mode, fields=new.ipfix))
+            open_target(t, agent.meter, stack, log)
+        elif new_kernel != old_kernel:
+            exclude_own_exports(agent.meter, t)
+        new_targets.append(t)
+    for t in kept.values():
+        log(f"reload: {t.name} removed")
+        t.close()
+    for t in new_targets:
+        if t.ctx.fields != new.ipfix:
+            t.ctx = dataclasses.replace(t.ctx, fields=new.ipfix)
+            t.clock.last_sent_ns = None  # the new templates go out with the next export
+    targets[:] = new_targets
+    agent.targets = targets
+    agent.settings = new
+    agent.rules = SweepRules(active_ns=new.active_flow_timeout_ns, inactive_ns=new.inactive_flow_timeout_ns,
+                             end_idle_ns=new.end_idle_ns)
+    ifs.apply(new, agent.meter)
+    log("reload: settings applied")
 
 
 ROUTE_FIELDS = ("src-address-mask", "dst-address-mask", "gateway", "out-interface")
@@ -85,7 +154,10 @@ def host_sources(settings: Settings, stack: ExitStack,
     return Enricher(routes=routes, nat=nat, asn=asn), events
 
 
-def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None]) -> None:
+def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
+              reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None) -> None:
+    """Meter and export until ``stop``; when ``reload`` is set, re-read the settings with
+    ``load_settings`` and apply them (see :func:`apply_settings`)."""
     if not settings.targets:
         raise ConfigError("no target configured")
     with ExitStack() as stack:
@@ -114,10 +186,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             for ts in settings.targets
         ]
         for t in targets:
-            stack.callback(t.close)
-            t.open()
-            exclude_own_exports(meter, t)
-            log(f"exporting to {t.name}")
+            open_target(t, meter, stack, log)
         agent = Agent(settings, meter, targets, log=log, metrics=metrics, enricher=enricher, nat_events=nat_events)
         metrics.attach(
             agent,
@@ -133,7 +202,20 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
 
         watcher = LinkWatcher(follow, log)
         stack.callback(watcher.close)
-        agent.run(stop)
+
+        def between() -> None:
+            if reload is None or load_settings is None or not reload.is_set():
+                return
+            reload.clear()
+            try:
+                new = load_settings()
+            except PyflowError as exc:
+                log(f"reload: {exc}; the running settings stay")
+                return
+            with agent.lock:
+                apply_settings(new, agent, ifs, targets, stack, log)
+
+        agent.run(stop, between)
         for t in targets:
             s = t.stats
             errs = ", ".join(f"{k}={v}" for k, v in sorted(s.send_errors.items())) or "none"

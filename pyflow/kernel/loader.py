@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import os
 import platform
@@ -293,6 +294,27 @@ class FlowMeter:
                           + ipr.get_filters(att.ifindex, parent=0xFFFFFFF3) if f.get_attr("TCA_KIND")]
                 if not others:
                     _quiet(lambda: ipr.tc("del", "clsact", att.ifindex))
+
+    def take_over(self, old: FlowMeter) -> None:
+        """Put this meter's programs where ``old``'s are, atomically, interface by interface.
+
+        XDP: attaching without ``XDP_FLAGS_UPDATE_IF_NOEXIST`` replaces the
+        program in one step; TC: ``tc filter replace`` at the same priority and
+        handle.  No packet meets neither program, none meets both.  ``old``
+        forgets its attachments (detaching them now would remove ours).
+        """
+        for (ifname, hook), att in list(old.attachments.items()):
+            fd = self.load(hook)
+            if hook == "xdp":
+                self.bpf.attach_xdp(ifname.encode(), self._progs["xdp"], XDP_MODES[att.mode])
+            else:
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    ipr.tc("replace-filter", "bpf", att.ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[hook],
+                           parent=TC_PARENTS[hook], classid=1, direct_action=True, prio=TC_PRIORITY)
+            self.attachments[(ifname, hook)] = dataclasses.replace(att)
+        old.attachments.clear()
 
     def forget(self, ifname: str) -> None:
         """Drop the attachments of an interface that no longer exists (its programs went with it)."""

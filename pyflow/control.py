@@ -1,0 +1,634 @@
+"""The control channel: a running agent answers ``pyflow status``, ``flows`` and ``top``.
+
+``ControlServer(agent, path)`` listens on a Unix stream socket (default
+:data:`DEFAULT_SOCKET`, mode 0600, so only root -- the agent's user -- may
+ask) in a daemon thread.  The protocol is one JSON object per line each way:
+
+* ``{"cmd": "status"}`` -> the agent's effective settings (RouterOS names),
+  cache use now, per-target counters and when each target last sent, the
+  agent's own counters and uptime;
+* ``{"cmd": "flows", "sort": "bytes"|"packets"|"age", "limit": N}`` -> the
+  kernel flow cache now, sorted, at most N flows (no limit: all), each with
+  its cumulative counters and what is not exported yet, plus the total count.
+
+Every answer has ``"ok"``: true, or false with ``"error"``.  A bad request
+gets an error answer; nothing a client sends can stop the server.  A client
+may send any number of requests on one connection.
+
+The cache is read under ``agent.lock`` (the agent sweeps under it, so the
+cache and the baseline are seen at one consistent point); the arrays are
+copied and the lock released before anything is sorted or formatted.
+
+"Last sent" per target: ``TargetStats`` has no timestamp, so the server
+samples every target's datagram counter (every :data:`SAMPLE_SECONDS`, and
+before each status answer) and remembers when it last changed.  The time is
+therefore exact to within that sampling period.
+
+``ControlClient(path)`` is the other end (``status()``, ``flows()``); it
+turns "nobody listening" into :class:`AgentNotRunning`, whose message says so
+and names the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyflow import __version__
+from pyflow.errors import PyflowError
+from pyflow.records import addr_from_16
+from pyflow.units import format_duration
+
+if TYPE_CHECKING:
+    from pyflow.agent import Agent
+
+def default_socket() -> str:
+    """``/run/pyflow/pyflow.sock`` in the host's network namespace; in another one (an agent
+    under ``ip netns exec``), ``/run/pyflow/pyflow-net<inode>.sock``: /run is shared by every
+    network namespace, so agents in different ones never collide, and ``pyflow status`` run
+    in the same namespace as an agent finds it without being told where."""
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+        host = os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return "/run/pyflow/pyflow.sock"
+    return "/run/pyflow/pyflow.sock" if mine == host else f"/run/pyflow/pyflow-net{mine}.sock"
+
+
+DEFAULT_SOCKET = default_socket()
+SORTS = ("bytes", "packets", "age")
+MAX_REQUEST = 64 * 1024  # bytes in one request line
+MAX_CLIENTS = 16  # connections served at once; more are answered with an error and closed
+IDLE_SECONDS = 300.0  # a connection with no request for this long is closed
+SAMPLE_SECONDS = 0.25  # how often the targets' datagram counters are sampled ("last sent")
+DIRECTIONS = {0: "ingress", 1: "egress"}
+MAX_PATH = 107  # bytes in a Unix socket path (sun_path is 108, NUL included)
+_TMP_NAMES = itertools.count()
+
+
+class ControlError(PyflowError):
+    """The control channel failed: socket in use, agent gone, bad answer."""
+
+    exit_code = 1
+
+
+class AgentNotRunning(ControlError):
+    """Nobody listens on the control socket."""
+
+    def __init__(self, path: str, detail: str = "") -> None:
+        why = f" ({detail})" if detail else ""
+        super().__init__(f"no pyflow agent is listening on {path}: is `pyflow run` running? (see --socket){why}")
+        self.path = path
+
+
+class BadRequest(Exception):
+    """A request the server cannot answer; its message goes back to the client."""
+
+
+def _boot_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+# --------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------
+
+
+def check_socket_path(path: str) -> None:
+    """Make ``path`` ready for a control socket, or say why it cannot be one (``ControlError``).
+
+    Creates its directory (0755), removes a stale socket file (one nobody
+    answers on: its agent is gone), and refuses a path a live agent answers
+    on, a file that is not a socket, or a path too long for a Unix socket.
+    ``ControlServer.start`` does the same; a runner may call this earlier,
+    before anything is attached, to fail fast.
+    """
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ControlError(f"control socket path {path} is too long for a Unix socket "
+                           f"({len(os.fsencode(path))} bytes, at most {MAX_PATH})")
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: cannot create {directory}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"control socket {path} exists and is not a socket: remove it or choose "
+                           "another path (--control-socket)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an agent that is gone
+        return
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    raise ControlError(f"another pyflow agent is listening on {path}: stop it, or give this one "
+                       "another control socket (--control-socket PATH)")
+
+
+class ControlServer:
+    """Serve ``agent``'s state on the Unix socket ``path`` (see the module docstring).
+
+    ``start()`` binds (replacing a stale socket file left by a dead agent,
+    refusing one a live agent still answers on) and starts the thread;
+    ``close()`` stops it and removes the socket file.  Both are idempotent,
+    and the server is a context manager.
+    """
+
+    def __init__(self, agent: Agent, path: str = DEFAULT_SOCKET, *,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.agent = agent
+        self.path = str(path)
+        self._wall = wall
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._inode: tuple[int, int] | None = None
+        self._clients: set[socket.socket] = set()
+        self._clients_lock = threading.Lock()
+        self._started_at = wall()
+        # id(target) -> (datagrams at the last change, wall time of that change or None)
+        self._sent: dict[int, tuple[int, float | None]] = {}
+        self._sent_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._closed:
+            raise ControlError("a closed control server cannot be started again")
+        if self._listener is not None:
+            return
+        check_socket_path(self.path)
+        directory = os.path.dirname(self.path) or "."
+        # Bind under a temporary name, make it 0600, then rename it into place: the final
+        # name never exists with wider permissions, and nobody can connect before listen().
+        tmp = os.path.join(directory, f".pyflow-{os.getpid()}-{next(_TMP_NAMES)}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            os.rename(tmp, self.path)
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            sock.listen(MAX_CLIENTS)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
+        self._listener = sock
+        self._sample_targets()
+        self._thread = threading.Thread(target=self._serve, name="pyflow-control", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._clients_lock:
+            clients = list(self._clients)
+        for conn in clients:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        if self._inode is not None:
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:  # still ours, not a newer agent's
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self._inode = None
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- serving ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            listener = self._listener
+            if listener is None:
+                return
+            try:
+                ready, _, _ = select.select([listener], [], [], SAMPLE_SECONDS)
+            except (OSError, ValueError):
+                return  # closed under us
+            self._sample_targets()
+            if not ready:
+                continue
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with self._clients_lock:
+                busy = len(self._clients) >= MAX_CLIENTS
+                if not busy:
+                    self._clients.add(conn)
+            if busy:
+                with contextlib.suppress(OSError):
+                    conn.sendall(_encode({"ok": False, "error": f"too many clients (at most {MAX_CLIENTS})"}))
+                conn.close()
+                continue
+            threading.Thread(target=self._client, args=(conn,), name="pyflow-control-client", daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        buf = b""
+        try:
+            conn.settimeout(IDLE_SECONDS)
+            while not self._stop.is_set():
+                while b"\n" not in buf:
+                    if len(buf) > MAX_REQUEST:
+                        conn.sendall(_encode({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}))
+                        _linger(conn)
+                        return
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    conn.sendall(_encode(self.handle_line(line)))
+        except OSError:
+            pass
+        finally:
+            with self._clients_lock:
+                self._clients.discard(conn)
+            conn.close()
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """One request line -> its answer (never raises)."""
+        try:
+            try:
+                request = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise BadRequest(f"not JSON: {exc}") from None
+            return self.handle(request)
+        except BadRequest as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must not end the server: the client hears about it
+            return {"ok": False, "error": f"internal error: {exc!r}"}
+
+    def handle(self, request: object) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            raise BadRequest('a request is a JSON object such as {"cmd": "status"}')
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return self.status()
+        if cmd == "flows":
+            sort = request.get("sort", "bytes")
+            if sort not in SORTS:
+                raise BadRequest(f"sort {sort!r} is not one of {', '.join(SORTS)}")
+            limit = request.get("limit")
+            if limit is not None and (type(limit) is not int or limit < 0):
+                raise BadRequest(f"limit {limit!r} is not a whole number >= 0 (0 or none: every flow)")
+            return self.flows(sort, limit or None)
+        raise BadRequest(f"unknown cmd {cmd!r} (known: status, flows)")
+
+    # -- status ----------------------------------------------------------------
+
+    def _sample_targets(self) -> None:
+        now = self._wall()
+        with self._sent_lock:
+            seen = set()
+            for target in list(getattr(self.agent, "targets", ())):
+                key = id(target)
+                seen.add(key)
+                n = int(target.stats.datagrams)
+                last = self._sent.get(key)
+                if last is None:
+                    self._sent[key] = (n, now if n else None)  # sent before we looked: "now" is the best bound
+                elif n != last[0]:
+                    self._sent[key] = (n, now)
+            for key in set(self._sent) - seen:
+                del self._sent[key]
+
+    def _last_sent(self, target: object) -> float | None:
+        with self._sent_lock:
+            entry = self._sent.get(id(target))
+        return entry[1] if entry else None
+
+    def status(self) -> dict[str, Any]:
+        agent = self.agent
+        self._sample_targets()
+        with agent.lock:
+            keys, _ = agent.meter.read_flows()
+            cached = len(keys)
+            capacity = int(agent.meter.settings.cache_entries)
+            settings = agent.settings
+            # under the lock: the sweep updates the targets' counters (and their errno Counter) under it too
+            targets = [self._target_view(i, t) for i, t in enumerate(agent.targets)]
+            stats = agent.stats
+            agent_stats = {
+                "sweeps": int(stats.sweeps),
+                "records": int(stats.records),
+                "deleted": int(stats.deleted),
+                "nat-events": int(getattr(stats, "nat_events", 0)),
+                "spill-events": int(getattr(stats, "spill_events", 0)),
+                "last-sweep-seconds": float(getattr(stats, "last_sweep_seconds", 0.0)),
+            }
+        now = self._wall()
+        metrics = getattr(agent, "metrics", None)
+        started = float(getattr(metrics, "start_time", 0.0) or self._started_at)
+        agent_stats |= {"started": started, "uptime": max(0.0, now - started), "pid": os.getpid()}
+        for view in targets:
+            last = view["last-sent"]
+            view["last-sent-ago"] = None if last is None else max(0.0, now - last)
+        return {
+            "ok": True,
+            "version": __version__,
+            "time": now,
+            "settings": settings_view(settings),
+            "cache": {"entries": cached, "capacity": capacity},
+            "targets": targets,
+            "agent": agent_stats,
+        }
+
+    def _target_view(self, index: int, target: Any) -> dict[str, Any]:
+        ts = target.settings
+        st = target.stats
+        last = self._last_sent(target)
+        errors = {str(k): int(v) for k, v in sorted(st.send_errors.items()) if v}
+        return {
+            "index": index,
+            "name": str(target.name),
+            "dst-address": ts.dst_address,
+            "port": int(ts.port),
+            "version": ts.version,
+            "src-address": ts.src_address or "",
+            "v9-template-refresh": int(ts.v9_template_refresh),
+            "v9-template-timeout": format_duration(int(ts.v9_template_timeout_ns)),
+            "time": getattr(ts, "time_mode", "absolute"),
+            "datagrams": int(st.datagrams),
+            "records": int(st.records),
+            "bytes": int(st.bytes),
+            "templates": int(getattr(st, "templates", 0)),
+            "not-representable": int(getattr(st, "not_representable", 0)),
+            "send-errors": sum(errors.values()),
+            "send-errors-by-errno": errors,
+            "last-sent": last,
+        }
+
+    # -- flows -----------------------------------------------------------------
+
+    def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
+        agent = self.agent
+        with agent.lock:
+            keys_v, values_v = agent.meter.read_flows()
+            keys, values = keys_v.copy(), values_v.copy()
+            baseline = agent.baseline  # immutable: the sweep replaces it, never changes it
+            capacity = int(agent.meter.settings.cache_entries)
+            clocks = getattr(agent, "clocks", None)
+            now_ns = int(clocks.boot_ns()) if clocks is not None else _boot_ns()
+        total = len(keys)
+        has, pos = baseline.join(values["flow_id"])
+        if len(baseline):
+            base_pk = np.where(has, baseline.packets[pos], 0).astype(np.uint64)
+            base_by = np.where(has, baseline.bytes[pos], 0).astype(np.uint64)
+        else:
+            base_pk = base_by = np.zeros(total, dtype=np.uint64)
+        if sort == "age":
+            order = np.lexsort((values["flow_id"], values["first_seen_ns"]))  # oldest first
+        else:
+            column = values["bytes" if sort == "bytes" else "packets"]
+            order = np.lexsort((values["flow_id"], ~column))  # largest first (~ on uint64 reverses)
+        if limit is not None:
+            order = order[:limit]
+        names = _IfNames()
+        flows = []
+        for i in order.tolist():
+            k, v = keys[i], values[i]
+            ipv = int(k["ip_version"])
+            ifindex = int(k["ifindex"])
+            flows.append({
+                "src": str(addr_from_16(bytes(k["src_addr"]), ipv)),
+                "dst": str(addr_from_16(bytes(k["dst_addr"]), ipv)),
+                "sport": int(k["src_port"]),
+                "dport": int(k["dst_port"]),
+                "proto": int(k["protocol"]),
+                "ip-version": ipv,
+                "tos": int(k["tos"]),
+                "ifindex": ifindex,
+                "interface": names.get(ifindex),
+                "direction": DIRECTIONS.get(int(k["direction"]), str(int(k["direction"]))),
+                "packets": int(v["packets"] - base_pk[i]),
+                "bytes": int(v["bytes"] - base_by[i]),
+                "packets-total": int(v["packets"]),
+                "bytes-total": int(v["bytes"]),
+                "tcp-flags": int(v["tcp_flags"]) & 0xFF,
+                "first-seen": max(0.0, (now_ns - int(v["first_seen_ns"])) / 1e9),
+                "last-seen": max(0.0, (now_ns - int(v["last_seen_ns"])) / 1e9),
+                "flow-id": int(v["flow_id"]),
+            })
+        return {"ok": True, "time": self._wall(), "total": total, "capacity": capacity, "sort": sort,
+                "limit": limit or 0, "flows": flows}
+
+
+class _IfNames:
+    """ifindex -> interface name in the agent's network namespace (None when unknown)."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, str | None] = {}
+
+    def get(self, ifindex: int) -> str | None:
+        if ifindex not in self._names:
+            try:
+                self._names[ifindex] = socket.if_indextoname(ifindex)
+            except OSError:
+                self._names[ifindex] = None
+        return self._names[ifindex]
+
+
+def _linger(conn: socket.socket, limit: int = 1 << 20) -> None:
+    """End the answer, then read (and drop) what the client still sends, up to ``limit`` bytes or 1 s:
+    closing with unread data would reset the connection and lose the answer."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        while limit > 0:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            limit -= len(chunk)
+    except OSError:
+        pass
+
+
+def settings_view(settings: Any) -> dict[str, Any]:
+    """The effective settings with RouterOS's names (``/ip traffic-flow print``), plus pyflow's own.
+
+    Settings a version of ``Settings`` does not have are left out.
+    """
+    out: dict[str, Any] = {}
+    out["enabled"] = True  # the agent runs: RouterOS's enabled=yes, whatever a config file said
+    spec = getattr(settings, "interface_spec", ()) or settings.interfaces
+    out["interfaces"] = list(spec)
+    if tuple(spec) != tuple(settings.interfaces):
+        out["interfaces-expanded"] = list(settings.interfaces)
+    out["cache-entries"] = int(settings.cache_entries)
+    out["active-flow-timeout"] = format_duration(int(settings.active_flow_timeout_ns))
+    out["inactive-flow-timeout"] = format_duration(int(settings.inactive_flow_timeout_ns))
+    if hasattr(settings, "packet_sampling"):
+        out["packet-sampling"] = bool(settings.packet_sampling)
+    for name in ("sampling_interval", "sampling_space"):
+        if hasattr(settings, name):
+            out[name.replace("_", "-")] = int(getattr(settings, name))
+    fields = getattr(settings, "ipfix", None)
+    if fields is not None and hasattr(fields, "changes"):
+        out["ipfix"] = {name: ("yes" if on else "no") for name, on in fields.changes().items()}
+    out["sweep-interval"] = format_duration(int(settings.sweep_interval_ns))
+    out["direction"] = getattr(settings, "direction", "ingress")
+    out["hook"] = getattr(settings, "hook", "auto")
+    options = []
+    for o in getattr(settings, "interface_options", ()):
+        options.append(f"{o.name},direction={o.direction},hook={o.hook}")
+    if options:
+        out["interface-options"] = options
+    for name in ("xdp_mode", "metrics_address", "as_file"):
+        if hasattr(settings, name):
+            value = getattr(settings, name)
+            out[name.replace("_", "-")] = "" if value is None else str(value)
+    return out
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+# --------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ControlClient:
+    """Requests to a running agent over its control socket; one connection, reused.
+
+    A connection the agent closed (idle timeout, restart) is reopened once per
+    request.  Every failure is a :class:`ControlError`; nobody listening is
+    :class:`AgentNotRunning`.
+    """
+
+    path: str = DEFAULT_SOCKET
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            stale = isinstance(exc, ConnectionRefusedError)
+            raise AgentNotRunning(self.path, "its socket file is stale: the agent that made it is gone" if stale
+                                  else "") from None
+        except PermissionError:
+            sock.close()
+            raise ControlError(f"permission denied on {self.path}: the control socket is for root only "
+                               "(mode 0600); run this as root (sudo)") from None
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.ENOTSOCK or exc.errno == errno.ENOTDIR:
+                raise AgentNotRunning(self.path, exc.strerror or "") from None
+            raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
+        return sock
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request, return its answer (``ok`` true); an error answer raises ControlError."""
+        data = _encode(request)
+        for attempt in (1, 2):
+            fresh = self._sock is None
+            if self._sock is None:
+                self._sock = self._connect()
+                self._buf = b""
+            try:
+                self._sock.sendall(data)
+                line = self._read_line(self._sock)
+                break
+            except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
+                self.close()
+                if fresh or attempt == 2:
+                    raise ControlError(f"the agent on {self.path} closed the connection ({exc or 'end of data'})"
+                                       ) from None
+            except TimeoutError:
+                self.close()
+                raise ControlError(f"the agent on {self.path} did not answer within {self.timeout:g}s") from None
+            except OSError as exc:
+                self.close()
+                raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise ControlError(f"the agent on {self.path} sent something that is not JSON: {line[:80]!r}") from None
+        if not isinstance(answer, dict):
+            raise ControlError(f"the agent on {self.path} sent an answer that is not a JSON object")
+        if not answer.get("ok"):
+            raise ControlError(f"the agent says: {answer.get('error', 'error (no reason given)')}")
+        return answer
+
+    def _read_line(self, sock: socket.socket) -> bytes:
+        while b"\n" not in self._buf:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def status(self) -> dict[str, Any]:
+        return self.request({"cmd": "status"})
+
+    def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
+        return self.request({"cmd": "flows", "sort": sort, "limit": limit or 0})
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,366 @@
+"""The control channel (pyflow/control.py) against a fake agent: no root, no kernel.
+
+The fake has what the server reads of an Agent: ``lock``, ``settings`` (a real Settings),
+``targets`` (real Targets, never opened), ``stats``, ``baseline``, ``clocks`` and a meter whose
+``read_flows()`` returns arrays of the kernel ABI's dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pyflow.agent import AgentStats, Clocks
+from pyflow.config import Settings, TargetSettings
+from pyflow.control import AgentNotRunning, ControlClient, ControlError, ControlServer, check_socket_path
+from pyflow.export.registry import encoder_for
+from pyflow.export.target import Target
+from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
+from pyflow.records import addr_to_16
+from pyflow.sweep import Baseline
+
+BOOT_NOW = 500 * 10**9  # the fake CLOCK_BOOTTIME "now"
+S = 10**9
+
+
+class FakeMeter:
+    def __init__(self, agent: FakeAgent, keys: np.ndarray, values: np.ndarray, capacity: int) -> None:
+        self.agent = agent
+        self.keys, self.values = keys, values
+        self.settings = SimpleNamespace(cache_entries=capacity)
+        self.reads = 0
+        self.fail = False
+
+    def read_flows(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.agent.lock.locked(), "the cache is read under the agent's lock"
+        self.reads += 1
+        if self.fail:
+            raise RuntimeError("map gone")
+        return self.keys, self.values
+
+
+def flow_arrays(flows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.zeros(len(flows), FLOW_KEY_DTYPE)
+    values = np.zeros(len(flows), FLOW_VALUE_DTYPE)
+    for i, f in enumerate(flows):
+        keys[i]["src_addr"] = addr_to_16(f["src"])
+        keys[i]["dst_addr"] = addr_to_16(f["dst"])
+        keys[i]["ip_version"] = 6 if ":" in f["src"] else 4
+        for k in ("src_port", "dst_port", "protocol", "ifindex", "direction"):
+            keys[i][k] = f.get(k, 0)
+        for k in ("packets", "bytes", "first_seen_ns", "last_seen_ns", "flow_id", "tcp_flags"):
+            values[i][k] = f.get(k, 0)
+    return keys, values
+
+
+FLOWS = [
+    # a UDP flow cut once by the active timeout: 4 packets / 400 bytes already exported
+    {"src": "10.0.0.1", "dst": "10.0.0.2", "src_port": 40000, "dst_port": 53, "protocol": 17, "ifindex": 1,
+     "packets": 10, "bytes": 1000, "first_seen_ns": BOOT_NOW - 30 * S, "last_seen_ns": BOOT_NOW - 1 * S,
+     "flow_id": 7},
+    # the biggest by bytes, the oldest
+    {"src": "2001:db8::1", "dst": "2001:db8::2", "src_port": 443, "dst_port": 50000, "protocol": 6, "ifindex": 1,
+     "packets": 5, "bytes": 5000, "first_seen_ns": BOOT_NOW - 60 * S, "last_seen_ns": BOOT_NOW - 2 * S,
+     "flow_id": 3, "tcp_flags": 0x18, "direction": 1},
+    # the most packets, the youngest; ICMP echo (type 8 code 0 in dst port)
+    {"src": "10.0.0.3", "dst": "10.0.0.4", "src_port": 0, "dst_port": 8 * 256, "protocol": 1, "ifindex": 1,
+     "packets": 20, "bytes": 1680, "first_seen_ns": BOOT_NOW - 5 * S, "last_seen_ns": BOOT_NOW, "flow_id": 9},
+]
+
+
+class FakeAgent:
+    def __init__(self, flows: list[dict] = FLOWS, capacity: int = 4096) -> None:
+        self.lock = threading.Lock()
+        self.settings = Settings(
+            interfaces=("eth0", "eth1"), cache_entries=capacity,
+            targets=(TargetSettings("127.0.0.1", 2055, "ipfix"), TargetSettings("192.0.2.50", 9995, "5")),
+            active_flow_timeout_ns=60 * S, inactive_flow_timeout_ns=15 * S,
+        )
+        self.targets = [Target(ts, encoder_for(ts.version)) for ts in self.settings.targets]
+        self.stats = AgentStats(sweeps=12, records=34, deleted=5)
+        self.baseline = Baseline(np.array([7], np.uint64), np.array([4], np.uint64), np.array([400], np.uint64),
+                                 np.array([BOOT_NOW - 10 * S], np.uint64))
+        self.clocks = Clocks(boot_ns=lambda: BOOT_NOW)
+        self.metrics = None
+        keys, values = flow_arrays(flows)
+        self.meter = FakeMeter(self, keys, values, capacity)
+
+
+class Wall:
+    """An injectable wall clock."""
+
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "run" / "pyflow" / "pyflow.sock")  # the directories do not exist yet
+
+
+@pytest.fixture
+def served(sock_path: str) -> Iterator[tuple[FakeAgent, ControlServer, Wall]]:
+    agent, wall = FakeAgent(), Wall()
+    server = ControlServer(agent, sock_path, wall=wall)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield agent, server, wall
+    finally:
+        server.close()
+
+
+def raw_exchange(path: str, payload: bytes) -> list[dict]:
+    """Send raw bytes, read every answer line until the server closes or answers all lines."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+# --------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------
+
+
+def test_status(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    agent, _, wall = served
+    agent.targets[1].stats.send_errors["econnrefused"] += 3
+    with ControlClient(sock_path) as client:
+        wall.t = 1_015.0
+        st = client.status()
+    s = st["settings"]
+    assert s["enabled"] is True and s["interfaces"] == ["eth0", "eth1"]
+    assert (s["cache-entries"], s["active-flow-timeout"], s["inactive-flow-timeout"]) == (4096, "1m", "15s")
+    assert s["sweep-interval"] == "1s" and s["ipfix"] == {}
+    assert st["cache"] == {"entries": 3, "capacity": 4096}
+    assert st["agent"] | {"pid": 0} == {"sweeps": 12, "records": 34, "deleted": 5, "nat-events": 0,
+                                        "spill-events": 0, "last-sweep-seconds": 0.0, "started": 1_000.0,
+                                        "uptime": 15.0, "pid": 0}
+    t0, t1 = st["targets"]
+    assert (t0["name"], t0["dst-address"], t0["port"], t0["version"]) == ("127.0.0.1:2055/ipfix", "127.0.0.1",
+                                                                          2055, "ipfix")
+    assert (t0["datagrams"], t0["records"], t0["bytes"], t0["send-errors"], t0["last-sent"]) == (0, 0, 0, 0, None)
+    assert (t1["version"], t1["send-errors"], t1["send-errors-by-errno"]) == ("5", 3, {"econnrefused": 3})
+
+
+def test_last_sent_is_when_the_datagram_count_last_changed(served: tuple[FakeAgent, ControlServer, Wall],
+                                                           sock_path: str) -> None:
+    agent, _, wall = served
+    stats = agent.targets[0].stats
+    with ControlClient(sock_path) as client:
+        assert client.status()["targets"][0]["last-sent"] is None
+        wall.t = 1_010.0
+        stats.datagrams, stats.records, stats.bytes = 2, 50, 2900
+        first = client.status()["targets"][0]
+        wall.t = 1_016.5
+        second = client.status()["targets"][0]
+        wall.t = 1_020.0
+        stats.datagrams += 1
+        third = client.status()["targets"][0]
+    assert (first["datagrams"], first["records"], first["bytes"]) == (2, 50, 2900)
+    assert (first["last-sent"], first["last-sent-ago"]) == (1_010.0, 0.0)
+    assert (second["last-sent"], second["last-sent-ago"]) == (1_010.0, 6.5)  # nothing sent since
+    assert (third["last-sent"], third["last-sent-ago"]) == (1_020.0, 0.0)
+
+
+# --------------------------------------------------------------------------
+# flows
+# --------------------------------------------------------------------------
+
+
+def test_flows_sorted_with_deltas_and_totals(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    agent, _, _ = served
+    with ControlClient(sock_path) as client:
+        by_bytes = client.flows("bytes")
+        by_packets = client.flows("packets")
+        by_age = client.flows("age")
+        top1 = client.flows("packets", limit=1)
+    assert agent.meter.reads == 4
+    assert [f["flow-id"] for f in by_bytes["flows"]] == [3, 9, 7]
+    assert [f["flow-id"] for f in by_packets["flows"]] == [9, 7, 3]
+    assert [f["flow-id"] for f in by_age["flows"]] == [3, 7, 9]
+    assert (top1["total"], top1["capacity"], top1["limit"], len(top1["flows"])) == (3, 4096, 1, 1)
+    udp = next(f for f in by_bytes["flows"] if f["flow-id"] == 7)
+    assert udp == {"src": "10.0.0.1", "dst": "10.0.0.2", "sport": 40000, "dport": 53, "proto": 17,
+                   "ip-version": 4, "tos": 0, "ifindex": 1, "interface": socket.if_indextoname(1),
+                   "direction": "ingress", "packets": 6, "bytes": 600, "packets-total": 10, "bytes-total": 1000,
+                   "tcp-flags": 0, "first-seen": 30.0, "last-seen": 1.0, "flow-id": 7}
+    tcp = by_bytes["flows"][0]
+    assert (tcp["src"], tcp["direction"], tcp["packets"], tcp["packets-total"], tcp["tcp-flags"]) == (
+        "2001:db8::1", "egress", 5, 5, 0x18)
+
+
+def test_flows_are_copied_before_the_lock_is_released(served: tuple[FakeAgent, ControlServer, Wall],
+                                                      sock_path: str) -> None:
+    """The meter reuses its read buffers: what the server formats must be its own copy."""
+    agent, server, _ = served
+    real = agent.meter.read_flows
+
+    def read_then_reuse() -> tuple[np.ndarray, np.ndarray]:
+        keys, values = real()
+        k, v = keys.copy(), values.copy()
+
+        def clobber() -> None:  # the next sweep overwrites the buffers once the lock is free
+            with agent.lock:
+                v["packets"] = 0
+
+        threading.Thread(target=clobber).start()
+        return k, v
+
+    agent.meter.read_flows = read_then_reuse  # type: ignore[method-assign]
+    answer = server.flows("packets")
+    assert [f["packets-total"] for f in answer["flows"]] == [20, 10, 5]
+
+
+def test_empty_cache(sock_path: str) -> None:
+    with ControlServer(FakeAgent(flows=[]), sock_path) as _, ControlClient(sock_path) as client:  # type: ignore[arg-type]
+        answer = client.flows("age", 5)
+        assert (answer["total"], answer["flows"]) == (0, [])
+        assert client.status()["cache"]["entries"] == 0
+
+
+# --------------------------------------------------------------------------
+# bad requests never stop the server
+# --------------------------------------------------------------------------
+
+
+def test_bad_requests_get_errors(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    agent, _, _ = served
+    lines = [b"not json", b"[1, 2]", b'{"cmd": "reboot"}', b'{"nocmd": 1}', b'{"cmd": "flows", "sort": "size"}',
+             b'{"cmd": "flows", "limit": -1}', b'{"cmd": "flows", "limit": "10"}', b'{"cmd": "flows", "limit": true}',
+             b"\xff\xfe", b'{"cmd": "status"}']
+    answers = raw_exchange(sock_path, b"\n".join(lines) + b"\n")
+    assert [a["ok"] for a in answers] == [False] * 9 + [True]
+    errors = [a["error"] for a in answers[:9]]
+    assert errors[0].startswith("not JSON")
+    assert "JSON object" in errors[1]
+    assert "unknown cmd 'reboot'" in errors[2] and "unknown cmd None" in errors[3]
+    assert "sort 'size' is not one of bytes, packets, age" in errors[4]
+    assert all("limit" in e for e in errors[5:8])
+    agent.meter.fail = True
+    [broken] = raw_exchange(sock_path, b'{"cmd": "flows"}\n')
+    assert broken == {"ok": False, "error": "internal error: RuntimeError('map gone')"}
+    agent.meter.fail = False
+    [huge] = raw_exchange(sock_path, b"x" * (200 * 1024))  # no newline, too long: answered, then closed
+    assert huge["ok"] is False and "longer than" in huge["error"]
+    with ControlClient(sock_path) as client:  # and the server goes on
+        assert client.status()["ok"] is True
+
+
+def test_client_error_answer_raises(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    with ControlClient(sock_path) as client, pytest.raises(ControlError, match="sort 'size'"):
+        client.flows("size")
+
+
+# --------------------------------------------------------------------------
+# the socket file
+# --------------------------------------------------------------------------
+
+
+def test_socket_mode_directory_and_close(sock_path: str) -> None:
+    server = ControlServer(FakeAgent(), sock_path)  # type: ignore[arg-type]
+    server.start()
+    st = os.stat(sock_path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert os.listdir(os.path.dirname(sock_path)) == ["pyflow.sock"]  # no temporary name left behind
+    server.close()
+    assert not os.path.exists(sock_path)
+    server.close()  # idempotent
+    with pytest.raises(AgentNotRunning):
+        ControlClient(sock_path).status()
+
+
+def test_stale_socket_is_replaced(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path))
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(sock_path)  # a dead agent's socket: the file stays, nobody listens
+    dead.close()
+    with pytest.raises(AgentNotRunning, match="stale"):
+        ControlClient(sock_path).status()
+    with ControlServer(FakeAgent(), sock_path) as _, ControlClient(sock_path) as client:  # type: ignore[arg-type]
+        assert client.status()["cache"]["entries"] == 3
+
+
+def test_live_socket_is_refused(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    second = ControlServer(FakeAgent(), sock_path)  # type: ignore[arg-type]
+    with pytest.raises(ControlError, match=f"another pyflow agent is listening on {sock_path}"):
+        second.start()
+    second.close()
+    with ControlClient(sock_path) as client:  # the first one is untouched
+        assert client.status()["agent"]["sweeps"] == 12
+
+
+def test_not_a_socket_is_refused(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path))
+    Path(sock_path).write_text("precious")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        ControlServer(FakeAgent(), sock_path).start()  # type: ignore[arg-type]
+    assert Path(sock_path).read_text() == "precious"
+
+
+def test_close_leaves_a_newer_agents_socket(sock_path: str) -> None:
+    old = ControlServer(FakeAgent(), sock_path)  # type: ignore[arg-type]
+    old.start()
+    os.unlink(sock_path)  # e.g. removed by hand; a new agent starts on the same path
+    with ControlServer(FakeAgent(), sock_path) as _:  # type: ignore[arg-type]
+        old.close()
+        assert os.path.exists(sock_path)
+        with ControlClient(sock_path) as client:
+            assert client.status()["ok"]
+
+
+def test_no_agent_message(tmp_path: Path) -> None:
+    path = str(tmp_path / "none.sock")
+    with pytest.raises(AgentNotRunning) as info:
+        ControlClient(path).status()
+    assert str(info.value) == f"no pyflow agent is listening on {path}: is `pyflow run` running? (see --socket)"
+    assert info.value.exit_code == 1
+
+
+def test_client_reconnects_after_agent_restart(sock_path: str) -> None:
+    client = ControlClient(sock_path)
+    with ControlServer(FakeAgent(), sock_path) as _:  # type: ignore[arg-type]
+        assert client.status()["ok"]
+    with ControlServer(FakeAgent(), sock_path) as _:  # type: ignore[arg-type]
+        assert client.status()["ok"]  # the old connection is dead: one reconnect
+    client.close()
+
+
+def test_many_requests_on_one_connection(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    answers = raw_exchange(sock_path, b'{"cmd": "status"}\n\n{"cmd": "flows", "limit": 2}\n' * 20)
+    assert len(answers) == 40 and all(a["ok"] for a in answers)
+    assert [len(a["flows"]) for a in answers[1::2]] == [2] * 20
+
+
+def test_check_socket_path_fails_fast(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str,
+                                      tmp_path: Path) -> None:
+    """What a runner can call before attaching anything: the same refusals as start()."""
+    with pytest.raises(ControlError, match="another pyflow agent is listening"):
+        check_socket_path(sock_path)
+    with pytest.raises(ControlError, match=r"too long for a Unix socket \(\d+ bytes, at most 107\)"):
+        check_socket_path(str(tmp_path / ("x" * 120)))
+    fresh = tmp_path / "new" / "dir" / "p.sock"
+    check_socket_path(str(fresh))
+    assert fresh.parent.is_dir() and not fresh.exists()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(fresh))
+    dead.close()
+    check_socket_path(str(fresh))
+    assert not fresh.exists()  # the stale one is gone

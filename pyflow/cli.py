@@ -1,37 +1,77 @@
-"""The ``pyflow`` command."""
+"""The ``pyflow`` command: ``run``, ``check``, ``import-routeros``.
+
+Settings come from up to three layers, each overriding the one before:
+RouterOS's defaults (``pyflow.config.Settings``), a config file
+(``--config FILE``, TOML) or a RouterOS script (``--routeros FILE``), and
+the command-line flags the user actually gave (every settings flag defaults
+to None, so a flag left out never overrides the file).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
+import textwrap
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pyflow import __version__
+from pyflow.commands import add_commands
 from pyflow.config import (
     DEFAULT_VERSION,
+    SettingError,
     Settings,
+    count,
     duration,
     normalize_version,
     parse_interface,
     parse_target,
     size,
+    yes_no,
 )
+from pyflow.configfile import Layer, dump_toml, load_toml, read_document
 from pyflow.errors import ConfigError, PyflowError
-from pyflow.fields import parse_fields
+from pyflow.fields import TOGGLES, parse_fields
 from pyflow.units import format_duration, format_size
 
 DESCRIPTION = """\
 pyflow meters the packets of chosen interfaces in the kernel with eBPF (XDP)
 and exports flow records as NetFlow v1, v5, v9 or IPFIX over UDP, following
 MikroTik RouterOS "IP Traffic Flow": the same settings, names and defaults.
+`pyflow COMMAND --help` describes each command and its options.
 """
 
-RUN_EPILOG = """\
-settings (RouterOS name -> flag):
-  interfaces               --interface IF (repeat it), or 'all' (default)
+MAIN_EPILOG = """\
+settings come from RouterOS's defaults, then a config file (--config FILE,
+TOML) or a RouterOS script (--routeros FILE), then the flags given: a flag
+overrides the file, a flag left out never does.
+
+examples:
+  sudo pyflow run --interface eth0 --target 192.0.2.50:2055/ipfix
+  sudo pyflow run --config /etc/pyflow.toml
+  pyflow check --routeros router.rsc --map-interface ether1=eth0
+  pyflow import-routeros router.rsc > /etc/pyflow.toml
+
+exit status: 0 success, 2 bad settings (the message names the setting, and
+the file and line it is on), 3 the kernel side cannot be set up, 1 otherwise.
+"""
+
+_TOGGLE_LINES = textwrap.fill(" ".join(TOGGLES), width=88, initial_indent=" " * 27, subsequent_indent=" " * 27,
+                              break_on_hyphens=False)
+
+SETTINGS_HELP = f"""\
+settings (RouterOS name: flag; config file key):
+  enabled                  --enabled yes|no; [traffic-flow] enabled
+                           RouterOS's default is no: with a config file or script,
+                           run needs enabled=yes there (or --enabled yes); with
+                           flags alone, running pyflow is the switch
+  interfaces               --interface IF (repeat it), or 'all' (default); a name may be
+                           an interface list ([interface-list], /interface list)
                            per interface: --interface eth1,direction=both,hook=tc
                            direction: ingress (what the interface receives, as RouterOS
                            meters; XDP), egress (what it sends; TC clsact egress) or both;
@@ -41,6 +81,11 @@ settings (RouterOS name -> flag):
                            a flow open this long exports what it has and goes on
   inactive-flow-timeout    --inactive-flow-timeout 15s
                            a flow idle this long exports and leaves the cache
+  packet-sampling          --packet-sampling yes|no (default no)
+  sampling-interval        --sampling-interval N: N packets sampled (N >= 1 with
+                           packet-sampling=yes) ...
+  sampling-space           --sampling-space M: ... then M packets skipped; M = 0: one
+                           packet in N. Both must be 0 with packet-sampling=no
   target dst-address/port/version
                            --target HOST[:PORT][/VERSION], repeat for several targets;
                            IPv6 as [2001:db8::1]:2055/ipfix; PORT defaults to 2055,
@@ -48,25 +93,67 @@ settings (RouterOS name -> flag):
                            follow after commas, with RouterOS's names:
                            ,src-address=IP ,v9-template-refresh=N ,v9-template-timeout=30m
                            ,time=routeros (IPFIX: flowStart/EndSysUpTime + systemInitTime,
-                           as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
+                           as RouterOS sends; default time=absolute: flowStart/EndMilliseconds);
+                           --target replaces the file's targets
   target v9-template-refresh / v9-template-timeout
                            --v9-template-refresh 20 --v9-template-timeout 30m
+                           (for every target, the file's too)
   ipfix (/ip traffic-flow ipfix field toggles)
                            --ipfix NAME=yes|no[,NAME=yes|no...] (repeat it; a later value
-                           wins): the fields v9 and IPFIX records carry. RouterOS's names
-                           bytes dst-address dst-address-mask dst-mac-address dst-port
-                           first-forwarded gateway icmp-code icmp-type igmp-type
-                           in-interface ip-header-length ip-total-length ipv6-flow-label
-                           is-multicast last-forwarded nat-dst-address nat-dst-port
-                           nat-events nat-src-address nat-src-port out-interface packets
-                           protocol src-address src-address-mask src-mac-address src-port
-                           sys-init-time tcp-ack-num tcp-flags tcp-seq-num tcp-window-size
-                           tos ttl udp-length, and pyflow's as (BGP AS numbers) and vlan-id;
+                           wins, and wins over the file): the fields v9 and IPFIX records
+                           carry. RouterOS's names and pyflow's as (BGP AS numbers) and
+                           vlan-id:
+{_TOGGLE_LINES}
                            all yes except nat-events=no (as in RouterOS), e.g.
                            --ipfix nat-events=yes,ttl=no
+  pyflow's own             --sweep-interval 1s --metrics-address 127.0.0.1:9796
+                           --xdp-mode auto --direction ingress --hook auto --as-file FILE;
+                           in the file's [pyflow] table, same names
 
-durations are written as RouterOS does: 500ms, 15s, 30m, 1h30m, 1d, 00:30:00.
+durations are written as RouterOS does: 500ms, 15s, 30m, 1h30m, 1d, 00:30:00;
+sizes as 4096, 16k, 1M; switches as yes or no.
+"""
 
+CONFIG_FILE_HELP = """\
+config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the result):
+  [traffic-flow]                       # /ip traffic-flow
+  enabled = "yes"
+  interfaces = ["eth0", "eth1"]        # or "all", "eth0,eth1", an interface list name
+  cache-entries = "64k"
+  active-flow-timeout = "30m"
+  inactive-flow-timeout = "15s"
+  packet-sampling = "no"               # sampling-interval = N, sampling-space = M
+  [[target]]                           # /ip traffic-flow target, one table each
+  dst-address = "192.0.2.50"
+  port = 2055
+  version = "ipfix"                    # 1, 5, 9 or ipfix; also src-address,
+                                       # v9-template-refresh, v9-template-timeout,
+                                       # time, comment, disabled
+  [ipfix]                              # /ip traffic-flow ipfix
+  nat-events = "yes"
+  [interface-list]                     # /interface list (+ member)
+  lan = ["eth1", "eth2"]
+  [[interface]]                        # pyflow: how one interface is metered
+  name = "eth1"
+  direction = "both"                   # ingress, egress, both; hook = auto, xdp, tc
+  [pyflow]                             # sweep-interval, metrics-address, xdp-mode,
+  sweep-interval = "1s"                # direction, hook, as-file
+  Unknown keys, wrong types and bad values are errors naming the key and line.
+  A full example: examples/pyflow.toml.
+"""
+
+ROUTEROS_HELP = """\
+RouterOS script (--routeros FILE): what /export prints for /ip traffic-flow,
+its target and ipfix menus, and /interface list (+ member); context lines,
+\\ continuations, # comments and quoting as RouterOS writes them. Other
+commands are errors (--ignore-other skips them with a warning); RouterOS
+interface names are mapped with --map-interface ROUTEROS=LINUX (repeatable).
+"""
+
+RUN_EPILOG = f"""\
+{SETTINGS_HELP}
+{CONFIG_FILE_HELP}
+{ROUTEROS_HELP}
 examples:
   meter every interface, IPFIX to a local nfcapd:
     sudo pyflow run --interface all --target 127.0.0.1:2055/ipfix
@@ -74,133 +161,488 @@ examples:
     sudo pyflow run --interface eth0 --interface eth1 \\
         --active-flow-timeout 1m --inactive-flow-timeout 15s \\
         --target 192.0.2.50:2055/ipfix --target 192.0.2.51:9995/ipfix
+  from a config file, one setting overridden:
+    sudo pyflow run --config /etc/pyflow.toml --inactive-flow-timeout 5s
+  straight from a RouterOS export:
+    sudo pyflow run --routeros router.rsc --map-interface ether1=eth0
+
+SIGHUP re-reads the config file or script (the same flags still override it)
+and applies it without losing a count; if the new settings are bad, disabled
+or without a target, the log says why and the running settings stay.
 
 exit status: 0 after SIGINT/SIGTERM (everything cached is exported first),
-2 for a bad setting, 3 when the kernel side cannot be set up (not root,
-no such interface, missing kernel headers, verifier rejection), 1 otherwise.
+2 for a bad setting (nothing is loaded or attached: every setting is checked
+first), including enabled=no and no target; 3 when the kernel side cannot be
+set up (not root, no such interface, missing kernel headers, verifier
+rejection), 1 otherwise.
+"""
+
+CHECK_EPILOG = f"""\
+check reads the settings exactly as `pyflow run` would (same options, same
+layers), validates them, and prints them the way RouterOS prints them:
+/ip traffic-flow print (aligned name: value lines), /ip traffic-flow target
+print (a numbered table), /ip traffic-flow ipfix print, the interface lists,
+then pyflow's own settings and what is metered how. It needs no root and
+touches nothing in the kernel. Warnings (on stderr) say what would stop or
+surprise `pyflow run`: enabled=no, no target, an interface this host does not
+have.
+
+{SETTINGS_HELP}
+{CONFIG_FILE_HELP}
+{ROUTEROS_HELP}
+examples:
+  pyflow check --config examples/pyflow.toml
+  pyflow check --routeros examples/routeros/complete.rsc
+  pyflow check --config /etc/pyflow.toml --cache-entries 16k
+  pyflow check --interface eth0 --target 192.0.2.50/ipfix --ipfix ttl=no
+
+exit status: 0 when the settings are valid, 2 with a message naming the bad
+setting (and its file and line) otherwise.
+"""
+
+IMPORT_EPILOG = f"""\
+The script is what a MikroTik user pastes from `/export` (or writes by hand):
+
+  /interface list
+  add name=flow-interfaces
+  /interface list member
+  add list=flow-interfaces interface=ether1
+  /ip traffic-flow
+  set enabled=yes interfaces=flow-interfaces cache-entries=16k \\
+      active-flow-timeout=30m inactive-flow-timeout=15s
+  /ip traffic-flow target
+  add dst-address=192.0.2.50 port=2055 version=ipfix
+  /ip traffic-flow ipfix
+  set nat-events=yes
+
+Read: /ip traffic-flow set, /ip traffic-flow target add (also RouterOS 6's
+address=IP:PORT), /ip traffic-flow ipfix set, /interface list add (name,
+include, exclude, comment) and /interface list member add (list, interface,
+disabled). Menu context lines, relative menus (`target add` after
+/ip traffic-flow), /ip/traffic-flow/target paths, \\ continuations, ';', '#'
+comments and "quoted" values with RouterOS escapes are understood; print and
+export commands change nothing and are skipped. Anything else is an error
+with its line number, never silently dropped; with --ignore-other, commands
+of other menus (/ip firewall ..., /system ...) are skipped with a warning
+each (the warnings also go into the output as comments).
+
+Interface names are RouterOS's: give the Linux name of each that differs
+with --map-interface ether1=eth0 (repeatable, or comma-separated). A name
+that is not a valid Linux interface name needs a mapping; a mapping for a
+name the script does not use is an error.
+
+The TOML goes to stdout; the settings are fully checked first, as
+`pyflow check` would. Run it with `pyflow run --config FILE`, or skip the
+file: `pyflow run --routeros SCRIPT` reads the script directly.
+
+{CONFIG_FILE_HELP}
+examples:
+  pyflow import-routeros router.rsc > /etc/pyflow.toml
+  pyflow import-routeros --map-interface ether1=eth0,bridge=br0 router.rsc
+  ssh admin@router /export | pyflow import-routeros --ignore-other - > pyflow.toml
+
+exit status: 0 when the script maps to valid settings, 2 with a message
+naming the line otherwise.
 """
 
 
-def _duration_arg(name: str):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int:
+# --------------------------------------------------------------------------
+# Flag value types: argparse reports their errors with exit status 2.
+# --------------------------------------------------------------------------
+
+
+def _arg(conv: Callable[[str, str], Any], name: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            return duration(name, text)
+            return conv(name, text)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
+    parse.__name__ = name  # argparse names the type in some messages
     return parse
 
 
+def _duration_arg(name: str) -> Callable[[str], int]:
+    return _arg(duration, name)
+
+
 def _size_arg(text: str) -> int:
-    try:
-        return size("cache-entries", text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    value: int = _arg(size, "cache-entries")(text)
+    return value
+
+
+def _add_settings_options(p: argparse.ArgumentParser) -> None:
+    """The settings flags ``run`` and ``check`` share. Every default is None: unset never overrides."""
+    src = p.add_argument_group("where the settings come from")
+    one = src.add_mutually_exclusive_group()
+    one.add_argument("-c", "--config", metavar="FILE",
+                     help="read settings from this TOML file (format below; flags override it)")
+    one.add_argument("--routeros", metavar="SCRIPT",
+                     help="read settings from a RouterOS script, as /export prints it ('-' = stdin)")
+    src.add_argument("--map-interface", action="append", metavar="ROUTEROS=LINUX",
+                     help="with --routeros: the Linux name of a RouterOS interface, e.g. ether1=eth0 "
+                          "(repeatable, or comma-separated)")
+    src.add_argument("--ignore-other", action="store_true",
+                     help="with --routeros: skip commands of other menus (/ip firewall ...) with a warning, "
+                          "instead of failing")
+
+    tf = p.add_argument_group("/ip traffic-flow")
+    tf.add_argument("--enabled", type=_arg(yes_no, "enabled"), metavar="yes|no",
+                    help="RouterOS's master switch (default: yes with flags alone, else the file's, "
+                         "RouterOS's default no)")
+    tf.add_argument("-i", "--interface", action="append", metavar="IF[,OPTION=VALUE...]",
+                    help="interface or interface list to meter (repeatable); 'all' = every non-loopback "
+                         "interface that is up (default: all); options: direction=ingress|egress|both, "
+                         "hook=auto|xdp|tc")
+    tf.add_argument("--cache-entries", type=_size_arg, metavar="N", help="flow cache size (default: 64k)")
+    tf.add_argument("--active-flow-timeout", type=_duration_arg("active-flow-timeout"), metavar="DURATION",
+                    help="default: 30m")
+    tf.add_argument("--inactive-flow-timeout", type=_duration_arg("inactive-flow-timeout"), metavar="DURATION",
+                    help="default: 15s")
+    tf.add_argument("--packet-sampling", type=_arg(yes_no, "packet-sampling"), metavar="yes|no",
+                    help="sample packets (default: no)")
+    tf.add_argument("--sampling-interval", type=_arg(count, "sampling-interval"), metavar="N",
+                    help="packets sampled in a row (default: 0; at least 1 with --packet-sampling yes)")
+    tf.add_argument("--sampling-space", type=_arg(count, "sampling-space"), metavar="M",
+                    help="packets skipped after them (default: 0 = one packet in N)")
+
+    tg = p.add_argument_group("/ip traffic-flow target")
+    tg.add_argument("-t", "--target", action="append", metavar="HOST[:PORT][/VERSION][,OPTION=VALUE...]",
+                    help="collector to export to (repeatable; replaces the file's targets); run needs one")
+    tg.add_argument("--version", dest="default_version", metavar="VERSION",
+                    help="export format of --target values that name none: 1, 5, 9 or ipfix (default: 9)")
+    tg.add_argument("--v9-template-refresh", type=_arg(count, "v9-template-refresh"), metavar="PACKETS",
+                    help="re-send templates every PACKETS export packets, for every target (default: 20)")
+    tg.add_argument("--v9-template-timeout", type=_duration_arg("v9-template-timeout"), metavar="DURATION",
+                    help="re-send templates at least this often, for every target (default: 30m)")
+
+    ix = p.add_argument_group("/ip traffic-flow ipfix")
+    ix.add_argument("--ipfix", action="append", metavar="NAME=yes|no[,...]",
+                    help="turn v9/IPFIX record fields on or off (repeatable, a later value wins; "
+                         "default: all yes but nat-events)")
+
+    own = p.add_argument_group("pyflow's own")
+    own.add_argument("--direction", choices=("ingress", "egress", "both"),
+                     help="what to meter on every interface: what it receives (RouterOS's way), what it "
+                          "sends (TC egress), or both (default: ingress)")
+    own.add_argument("--hook", choices=("auto", "xdp", "tc"),
+                     help="receive-side hook: XDP, TC clsact ingress, or auto = XDP where it attaches, "
+                          "else TC (default: auto)")
+    own.add_argument("--sweep-interval", type=_duration_arg("sweep-interval"), metavar="DURATION",
+                     help="how often the cache is swept (default: 1s)")
+    own.add_argument("--xdp-mode", choices=("auto", "native", "generic"),
+                     help="XDP attach mode; auto tries native, then generic (default: auto)")
+    own.add_argument("--as-file", metavar="FILE",
+                     help="prefix-to-AS file ('PREFIX AS' per line, '#' comments) for the src/dst AS fields; "
+                          "without it they are 0, as RouterOS sends when it runs no BGP")
+    own.add_argument("--metrics-address", metavar="HOST:PORT",
+                     help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
+    own.add_argument("--control-socket", metavar="PATH",
+                     help="Unix socket `pyflow status/flows/top` ask the running agent on; '' turns it off "
+                          "(default: /run/pyflow/pyflow.sock, or pyflow-net<inode>.sock in another network "
+                          "namespace)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pyflow", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="pyflow", description=DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=raw)
     p.add_argument("-V", "--pyflow-version", action="version", version=f"pyflow {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = p.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser(
-        "run",
-        help="meter interfaces and export flows until SIGINT/SIGTERM",
-        description="Meter the given interfaces and export flow records to every target.",
+        "run", help="meter interfaces and export flows until SIGINT/SIGTERM (root)", formatter_class=raw,
+        description="Meter the chosen interfaces in the kernel and export flow records to every target\n"
+                    "until SIGINT or SIGTERM, then export everything still cached and exit. Needs root.\n"
+                    "Every setting is checked before anything is loaded into the kernel.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("-i", "--interface", action="append", metavar="IF[,OPTION=VALUE...]",
-                     help="interface to meter (repeatable); 'all' = every non-loopback interface that is up "
-                          "(default: all); options: direction=ingress|egress|both, hook=auto|xdp|tc")
-    run.add_argument("--direction", choices=("ingress", "egress", "both"), default="ingress",
-                     help="what to meter on every interface: what it receives (RouterOS's way), what it sends "
-                          "(TC egress), or both (default: ingress)")
-    run.add_argument("--hook", choices=("auto", "xdp", "tc"), default="auto",
-                     help="receive-side hook: XDP, TC clsact ingress, or auto = XDP where it attaches, "
-                          "else TC (default: auto)")
-    run.add_argument("-t", "--target", action="append", metavar="HOST[:PORT][/VERSION]",
-                     help="collector to export to (repeatable); required")
-    run.add_argument("--version", dest="default_version", default=DEFAULT_VERSION, metavar="VERSION",
-                     help="export format for targets that do not name one: 1, 5, 9 or ipfix (default: 9)")
-    run.add_argument("--active-flow-timeout", type=_duration_arg("active-flow-timeout"), default="30m",
-                     metavar="DURATION", help="default: 30m")
-    run.add_argument("--inactive-flow-timeout", type=_duration_arg("inactive-flow-timeout"), default="15s",
-                     metavar="DURATION", help="default: 15s")
-    run.add_argument("--cache-entries", type=_size_arg, default="64k", metavar="N", help="default: 64k")
-    run.add_argument("--v9-template-refresh", type=int, default=20, metavar="PACKETS",
-                     help="re-send templates every PACKETS export packets (default: 20)")
-    run.add_argument("--v9-template-timeout", type=_duration_arg("v9-template-timeout"), default="30m",
-                     metavar="DURATION", help="re-send templates at least this often (default: 30m)")
-    run.add_argument("--sweep-interval", type=_duration_arg("sweep-interval"), default="1s",
-                     metavar="DURATION", help="how often the cache is swept (default: 1s)")
-    run.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto",
-                     help="XDP attach mode; auto tries native, then generic (default: auto)")
-    run.add_argument("--as-file", metavar="FILE",
-                     help="prefix-to-AS file ('PREFIX AS' per line, '#' comments) for the src/dst AS fields; "
-                          "without it they are 0, as RouterOS sends when it runs no BGP")
-    run.add_argument("--metrics-address", default="127.0.0.1:9796", metavar="HOST:PORT",
-                     help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
-    run.add_argument("--ipfix", action="append", metavar="NAME=yes|no[,...]",
-                     help="turn v9/IPFIX record fields on or off, RouterOS's /ip traffic-flow ipfix "
-                          "(repeatable, a later value wins; default: all yes but nat-events)")
+    _add_settings_options(run)
     run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser(
+        "check", help="validate settings and print them as RouterOS does (no root)", formatter_class=raw,
+        description="Validate settings (a config file, a RouterOS script, flags, or a file and flags,\n"
+                    "as `pyflow run` takes them) and print them the way RouterOS prints them.",
+        epilog=CHECK_EPILOG,
+    )
+    _add_settings_options(check)
+    check.set_defaults(func=cmd_check)
+
+    imp = sub.add_parser(
+        "import-routeros", help="turn a RouterOS /ip traffic-flow script into a pyflow config file",
+        formatter_class=raw,
+        description="Read a RouterOS script (/ip traffic-flow, its target and ipfix menus, /interface\n"
+                    "list) and print the equivalent pyflow TOML config file.",
+        epilog=IMPORT_EPILOG,
+    )
+    imp.add_argument("script", metavar="SCRIPT", help="the RouterOS script ('-' = stdin)")
+    imp.add_argument("--map-interface", action="append", metavar="ROUTEROS=LINUX",
+                     help="the Linux name of a RouterOS interface, e.g. ether1=eth0 (repeatable, or "
+                          "comma-separated)")
+    imp.add_argument("--ignore-other", action="store_true",
+                     help="skip commands of other menus with a warning instead of failing")
+    imp.set_defaults(func=cmd_import_routeros)
+    add_commands(sub)  # status, flows, top, collect
     return p
 
 
+# --------------------------------------------------------------------------
+# Settings from the layers.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loaded:
+    settings: Settings
+    source: str | None  # the config file or script, if any
+    warnings: list[str]
+
+
+def _script_layer(path: str, maps: list[str] | None, ignore_other: bool) -> tuple[Layer, list[str], Any]:
+    from pyflow.routeros import load_script, parse_interface_map, parse_script
+
+    interface_map = parse_interface_map(maps or [])
+    if path == "-":
+        imported = parse_script(sys.stdin.read(), "<stdin>", interface_map, ignore_other)
+    else:
+        imported = load_script(path, interface_map, ignore_other)
+    return read_document(imported.doc, imported.locator), imported.warnings, imported
+
+
+def _file_layer(args: argparse.Namespace) -> tuple[Layer | None, list[str]]:
+    if getattr(args, "routeros", None):
+        layer, warnings, _ = _script_layer(args.routeros, args.map_interface, args.ignore_other)
+        return layer, warnings
+    if args.map_interface or args.ignore_other:
+        raise ConfigError("--map-interface and --ignore-other go with --routeros SCRIPT")
+    if args.config:
+        return load_toml(args.config), []
+    return None, []
+
+
+def _flag(args: argparse.Namespace, dest: str) -> Any:
+    return getattr(args, dest, None)
+
+
+# (Settings field, RouterOS key, flag dest, flag) of the flags that set one value
+_SIMPLE_FLAGS = (
+    ("enabled", "enabled", "enabled", "--enabled"),
+    ("cache_entries", "cache-entries", "cache_entries", "--cache-entries"),
+    ("active_flow_timeout_ns", "active-flow-timeout", "active_flow_timeout", "--active-flow-timeout"),
+    ("inactive_flow_timeout_ns", "inactive-flow-timeout", "inactive_flow_timeout", "--inactive-flow-timeout"),
+    ("packet_sampling", "packet-sampling", "packet_sampling", "--packet-sampling"),
+    ("sampling_interval", "sampling-interval", "sampling_interval", "--sampling-interval"),
+    ("sampling_space", "sampling-space", "sampling_space", "--sampling-space"),
+    ("sweep_interval_ns", "sweep-interval", "sweep_interval", "--sweep-interval"),
+    ("xdp_mode", "xdp-mode", "xdp_mode", "--xdp-mode"),
+    ("metrics_address", "metrics-address", "metrics_address", "--metrics-address"),
+    ("as_file", "as-file", "as_file", "--as-file"),
+    ("control_socket", "control-socket", "control_socket", "--control-socket"),
+    ("direction", "direction", "direction", "--direction"),
+    ("hook", "hook", "hook", "--hook"),
+)
+
+
+def build_settings(base: Layer | None, args: argparse.Namespace) -> Settings:
+    """RouterOS's defaults, then ``base`` (a file or script), then the flags given."""
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    ipfix: dict[str, bool] = {}
+    options = {}
+    if base is not None:
+        values.update(base.values)
+        where.update(base.where)
+        ipfix.update(base.ipfix)
+        options.update(base.interface_options)
+    else:
+        values["enabled"] = True  # flags alone: running pyflow is the switch
+    for attr, key, dest, flag in _SIMPLE_FLAGS:
+        value = _flag(args, dest)
+        if value is not None:
+            values[attr] = value
+            where[key] = flag
+
+    specs = _flag(args, "interface")
+    if specs:
+        direction = values.get("direction", "ingress")
+        hook = values.get("hook", "auto")
+        names, flag_options = [], {}
+        for spec in specs:
+            try:
+                opt = parse_interface(spec, direction, hook)
+            except ConfigError as exc:
+                raise ConfigError(f"--interface {spec!r}: {exc}") from None
+            names.append(opt.name)
+            if opt.name == "all":
+                if "," in spec:  # all,direction=both: the options of every interface
+                    values["direction"], values["hook"] = opt.direction, opt.hook
+                    where["direction"] = where["hook"] = "--interface"
+            elif "," in spec:
+                flag_options[opt.name] = opt
+                where[f"interface.{opt.name}"] = "--interface"
+        values["interfaces"] = tuple(names)
+        where["interfaces"] = "--interface"
+        # the file's per-interface options stay for the interfaces still metered
+        options = {n: o for n, o in options.items() if n in names or "all" in names}
+        options.update(flag_options)
+    values["interface_options"] = tuple(options.values())
+
+    refresh, timeout = _flag(args, "v9_template_refresh"), _flag(args, "v9_template_timeout")
+    target_values: dict[str, int] = {}
+    if refresh is not None:
+        target_values["v9_template_refresh"] = refresh
+    if timeout is not None:
+        target_values["v9_template_timeout_ns"] = timeout
+    version = _flag(args, "default_version")
+    targets = _flag(args, "target")
+    if targets:
+        default_version = normalize_version(version or DEFAULT_VERSION)
+        built = []
+        for i, spec in enumerate(targets):
+            try:
+                built.append(parse_target(spec, default_version, **target_values))
+            except ConfigError as exc:
+                raise ConfigError(f"--target {spec!r}: {exc}") from None
+            where[f"target.{i}"] = f"--target {spec!r}"
+        values["targets"], values["disabled_targets"] = tuple(built), ()
+    else:
+        if version is not None:
+            raise ConfigError("--version sets the version of --target values that name none; with no --target, "
+                              "give each [[target]] of the file its version")
+        for attr in ("targets", "disabled_targets"):
+            if target_values and values.get(attr):
+                try:
+                    values[attr] = tuple(dataclasses.replace(t, **target_values) for t in values[attr])
+                except SettingError as exc:
+                    raise ConfigError(f"--{exc.key}: {exc}") from None
+
+    fields = parse_fields([])
+    if ipfix:
+        fields = fields.with_values(ipfix)
+    if _flag(args, "ipfix"):
+        try:
+            fields = parse_fields(args.ipfix, fields)
+        except ConfigError as exc:
+            raise ConfigError(f"--ipfix: {exc}") from None
+    values["ipfix"] = fields
+
+    try:
+        return Settings(**values)
+    except SettingError as exc:
+        place = where.get(exc.key) or where.get(exc.key.split(".")[0])
+        raise ConfigError(f"{place}: {exc}" if place else str(exc)) from None
+
+
+def load_settings(args: argparse.Namespace) -> Loaded:
+    """The settings ``run`` and ``check`` work with, and the warnings reading them gave."""
+    base, warnings = _file_layer(args)
+    source = getattr(args, "routeros", None) or getattr(args, "config", None)
+    return Loaded(build_settings(base, args), source, list(warnings))
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    if not args.target:
-        raise ConfigError("no target: give at least one --target HOST[:PORT][/VERSION]")
-    default_version = normalize_version(args.default_version)
-    targets = []
-    for spec in args.target:
-        targets.append(parse_target(spec, default_version, v9_template_refresh=args.v9_template_refresh,
-                                    v9_template_timeout_ns=args.v9_template_timeout))
-    names, options = [], []
-    direction, hook = args.direction, args.hook
-    for spec in args.interface or ["all"]:
-        opt = parse_interface(spec, args.direction, args.hook)
-        names.append(opt.name)
-        if opt.name == "all":  # all,direction=both: the options of every interface
-            direction, hook = opt.direction, opt.hook
-        elif "," in spec:
-            options.append(opt)
-    if "all" in names and len(names) > 1:
-        raise ConfigError("--interface all cannot be combined with named interfaces")
-    return Settings(
-        interfaces=tuple(names),
-        direction=direction,
-        hook=hook,
-        interface_options=tuple(options),
-        as_file=args.as_file,
-        cache_entries=args.cache_entries,
-        active_flow_timeout_ns=args.active_flow_timeout,
-        inactive_flow_timeout_ns=args.inactive_flow_timeout,
-        targets=tuple(targets),
-        sweep_interval_ns=args.sweep_interval,
-        xdp_mode=args.xdp_mode,
-        metrics_address=args.metrics_address,
-        ipfix=parse_fields(args.ipfix or ()),
-    )
+    return load_settings(args).settings
+
+
+def run_blockers(loaded: Loaded) -> list[str]:
+    """Why `pyflow run` would refuse these (valid) settings: enabled=no, no target."""
+    s = loaded.settings
+    out = []
+    if not s.enabled:
+        how = ("with --enabled no" if loaded.source is None else
+               f"{loaded.source} does not set enabled=yes (RouterOS's default is no)")
+        out.append(f"traffic-flow is disabled: {how}; set enabled=yes in [traffic-flow] (a RouterOS script: "
+                   "/ip traffic-flow set enabled=yes), or pass --enabled yes")
+    if not s.targets:
+        where = "" if loaded.source is None else f" in {loaded.source} ([[target]] tables) or"
+        extra = f" ({len(s.disabled_targets)} disabled)" if s.disabled_targets else ""
+        out.append(f"no target{extra}: add one{where} with --target HOST[:PORT][/VERSION]")
+    return out
+
+
+# --------------------------------------------------------------------------
+# Commands.
+# --------------------------------------------------------------------------
+
+
+def runnable_settings(args: argparse.Namespace) -> Loaded:
+    """The settings ``run`` starts (or reloads) with: valid, enabled, with a target."""
+    loaded = load_settings(args)
+    for w in loaded.warnings:
+        log(f"warning: {w}")
+    blockers = run_blockers(loaded)
+    if blockers:
+        raise ConfigError("; ".join(blockers))
+    return loaded
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    loaded = runnable_settings(args)
+    settings = loaded.settings
+    # Imported only now: nothing below runs before every setting is known good.
     from pyflow.runner import run_meter
 
-    settings = settings_from_args(args)
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
+    def on_hup(signum: int, _frame: FrameType | None) -> None:
+        reload.set()
+
+    def reread() -> Settings:
+        """SIGHUP: the same sources again (the file or script re-read, the same flags over it)."""
+        log(f"reload: reading {loaded.source or 'the command line'}")
+        return runnable_settings(args).settings
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    if loaded.source:
+        log(f"settings from {loaded.source}")
+    sampling = (f" packet-sampling=yes sampling-interval={settings.sampling_interval} "
+                f"sampling-space={settings.sampling_space}" if settings.packet_sampling else "")
     log(f"cache-entries={format_size(settings.cache_entries)} "
         f"active-flow-timeout={format_duration(settings.active_flow_timeout_ns)} "
-        f"inactive-flow-timeout={format_duration(settings.inactive_flow_timeout_ns)}")
-    run_meter(settings, stop, log)
+        f"inactive-flow-timeout={format_duration(settings.inactive_flow_timeout_ns)}{sampling}")
+    run_meter(settings, stop, log, reload=reload, load_settings=reread)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pyflow.routeros import host_interfaces, print_settings
+
+    loaded = load_settings(args)
+    s = loaded.settings
+    warnings = list(loaded.warnings) + [f"pyflow run would refuse these settings: {b}" for b in run_blockers(loaded)]
+    present = host_interfaces()
+    if present is not None and s.interfaces != ("all",):
+        missing = [n for n in s.interfaces if n not in present]
+        if missing:
+            warnings.append(f"this host has no interface {', '.join(missing)} (fine if the settings are for "
+                            "another host; --map-interface maps RouterOS names)")
+    sys.stdout.write(print_settings(s))
+    sys.stdout.flush()
+    for w in warnings:
+        log(f"warning: {w}")
+    return 0
+
+
+def cmd_import_routeros(args: argparse.Namespace) -> int:
+    layer, warnings, imported = _script_layer(args.script, args.map_interface, args.ignore_other)
+    settings = build_settings(layer, argparse.Namespace())  # every setting checked, as check and run would
+    name = "<stdin>" if args.script == "-" else Path(args.script).name
+    header = [f"pyflow settings from the RouterOS script {name} (pyflow import-routeros).",
+              "Check: pyflow check --config FILE; run: pyflow run --config FILE"]
+    if not settings.enabled:
+        header.append("The script does not set enabled=yes (RouterOS's default is no): pyflow run will not start "
+                      "until enabled = \"yes\" is added to [traffic-flow].")
+    header += [f"warning: {w}" for w in warnings]
+    sys.stdout.write(dump_toml(imported.doc, "\n".join(header), imported.notes))
+    sys.stdout.flush()
+    for w in warnings:
+        log(f"warning: {w}")
     return 0
 
 
@@ -210,7 +652,10 @@ def log(msg: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a flag argparse refused (it printed why)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.func(args))
     except PyflowError as exc:

@@ -1,10 +1,16 @@
 """One typed, frozen settings tree with RouterOS's names and defaults.
 
-``/ip traffic-flow``        -> ``Settings``
+``/ip traffic-flow``        -> ``Settings`` (``enabled``, ``interfaces``, ``cache-entries``,
+                               the timeouts, ``packet-sampling``, ``sampling-interval``,
+                               ``sampling-space``; plus pyflow's own knobs)
 ``/ip traffic-flow target`` -> ``TargetSettings`` (any number)
+``/ip traffic-flow ipfix``  -> ``Settings.ipfix`` (``pyflow.fields.FieldSet``)
+``/interface list``         -> ``InterfaceList`` (a name ``interfaces`` may use)
 
 Values are validated when the tree is built; every error names the setting
-and the bad value (``ConfigError``).
+and the bad value (``SettingError``, a ``ConfigError`` that also carries the
+RouterOS name of the setting, so a config file loader can say on which line
+of the file it was set).
 """
 
 from __future__ import annotations
@@ -14,7 +20,23 @@ from dataclasses import dataclass, field
 
 from pyflow.errors import ConfigError
 from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
-from pyflow.units import format_duration, parse_duration_ns, parse_size
+from pyflow.units import format_duration, format_size, parse_bool, parse_count, parse_duration_ns, parse_size
+
+
+class SettingError(ConfigError):
+    """A bad value of one setting; ``key`` is its RouterOS name (``cache-entries``,
+    ``target.1`` for the second target, ``interface.eth1``, ``interface-list.lan``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+MAX_COUNT = 2**31 - 1  # counts (sampling, template refresh): a signed 32-bit integer, as RouterOS's
+MAX_TIMEOUT_NS = 365 * 86400 * 10**9  # flow and template timeouts: at most 365d
+MAX_SWEEP_NS = 3600 * 10**9  # sweep-interval: at most 1h
+MIN_TIMEOUT_NS = 10**8  # 100ms
+MIN_CACHE_ENTRIES, MAX_CACHE_ENTRIES = 16, 64 * 1024 * 1024
 
 VERSIONS = ("1", "5", "9", "ipfix")
 DEFAULT_PORT = 2055
@@ -33,9 +55,43 @@ def normalize_version(text: str | int) -> str:
     return v
 
 
+def _check_int(key: str, value: object, lo: int, hi: int, what: str = "") -> int:
+    """``value`` must be an int (not a bool) in lo..hi; the error names ``key``."""
+    name = what or key
+    if type(value) is not int:
+        raise SettingError(key, f"{name} {value!r} is not a whole number")
+    if not lo <= value <= hi:
+        raise SettingError(key, f"{name} {value} is outside {lo}..{hi}")
+    return value
+
+
+def _check_duration(key: str, ns: object, lo: int, hi: int) -> None:
+    if type(ns) is not int:
+        raise SettingError(key, f"{key} {ns!r} is not a duration")
+    if ns < lo:
+        raise SettingError(key, f"{key} {format_duration(ns)} is too short (at least {format_duration(lo)})")
+    if ns > hi:
+        raise SettingError(key, f"{key} {format_duration(ns)} is too long (at most {format_duration(hi)})")
+
+
+def _check_bool(key: str, value: object) -> None:
+    if type(value) is not bool:
+        raise SettingError(key, f"{key} {value!r} is not yes or no")
+
+
+def _check_address(key: str, value: object, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if not isinstance(value, str):
+        raise SettingError(key, f"{what} {value!r} is not an IPv4 or IPv6 address")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        hint = " (a placeholder: put the collector's address here)" if value.startswith("<") else ""
+        raise SettingError(key, f"{what} {value!r} is not an IPv4 or IPv6 address{hint}") from None
+
+
 @dataclass(frozen=True)
 class TargetSettings:
-    """``/ip traffic-flow target``."""
+    """``/ip traffic-flow target``.  Errors are ``SettingError`` keyed by the property name."""
 
     dst_address: str
     port: int = DEFAULT_PORT
@@ -46,35 +102,45 @@ class TargetSettings:
     # "absolute": flowStart/EndMilliseconds (152/153); "routeros": flowStart/EndSysUpTime
     # (22/21) plus systemInitTimeMilliseconds (160) in every record, as RouterOS sends
     time_mode: str = "absolute"
+    comment: str = ""  # RouterOS's comment= (shown by check; not sent anywhere)
 
     def __post_init__(self) -> None:
         if self.time_mode not in TIME_MODES:
-            raise ConfigError(f"target time mode {self.time_mode!r} is not one of {', '.join(TIME_MODES)}")
-        try:
-            ipaddress.ip_address(self.dst_address)
-        except ValueError:
-            raise ConfigError(f"target dst-address {self.dst_address!r} is not an IPv4 or IPv6 address") from None
+            raise SettingError("time", f"target time mode {self.time_mode!r} is not one of {', '.join(TIME_MODES)}")
+        dst = _check_address("dst-address", self.dst_address, "target dst-address")
+        if dst.is_unspecified:
+            raise SettingError("dst-address", f"target dst-address {self.dst_address} is not a collector's address")
         if self.src_address is not None:
-            try:
-                src = ipaddress.ip_address(self.src_address)
-            except ValueError:
-                raise ConfigError(f"target src-address {self.src_address!r} is not an IP address") from None
-            if src.version != ipaddress.ip_address(self.dst_address).version:
-                raise ConfigError(
+            src = _check_address("src-address", self.src_address, "target src-address")
+            if src.version != dst.version:
+                raise SettingError(
+                    "src-address",
                     f"target src-address {self.src_address} and dst-address {self.dst_address} "
-                    "are of different IP versions"
+                    "are of different IP versions",
                 )
+        if type(self.port) is not int:
+            raise SettingError("port", f"target port {self.port!r} is not a number")
         if not 1 <= self.port <= 65535:
-            raise ConfigError(f"target port {self.port} is not between 1 and 65535")
-        object.__setattr__(self, "version", normalize_version(self.version))
-        if self.v9_template_refresh < 1:
-            raise ConfigError(f"v9-template-refresh {self.v9_template_refresh} must be at least 1")
-        if self.v9_template_timeout_ns <= 0:
-            raise ConfigError("v9-template-timeout must be positive")
+            raise SettingError("port", f"target port {self.port} is not between 1 and 65535")
+        if not isinstance(self.version, str | int) or isinstance(self.version, bool):
+            raise SettingError("version", f"target version {self.version!r} is not one of 1, 5, 9, ipfix")
+        try:
+            object.__setattr__(self, "version", normalize_version(self.version))
+        except ConfigError as exc:
+            raise SettingError("version", f"target {exc}") from None
+        _check_int("v9-template-refresh", self.v9_template_refresh, 1, MAX_COUNT)
+        _check_duration("v9-template-timeout", self.v9_template_timeout_ns, MIN_TIMEOUT_NS, MAX_TIMEOUT_NS)
+        if not isinstance(self.comment, str):
+            raise SettingError("comment", f"target comment {self.comment!r} is not text")
 
     @property
     def family_is_v6(self) -> bool:
         return ipaddress.ip_address(self.dst_address).version == 6
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """(dst-address, port), compressed: two targets may not share it."""
+        return str(ipaddress.ip_address(self.dst_address)), self.port
 
     def describe(self) -> str:
         host = f"[{self.dst_address}]" if self.family_is_v6 else self.dst_address
@@ -144,6 +210,17 @@ def _port(text: str, whole: str) -> int:
 
 DIRECTIONS = ("ingress", "egress", "both")
 HOOKS = ("auto", "xdp", "tc")
+# RouterOS's built-in interface lists: only ``all`` means something on a Linux host
+BUILTIN_LISTS = ("all", "none", "dynamic", "static")
+
+
+def check_ifname(name: object, key: str, what: str = "interface name") -> str:
+    """A Linux interface name: 1-15 characters, no '/', ',' or white space."""
+    if (not isinstance(name, str) or not name or len(name) > 15 or name in (".", "..")
+            or any(c in "/," or c.isspace() for c in name)):
+        raise SettingError(key, f"{what} {name!r} is not a Linux interface name (1-15 characters, "
+                                "no '/', ',' or spaces)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -161,14 +238,12 @@ class InterfaceOptions:
     hook: str = "auto"
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 15 or "/" in self.name or any(c.isspace() for c in self.name):
-            raise ConfigError(f"interface name {self.name!r} is not a Linux interface name (1-15 characters, "
-                              "no '/' or spaces)")
+        check_ifname(self.name, "name")
         if self.direction not in DIRECTIONS:
-            raise ConfigError(f"interface {self.name}: direction {self.direction!r} is not one of "
-                              f"{', '.join(DIRECTIONS)}")
+            raise SettingError("direction", f"interface {self.name}: direction {self.direction!r} is not one of "
+                                            f"{', '.join(DIRECTIONS)}")
         if self.hook not in HOOKS:
-            raise ConfigError(f"interface {self.name}: hook {self.hook!r} is not one of {', '.join(HOOKS)}")
+            raise SettingError("hook", f"interface {self.name}: hook {self.hook!r} is not one of {', '.join(HOOKS)}")
 
     @property
     def ingress(self) -> bool:
@@ -193,8 +268,45 @@ def parse_interface(text: str, direction: str = "ingress", hook: str = "auto") -
 
 
 @dataclass(frozen=True)
+class InterfaceList:
+    """``/interface list`` with its ``/interface list member`` entries (Linux names)."""
+
+    name: str
+    members: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        key = f"interface-list.{self.name}"
+        if not isinstance(self.name, str) or not self.name.strip() or "," in self.name:
+            raise SettingError(key, f"interface list name {self.name!r} is empty or has a ','")
+        if self.name in BUILTIN_LISTS:
+            raise SettingError(key, f"interface list name {self.name!r} is one of RouterOS's built-in lists "
+                                    f"({', '.join(BUILTIN_LISTS)})")
+        if not isinstance(self.members, tuple):
+            object.__setattr__(self, "members", tuple(self.members))
+        for m in self.members:
+            check_ifname(m, key, f"interface list {self.name}: member")
+        twice = sorted({m for m in self.members if self.members.count(m) > 1})
+        if twice:
+            raise SettingError(key, f"interface list {self.name}: member {', '.join(twice)} is given twice")
+
+
+def _default_control_socket() -> str:
+    from pyflow.control import DEFAULT_SOCKET  # one per network namespace, see there
+
+    return DEFAULT_SOCKET
+
+
+@dataclass(frozen=True)
 class Settings:
-    """``/ip traffic-flow`` plus pyflow's own knobs."""
+    """``/ip traffic-flow`` plus pyflow's own knobs.
+
+    ``interfaces`` may name interfaces, interface lists (``interface_lists``)
+    or be ``("all",)``.  Lists are expanded when the tree is built, so
+    ``interfaces`` is always what is metered: Linux names, or ``("all",)``;
+    ``interface_spec`` keeps what was written (``("flow-interfaces",)``) for
+    printing.  ``dataclasses.replace`` works as expected: a new ``interfaces``
+    gets a new spec.
+    """
 
     interfaces: tuple[str, ...] = ("all",)
     cache_entries: int = 64 * 1024
@@ -210,33 +322,152 @@ class Settings:
     hook: str = "auto"
     interface_options: tuple[InterfaceOptions, ...] = ()
     as_file: str | None = None  # prefix-to-AS file for src/dst AS (RouterOS only has AS from BGP)
+    # where `pyflow status/flows/top` reach the running agent; "" = no control socket
+    control_socket: str = field(default_factory=_default_control_socket)
     # /ip traffic-flow ipfix: the fields the v9 and IPFIX templates carry (pyflow.fields)
     ipfix: FieldSet = ROUTEROS_DEFAULTS
+    # RouterOS's master switch (default no).  `pyflow run` refuses to start with enabled=no;
+    # with command-line flags alone, running pyflow is the switch (pyflow.cli).
+    enabled: bool = False
+    # RouterOS packet sampling: sampling-interval packets sampled, then sampling-space packets
+    # skipped (space 0: one packet in sampling-interval); only with packet-sampling=yes
+    packet_sampling: bool = False
+    sampling_interval: int = 0
+    sampling_space: int = 0
+    interface_lists: tuple[InterfaceList, ...] = ()
+    interface_spec: tuple[str, ...] = ()  # ``interfaces`` as written (may name lists); () = the same
+    disabled_targets: tuple[TargetSettings, ...] = ()  # target entries with disabled=yes: kept, not used
 
     def __post_init__(self) -> None:
+        for key in ("enabled", "packet-sampling"):
+            _check_bool(key, getattr(self, key.replace("-", "_")))
         if not isinstance(self.ipfix, FieldSet):
-            raise ConfigError(f"ipfix fields must be a FieldSet (FieldSet.parse('ttl=no,...')), not {self.ipfix!r}")
+            raise SettingError("ipfix", f"ipfix fields must be a FieldSet (FieldSet.parse('ttl=no,...')), "
+                                        f"not {self.ipfix!r}")
+        if not isinstance(self.metrics_address, str):
+            raise SettingError("metrics-address", f"metrics-address {self.metrics_address!r} is not text")
         if self.metrics_address:
             _check_listen_address(self.metrics_address)
-        if not self.interfaces:
-            raise ConfigError("interfaces is empty: name interfaces or use 'all'")
-        if not 16 <= self.cache_entries <= 64 * 1024 * 1024:
-            raise ConfigError(f"cache-entries {self.cache_entries} is outside 16..64M")
-        for name, ns in (("active-flow-timeout", self.active_flow_timeout_ns),
-                         ("inactive-flow-timeout", self.inactive_flow_timeout_ns),
-                         ("sweep-interval", self.sweep_interval_ns)):
-            if ns < 10**8:
-                raise ConfigError(f"{name} {format_duration(ns)} is too short (at least 100ms)")
-        InterfaceOptions("default", self.direction, self.hook)  # validates both
+        sock = self.control_socket
+        if not isinstance(sock, str) or (sock and not sock.startswith("/")):
+            raise SettingError("control-socket", f"control-socket {self.control_socket!r} is not an absolute path "
+                                                 "('' turns it off)")
+        if self.as_file is not None and (not isinstance(self.as_file, str) or not self.as_file):
+            raise SettingError("as-file", f"as-file {self.as_file!r} is not a file name")
+        self._expand_interfaces()
+        if type(self.cache_entries) is not int:
+            raise SettingError("cache-entries", f"cache-entries {self.cache_entries!r} is not a whole number")
+        if not MIN_CACHE_ENTRIES <= self.cache_entries <= MAX_CACHE_ENTRIES:
+            raise SettingError("cache-entries", f"cache-entries {format_size(self.cache_entries)} is outside "
+                                                f"{format_size(MIN_CACHE_ENTRIES)}..{format_size(MAX_CACHE_ENTRIES)}")
+        _check_duration("active-flow-timeout", self.active_flow_timeout_ns, MIN_TIMEOUT_NS, MAX_TIMEOUT_NS)
+        _check_duration("inactive-flow-timeout", self.inactive_flow_timeout_ns, MIN_TIMEOUT_NS, MAX_TIMEOUT_NS)
+        _check_duration("sweep-interval", self.sweep_interval_ns, MIN_TIMEOUT_NS, MAX_SWEEP_NS)
+        self._check_sampling()
+        self._check_targets()
+        if self.direction not in DIRECTIONS:
+            raise SettingError("direction", f"direction {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
+        if self.hook not in HOOKS:
+            raise SettingError("hook", f"hook {self.hook!r} is not one of {', '.join(HOOKS)}")
+        if not isinstance(self.interface_options, tuple):
+            object.__setattr__(self, "interface_options", tuple(self.interface_options))
         names = [o.name for o in self.interface_options]
-        if len(set(names)) != len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise ConfigError(f"an interface is given twice: {', '.join(twice)}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SettingError(f"interface.{twice[0]}", f"an interface is given twice: {', '.join(twice)}")
+        if self.interfaces != ("all",):
+            for o in self.interface_options:
+                if o.name not in self.interfaces:
+                    raise SettingError(f"interface.{o.name}",
+                                       f"interface {o.name} has options but is not metered "
+                                       f"(interfaces: {','.join(self.interfaces)})")
         if self.xdp_mode not in ("auto", "native", "generic"):
-            raise ConfigError(f"xdp-mode {self.xdp_mode!r} is not auto, native or generic")
+            raise SettingError("xdp-mode", f"xdp-mode {self.xdp_mode!r} is not auto, native or generic")
+        _check_duration("end-idle", self.end_idle_ns, 1, MAX_TIMEOUT_NS)
         # A FIN/RST flow ends after a short idle, never later than the inactive timeout.
         object.__setattr__(self, "end_idle_ns", min(self.end_idle_ns, self.inactive_flow_timeout_ns))
 
+    def _expand_interfaces(self) -> None:
+        if isinstance(self.interfaces, str) or not isinstance(self.interfaces, tuple | list):
+            raise SettingError("interfaces", f"interfaces {self.interfaces!r} is not a list of names")
+        lists: dict[str, InterfaceList] = {}
+        for lst in self.interface_lists:
+            if not isinstance(lst, InterfaceList):
+                raise SettingError("interface-list", f"interface list {lst!r} is not an InterfaceList")
+            if lst.name in lists:
+                raise SettingError(f"interface-list.{lst.name}", f"interface list {lst.name} is defined twice")
+            lists[lst.name] = lst
+        object.__setattr__(self, "interface_lists", tuple(lists.values()))
+        written = tuple(self.interfaces)
+        expanded = self.expand(written)
+        spec = tuple(self.interface_spec)
+        if not spec or self.expand(spec) != expanded:
+            spec = written
+        object.__setattr__(self, "interfaces", expanded)
+        object.__setattr__(self, "interface_spec", spec)
+
+    def expand(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Interface names, list names or ``all`` -> the Linux names to meter, or ``("all",)``."""
+        if not names:
+            raise SettingError("interfaces", "interfaces is empty: name interfaces or interface lists, or use all")
+        lists = {lst.name: lst for lst in self.interface_lists}
+        out: list[str] = []
+        for name in names:
+            if not isinstance(name, str):
+                raise SettingError("interfaces", f"interfaces: {name!r} is not a name")
+            if name in lists:
+                if not lists[name].members:
+                    raise SettingError("interfaces", f"interfaces: interface list {name} has no members")
+                out.extend(lists[name].members)
+            elif name == "all":
+                if len(names) > 1:
+                    raise SettingError("interfaces", "interfaces: all cannot be combined with other names")
+                return ("all",)
+            elif name in BUILTIN_LISTS:
+                raise SettingError("interfaces", f"interfaces: RouterOS's built-in list {name!r} has no meaning "
+                                                 "on a Linux host: name the interfaces, or use all")
+            else:
+                check_ifname(name, "interfaces", "interfaces: interface name")
+                out.append(name)
+        return tuple(dict.fromkeys(out))
+
+    def _check_sampling(self) -> None:
+        _check_int("sampling-interval", self.sampling_interval, 0, MAX_COUNT)
+        _check_int("sampling-space", self.sampling_space, 0, MAX_COUNT)
+        if self.sampling_space and not self.sampling_interval:
+            raise SettingError("sampling-space", f"sampling-space={self.sampling_space} needs a sampling-interval "
+                                                 "(the packets sampled before sampling-space packets are skipped)")
+        if self.packet_sampling and self.sampling_interval < 1:
+            raise SettingError("packet-sampling", "packet-sampling=yes needs sampling-interval=N (N >= 1: "
+                                                  "N packets sampled, then sampling-space packets skipped)")
+        if not self.packet_sampling:
+            for key, value in (("sampling-interval", self.sampling_interval),
+                               ("sampling-space", self.sampling_space)):
+                if value:
+                    raise SettingError(key, f"{key}={value} but packet-sampling=no: set packet-sampling=yes, "
+                                            f"or {key}=0")
+
+    def _check_targets(self) -> None:
+        for attr in ("targets", "disabled_targets"):
+            value = getattr(self, attr)
+            if not isinstance(value, tuple | list) or not all(isinstance(t, TargetSettings) for t in value):
+                raise SettingError("target", f"{attr} {value!r} is not a list of TargetSettings")
+            object.__setattr__(self, attr, tuple(value))
+        seen: dict[tuple[str, int], int] = {}
+        for i, t in enumerate(self.targets + self.disabled_targets):
+            if t.endpoint in seen:
+                host = f"[{t.endpoint[0]}]" if t.family_is_v6 else t.endpoint[0]
+                raise SettingError(f"target.{i}", f"target {host}:{t.port} is given twice "
+                                                  f"(targets {seen[t.endpoint]} and {i}): each target needs its "
+                                                  "own dst-address and port")
+            seen[t.endpoint] = i
+
+    @property
+    def sampling(self) -> tuple[int, int]:
+        """(sampling-interval, sampling-space) the kernel applies; (0, 0) = every packet."""
+        if not self.packet_sampling:
+            return (0, 0)
+        return (self.sampling_interval, self.sampling_space)
 
     def options_for(self, name: str) -> InterfaceOptions:
         """How ``name`` is metered: its own options, or the defaults."""
@@ -256,20 +487,41 @@ def _check_listen_address(text: str) -> None:
         if not 1 <= int(port) <= 65535:
             raise ValueError
     except ValueError:
-        raise ConfigError(
-            f"metrics-address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9796, [::1]:9796; \"\" turns it off)"
+        raise SettingError(
+            "metrics-address",
+            f"metrics-address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9796, [::1]:9796; \"\" turns it off)",
         ) from None
 
 
+# Value parsers for one setting: RouterOS syntax in, a typed value out, errors naming the setting.
+
 def duration(name: str, text: str | int | float) -> int:
+    """``30m``, ``15s``, ``1h30m``, ``00:30:00`` (or a number of seconds) -> nanoseconds."""
     try:
         return parse_duration_ns(text)
     except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+        raise SettingError(name, f"{name}: {exc}") from None
 
 
 def size(name: str, text: str | int) -> int:
+    """``64k``, ``1M`` or a whole number."""
     try:
         return parse_size(text)
     except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+        raise SettingError(name, f"{name}: {exc}") from None
+
+
+def count(name: str, text: str | int) -> int:
+    """A whole number, written as RouterOS does (``20``) or as a TOML integer."""
+    try:
+        return parse_count(text)
+    except ValueError as exc:
+        raise SettingError(name, f"{name}: {exc}") from None
+
+
+def yes_no(name: str, text: str | bool) -> bool:
+    """RouterOS ``yes``/``no`` (or true/false, or a TOML boolean)."""
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise SettingError(name, f"{name}: {exc}") from None

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from pyflow.agent import Agent
-from pyflow.config import Settings
+from pyflow.config import Settings, TargetSettings
+from pyflow.control import ControlServer, check_socket_path
 from pyflow.enrich import Enricher
 from pyflow.errors import ConfigError, PyflowError
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportContext, Target
+from pyflow.export.target import ExportContext, Sampling, Target
 from pyflow.follow import InterfaceSet, LinkWatcher
 from pyflow.host.conntrack import NatEventListener
 from pyflow.interfaces import rx_packets
@@ -38,7 +39,15 @@ def kernel_settings(settings: Settings) -> KernelSettings:
         ttl="ttl" in fields,
         length="ip-total-length" in fields,
         fib=legacy or "out-interface" in fields or "gateway" in fields,
+        sampling_interval=settings.sampling[0],
+        sampling_space=settings.sampling[1],
     )
+
+
+def export_context(settings: Settings, ts: TargetSettings, interfaces: tuple[tuple[int, str], ...]) -> ExportContext:
+    """What one target's encoder needs: interface names, time mode, fields, the sampling it announces."""
+    sampling = Sampling(*settings.sampling) if settings.packet_sampling else None
+    return ExportContext(sampling=sampling, interfaces=interfaces, time_mode=ts.time_mode, fields=settings.ipfix)
 
 
 def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
@@ -96,8 +105,7 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
     for ts in new.targets:
         t = kept.pop(ts, None)
         if t is None:
-            t = Target(ts, encoder_for(ts.version),
-                       ctx=ExportContext(interfaces=ifs.names(), time_mode=ts.time_mode, fields=new.ipfix))
+            t = Target(ts, encoder_for(ts.version), ctx=export_context(new, ts, ifs.names()))
             open_target(t, agent.meter, stack, log)
         elif new_kernel != old_kernel:
             exclude_own_exports(agent.meter, t)
@@ -106,9 +114,10 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
         log(f"reload: {t.name} removed")
         t.close()
     for t in new_targets:
-        if t.ctx.fields != new.ipfix:
-            t.ctx = dataclasses.replace(t.ctx, fields=new.ipfix)
-            t.clock.last_sent_ns = None  # the new templates go out with the next export
+        ctx = export_context(new, t.settings, ifs.names())
+        if ctx != t.ctx:
+            t.ctx = ctx
+            t.clock.last_sent_ns = None  # new templates / options go out with the next export
     targets[:] = new_targets
     agent.targets = targets
     agent.settings = new
@@ -168,6 +177,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             server = serve(metrics, settings.metrics_address)
             stack.callback(server.shutdown)
             log(f"metrics on http://{settings.metrics_address}/metrics")
+        if settings.control_socket:  # a live agent on the same socket fails before anything is attached
+            check_socket_path(settings.control_socket)
         meter = stack.enter_context(FlowMeter(kernel_settings(settings)))
         meter.load()
         # host sources before any attach: conntrack events of the first metered flows are not missed
@@ -181,8 +192,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
         ifs.start()
         targets += [
-            Target(ts, encoder_for(ts.version),
-                   ctx=ExportContext(interfaces=ifs.names(), time_mode=ts.time_mode, fields=settings.ipfix))
+            Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
             for ts in settings.targets
         ]
         for t in targets:
@@ -202,6 +212,10 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
 
         watcher = LinkWatcher(follow, log)
         stack.callback(watcher.close)
+        if settings.control_socket:
+            control = ControlServer(agent, settings.control_socket)
+            control.start()
+            stack.callback(control.close)
 
         def between() -> None:
             if reload is None or load_settings is None or not reload.is_set():

@@ -25,13 +25,16 @@ _SIZE_RE = re.compile(r"^(\d+)([kKmMgG]?)$")
 
 def parse_duration_ns(text: str | int | float) -> int:
     """``30m``, ``15s``, ``1h30m``, ``1d``, ``500ms``, ``00:30:00``, ``1d00:00:10`` or plain seconds."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise ValueError(f"{text!r} is not a duration")
     if isinstance(text, int | float):
         if text < 0:
             raise ValueError(f"duration {text!r} is negative")
         return int(text * 10**9)
     s = text.strip()
+    if not s.isascii():
+        raise ValueError(f"{text!r} is not a duration (write it as RouterOS does: 15s, 30m, 1h30m, 1d, 500ms or "
+                         "00:30:00)")
     if re.fullmatch(r"\d+(?:\.\d+)?", s):
         return int(float(s) * 10**9)
     m = _CLOCK_RE.match(s)
@@ -70,13 +73,13 @@ def format_duration(ns: int) -> str:
 
 def parse_size(text: str | int) -> int:
     """``64k`` = 65536, ``1M`` = 1048576 (binary, as RouterOS cache sizes), or a plain number."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int):
         raise ValueError(f"{text!r} is not a size")
     if isinstance(text, int):
         if text < 0:
             raise ValueError(f"size {text} is negative")
         return text
-    m = _SIZE_RE.match(text.strip())
+    m = _SIZE_RE.match(text.strip()) if text.isascii() else None
     if not m:
         raise ValueError(f"{text!r} is not a size (write 4096, 4k, 64k or 1M)")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
@@ -89,10 +92,30 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def parse_count(text: str | int) -> int:
+    """A whole number of 0 or more: ``20``, or an int (not a bool)."""
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ValueError(f"{text!r} is not a whole number")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"{text} is negative")
+        return text
+    t = text.strip()
+    if not t.isascii() or not t.isdigit():
+        raise ValueError(f"{text!r} is not a whole number (0 or more)")
+    return int(t)
+
+
+def format_bool(value: bool) -> str:
+    return "yes" if value else "no"
+
+
 def parse_bool(text: str | bool) -> bool:
-    """RouterOS ``yes``/``no`` (also true/false)."""
+    """RouterOS ``yes``/``no`` (also true/false, on/off)."""
     if isinstance(text, bool):
         return text
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not yes or no")
     t = text.strip().lower()
     if t in ("yes", "true", "on", "1"):
         return True

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from pyflow import __version__
 from pyflow.commands import add_commands
@@ -606,8 +606,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     log(f"cache-entries={format_size(settings.cache_entries)} "
         f"active-flow-timeout={format_duration(settings.active_flow_timeout_ns)} "
         f"inactive-flow-timeout={format_duration(settings.inactive_flow_timeout_ns)}{sampling}")
-    run_meter(settings, stop, log, reload=reload, load_settings=reread)
+    line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
+    run_meter(settings, stop, line.log if line else log, reload=reload, load_settings=reread,
+              status=line.show if line else None)
+    if line:
+        line.clear()
     return 0
+
+
+class StatusLine:
+    """On a terminal, ``pyflow run`` keeps one live line at the bottom (cache, export rate,
+    targets); log lines are printed above it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.text = ""
+
+    def clear(self) -> None:
+        if self.text:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def show(self, text: str) -> None:
+        self.text = text
+        self.stream.write(f"\r\x1b[K{text}")
+        self.stream.flush()
+
+    def log(self, msg: str) -> None:
+        self.clear()
+        log(msg)
+        if self.text:
+            self.show(self.text)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

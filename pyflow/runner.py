@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
@@ -51,11 +52,18 @@ def export_context(settings: Settings, ts: TargetSettings, interfaces: tuple[tup
 
 
 def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
-    """Tell the kernel the 4-tuple of ``target``'s datagrams: they are never metered."""
+    """Tell the kernel the 4-tuple of ``target``'s datagrams: they are never metered.
+
+    A target whose connect() failed at start (no route yet) has no 4-tuple; the
+    runner calls this again before every sweep, so it is registered once it has one.
+    """
     if target.sock is None:
         return
-    src, sport = target.sock.getsockname()[:2]
-    dst, dport = target.sock.getpeername()[:2]
+    try:
+        src, sport = target.sock.getsockname()[:2]
+        dst, dport = target.sock.getpeername()[:2]
+    except OSError:  # not connected (yet)
+        return
     meter.exclude_own_export(str(src).split("%")[0], int(sport), str(dst).split("%")[0], int(dport))
 
 
@@ -127,6 +135,31 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
     log("reload: settings applied")
 
 
+class RateTracker:
+    """Records exported per second between two looks."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, int] | None = None
+
+    def per_second(self, records: int) -> float:
+        now = time.monotonic()
+        prev, self.last = self.last, (now, records)
+        if prev is None or now <= prev[0]:
+            return 0.0
+        return (records - prev[1]) / (now - prev[0])
+
+
+def status_line(agent: Agent, targets: list[Target], rate: RateTracker) -> str:
+    """The one-line live status of ``pyflow run`` on a terminal."""
+    s = agent.stats
+    cap = agent.meter.settings.cache_entries
+    failing = [t.name for t in targets if t.sock is None or t.stats.send_errors]
+    health = f"targets: {len(targets) - len(failing)}/{len(targets)} ok" + (
+        f" (errors: {', '.join(failing)})" if failing else "")
+    return (f"pyflow: {s.cached:,} flows cached ({100 * s.cached / cap:.0f}% of {cap:,}), "
+            f"{rate.per_second(s.records):,.0f} records/s exported, {health}")
+
+
 ROUTE_FIELDS = ("src-address-mask", "dst-address-mask", "gateway", "out-interface")
 NAT_FIELDS = ("nat-src-address", "nat-dst-address", "nat-src-port", "nat-dst-port")
 
@@ -164,7 +197,8 @@ def host_sources(settings: Settings, stack: ExitStack,
 
 
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
-              reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None) -> None:
+              reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None,
+              status: Callable[[str], None] | None = None) -> None:
     """Meter and export until ``stop``; when ``reload`` is set, re-read the settings with
     ``load_settings`` and apply them (see :func:`apply_settings`)."""
     if not settings.targets:
@@ -217,7 +251,13 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             control.start()
             stack.callback(control.close)
 
+        rate = RateTracker()
+
         def between() -> None:
+            for t in targets:  # a target that connects late gets its 4-tuple excluded then
+                exclude_own_exports(agent.meter, t)
+            if status is not None:
+                status(status_line(agent, targets, rate))
             if reload is None or load_settings is None or not reload.is_set():
                 return
             reload.clear()

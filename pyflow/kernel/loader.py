@@ -154,6 +154,7 @@ class FlowMeter:
         self._progs: dict[str, Any] = {}
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._reader: MapBatchReader | None = None
+        self._own_exports: set[tuple[str, int, str, int]] = set()
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -347,6 +348,9 @@ class FlowMeter:
         """Never meter UDP datagrams with this 4-tuple: the agent's own exports."""
         from pyflow.records import addr_to_16
 
+        if (src, src_port, dst, dst_port) in self._own_exports:
+            return
+        self._own_exports.add((src, src_port, dst, dst_port))
         table = self.table("own_export")
         key = table.Key()
         ctypes.memmove(ctypes.addressof(key), _own_key(addr_to_16(src), src_port, addr_to_16(dst), dst_port), 36)

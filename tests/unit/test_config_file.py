@@ -122,7 +122,8 @@ class FakeMeter(list[Settings]):
         self.rereads: list[Callable[[], Settings] | None] = []
 
     def __call__(self, settings: Settings, stop: threading.Event, log: Callable[[str], None],
-                 reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None) -> None:
+                 reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None,
+                 status: Callable[[str], None] | None = None) -> None:
         self.append(settings)
         self.rereads.append(load_settings)
 
@@ -258,3 +259,33 @@ def test_windows_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert f"{script}:3: cache-entries: '4q' is not a size" in capsys.readouterr().err
     script.write_bytes(b"/ip traffic-flow\r\nset enabled=yes \\\r\n    cache-entries=4k\r\n")
     assert load(["check", "--routeros", str(script)]).cache_entries == 4096
+
+
+def test_run_on_a_terminal_keeps_one_live_status_line() -> None:
+    """Log lines go above the status line; the status line is redrawn after each, and cleared at the end."""
+    import io
+
+    from pyflow.cli import StatusLine
+
+    out = io.StringIO()
+    line = StatusLine(out)
+    line.show("pyflow: 3 flows cached (0% of 65,536), 12 records/s exported, targets: 1/1 ok")
+    line.clear()
+    assert out.getvalue() == ("\r\x1b[Kpyflow: 3 flows cached (0% of 65,536), 12 records/s exported, "
+                              "targets: 1/1 ok\r\x1b[K")
+
+
+def test_status_line_text() -> None:
+    from types import SimpleNamespace
+
+    from pyflow.runner import RateTracker, status_line
+
+    agent = SimpleNamespace(stats=SimpleNamespace(cached=1024, records=0),
+                            meter=SimpleNamespace(settings=SimpleNamespace(cache_entries=4096)))
+    ok = SimpleNamespace(name="127.0.0.1:2055/ipfix", sock=object(), stats=SimpleNamespace(send_errors={}))
+    bad = SimpleNamespace(name="192.0.2.9:2055/9", sock=object(),
+                          stats=SimpleNamespace(send_errors={"econnrefused": 2}))
+    rate = RateTracker()
+    assert status_line(agent, [ok, bad], rate) == (  # type: ignore[arg-type]
+        "pyflow: 1,024 flows cached (25% of 4,096), 0 records/s exported, targets: 1/2 ok "
+        "(errors: 192.0.2.9:2055/9)")

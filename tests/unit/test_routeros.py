@@ -249,7 +249,8 @@ def fake_meter(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
 
     def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
                   reload: threading.Event | None = None,
-                  load_settings: Callable[[], Settings] | None = None) -> None:
+                  load_settings: Callable[[], Settings] | None = None,
+                  status: Callable[[str], None] | None = None) -> None:
         seen.append(settings)
         assert reload is not None and load_settings is not None  # SIGHUP re-reads the script
 

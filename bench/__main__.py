@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench import hotpath, live, mapread, sweep_export
+from bench import footprint, hotpath, live, mapread, sweep_export
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -54,15 +54,15 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live"), action="append")
+    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint"), action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
-    which = args.only or ["hotpath", "mapread", "sweep", "live"]
+    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
-    if os.geteuid() != 0 and ("hotpath" in which or "mapread" in which or "live" in which):
-        print("hotpath, mapread and live need root (BPF, namespaces); skipped\n")
+    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint")):
+        print("hotpath, mapread, live and footprint need root (BPF, namespaces); skipped\n")
         which = [w for w in which if w == "sweep"]
     if "hotpath" in which:
         hotpath.run(args.repeat)
@@ -74,6 +74,8 @@ def main() -> int:
         sweep_export.run_formats(max(sizes), args.repeat, median_time)
     if "live" in which:
         live.run(min(args.repeat, 3))
+    if "footprint" in which:
+        footprint.run()
     return 0
 
 

@@ -21,13 +21,34 @@ apt-get update -qq
 # tshark asks whether non-root users may capture; answer "no" up front.
 echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
 
-PKGS=(python3-bpfcc python3-venv python3-pip iproute2 nftables conntrack iputils-ping ethtool nfdump tshark pmacct)
+PKGS=(python3-bpfcc python3-venv python3-pip iproute2 nftables conntrack iputils-ping ethtool nfdump tshark pmacct ruby)
 say "installing: ${PKGS[*]}"
 apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
 
-# --- kernel headers: bcc compiles the meter against them -------------------
 # (no `| grep -q` straight on apt-cache: under pipefail its SIGPIPE would read as "no")
 has_candidate() { local out; out=$(apt-cache policy "$1" 2>/dev/null); [[ $out == *"Candidate: "[0-9]* ]]; }
+
+# Vagrant (and its libvirt provider) only for `vagrant validate` in tests/unit/test_deploy.py:
+# no VM runs here.  Some releases no longer package it; the test then says it was skipped.
+OPTIONAL=()
+for p in vagrant vagrant-libvirt; do has_candidate "$p" && OPTIONAL+=("$p"); done
+if [ ${#OPTIONAL[@]} -gt 0 ]; then
+    say "installing (for the deployment tests): ${OPTIONAL[*]}"
+    apt-get install -y -qq --no-install-recommends "${OPTIONAL[@]}" >/dev/null
+fi
+
+# --- Python: pyflow needs 3.11+, and bcc only imports into Debian's/Ubuntu's own Python ------
+# (Ubuntu 22.04's python3 is 3.10: its python3.11 package sees the same dist-packages, bcc too.)
+PYTHON=/usr/bin/python3
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    has_candidate python3.11 && has_candidate python3.11-venv \
+        || die "pyflow needs Python 3.11 or newer; $("$PYTHON" -V 2>&1) is older and no python3.11 package exists"
+    say "$("$PYTHON" -V 2>&1) is older than 3.11: installing python3.11"
+    apt-get install -y -qq --no-install-recommends python3.11 python3.11-venv >/dev/null
+    PYTHON=/usr/bin/python3.11
+fi
+
+# --- kernel headers: bcc compiles the meter against them -------------------
 if [ -e "/lib/modules/$KREL/build/Makefile" ] || [ -d "/lib/modules/$KREL/build/include" ]; then
     say "kernel headers for $KREL: present at /lib/modules/$KREL/build"
 elif has_candidate "linux-headers-$KREL"; then
@@ -57,14 +78,14 @@ else
 fi
 
 # --- virtualenv: Debian's python3 so bcc (python3-bpfcc) is importable ------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)'; then
-    say "creating .venv from /usr/bin/python3 --system-site-packages"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix and sys.version_info >= (3, 11) else 1)'; then
+    say "creating .venv from $PYTHON --system-site-packages"
     rm -rf .venv
-    /usr/bin/python3 -m venv --system-site-packages .venv
+    "$PYTHON" -m venv --system-site-packages .venv
 fi
-say "installing pyflow (editable) and its dev tools into .venv"
+say "installing pyflow (editable), its dev and test tools into .venv"
 log=.venv/pip-install.log
-if ! .venv/bin/python -m pip install -q -e '.[dev]' >"$log" 2>&1; then
+if ! .venv/bin/python -m pip install -q -e '.[dev,test]' >"$log" 2>&1; then
     cat "$log" >&2
     die "pip install into .venv failed (log above, also in $log)"
 fi

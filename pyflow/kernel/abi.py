@@ -12,7 +12,23 @@ from pathlib import Path
 
 import numpy as np
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+
+def find_bpf_dir() -> Path:
+    """Where the eBPF sources (flowmeter.c, flowmeter.h) are.
+
+    In a checkout (or an editable install) that is the top-level ``bpf/``, the
+    one copy kept in git; an installed wheel carries the same two files as
+    package data in ``pyflow/bpf/`` (setup.py maps ``bpf/`` there), which is
+    used when no checkout surrounds this file.
+    """
+    here = Path(__file__).resolve().parent.parent  # the pyflow package
+    for candidate in (here.parent / "bpf", here / "bpf"):
+        if (candidate / "flowmeter.c").is_file() and (candidate / "flowmeter.h").is_file():
+            return candidate
+    return here.parent / "bpf"  # neither: the loader reports the missing source by this path
+
+
+BPF_DIR = find_bpf_dir()
 
 FLOW_KEY_DTYPE = np.dtype(
     {

@@ -116,6 +116,18 @@ BPF_HASH(own_export, struct own_key, __u8, MAX_OWN_EXPORT);
  * the agent's barrier between "read idle entries" and "delete them". */
 BPF_ARRAY(barrier_inner, __u32, 1);
 BPF_ARRAY_OF_MAPS(barrier, "barrier_inner", 1);
+/* The agent's early export of a nearly full cache (lack of resources): an
+ * entry last seen before this instant (boot clock) is expired, exactly like an
+ * idle one: never written again, its packets are spilled; so the agent can
+ * export and delete it with the same exact protocol (docs/reliability.md). */
+BPF_ARRAY(evict_before, __u64, 1);
+
+static __always_inline int evicted(struct flow_value *v)
+{
+    __u32 zero = 0;
+    __u64 *t = evict_before.lookup(&zero);
+    return t && v->last_seen_ns < *t;
+}
 
 struct vlan_hdr_pf {
     __be16 tci;
@@ -341,7 +353,7 @@ static __always_inline void add_to_entry(struct iface_stats *st, struct flow_val
     __s64 idle = (__s64)(now - v->last_seen_ns);
     __s64 limit = (v->tcp_flags & (PF_TCP_FIN | PF_TCP_RST)) ? (__s64)END_IDLE_NS
                                                               : (__s64)INACTIVE_NS;
-    if (idle >= limit) {
+    if (idle >= limit || evicted(v)) {
         spill_packet(st, m, now);
         return;
     }

@@ -10,10 +10,18 @@ instead.  So the agent
 3. re-reads those entries (their values are now final) and sweeps;
 4. deletes them, and exports the records to every target;
 5. turns spill events (packets of a flow that resumed meanwhile) into records.
+
+When the cache is nearly full (``sweep.HIGH_WATER`` of cache-entries) after
+that, the entries idle the longest leave at once, down to ``sweep.LOW_WATER``,
+exported with end reason *lack of resources* (``_relieve``): frozen by the
+kernel's ``evict_before`` threshold and deleted like expired entries where the
+program has it (exact), else taken with BPF_MAP_LOOKUP_AND_DELETE_ELEM (one
+window of tens of nanoseconds left).  See docs/reliability.md, "A full cache".
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 import threading
 import time
@@ -28,16 +36,33 @@ from pyflow import records as rec
 from pyflow.config import Settings
 from pyflow.export.target import ExportClock, Target
 from pyflow.kernel import abi
-from pyflow.kernel.bpfsys import map_delete_batch, map_lookup
+from pyflow.kernel.bpfsys import (
+    BpfError,
+    map_delete,
+    map_lookup,
+    map_lookup_and_delete_many,
+    map_update_batch,
+)
 from pyflow.kernel.loader import FlowMeter
 from pyflow.records import EndReason
-from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
+from pyflow.sweep import (
+    HIGH_WATER,
+    LOW_WATER,
+    SweepRules,
+    expired,
+    final_records,
+    relief_victims,
+    spill_records,
+    sweep,
+)
 
 if TYPE_CHECKING:
     from pyflow.enrich import Enricher
     from pyflow.host.conntrack import NatEventListener
     from pyflow.metrics import Metrics
 
+ENOTSUPP = 524  # the kernel's own "operation not supported" (not in errno)
+ZERO_KEY = b"\0\0\0\0"  # key 0 of an array map
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
                  EndReason.FORCED: "forced", EndReason.LACK_OF_RESOURCES: "lack_of_resources"}
 
@@ -62,6 +87,7 @@ class AgentStats:
     spill_events: int = 0
     nat_events: int = 0  # NAT event records (conntrack), not flows
     vanished: int = 0  # expired entries gone before the re-read (should stay 0)
+    evicted: int = 0  # entries taken out of a nearly full cache early (lack of resources; also in deleted)
     last_sweep_seconds: float = 0.0
     cached: int = 0  # entries in the cache after the last sweep
     records_by_reason: Tally[str] = field(default_factory=Tally)
@@ -85,9 +111,17 @@ class Agent:
             inactive_ns=settings.inactive_flow_timeout_ns,
             end_idle_ns=settings.end_idle_ns,
         )
-        self.baseline = Baseline()
+        # what earlier agents already exported of the flows in this meter's cache (pinned maps)
+        self.baseline = meter.load_baseline()
         self.stats = AgentStats()
         self._spilled: list[np.ndarray] = []
+        # a nearly full cache is relieved down to low_water x cache-entries (see _relieve)
+        self.high_water = HIGH_WATER
+        self.low_water = LOW_WATER
+        self._atomic_take = True  # BPF_MAP_LOOKUP_AND_DELETE_ELEM works on this kernel (hash maps: 5.14+)
+        self._relief_logged_ns: int | None = None
+        self._evict_meter: FlowMeter | None = None  # the meter _evict_fd was looked up in
+        self._evict_fd: int | None = None
         self.metrics = metrics
         # held during a tick and while a scrape computes the accounting: both see
         # the cache, the baseline and the exported totals at one consistent point
@@ -140,6 +174,7 @@ class Agent:
 
     def _tick(self, final: bool) -> np.ndarray:
         t0 = time.perf_counter()
+        before = self.baseline
         keys_v, values_v = self.meter.read_flows()
         keys, values = keys_v.copy(), values_v.copy()
         now, wall_offset, clock = self._clock()
@@ -154,28 +189,152 @@ class Agent:
                     keys, values = keys[keep], values[keep]
         res = sweep(keys, values, self.baseline, now, wall_offset, self.rules, final=final)
         self.baseline = res.baseline
-        if res.delete.any():
-            self.stats.deleted += map_delete_batch(self.meter.flows_fd, keys[res.delete])
+        cached = len(keys) - int(np.count_nonzero(res.delete))
+        batch = res.records
+        delete_keys = keys[res.delete]
+        if not final:
+            stay = ~res.delete
+            early, taken, frozen = self._relieve(keys[stay], values[stay], now, wall_offset)
+            cached -= taken
+            if len(early):
+                batch = np.concatenate([batch, early])
+            if len(frozen):  # final by the kernel's threshold: deleted with the expired ones
+                delete_keys = np.concatenate([delete_keys, frozen])
 
         self.meter.poll_spill()
-        batch = res.records
         if self._spilled:
             events = np.concatenate(self._spilled)
             self._spilled.clear()
             self.stats.spill_events += len(events)
             batch = np.concatenate([batch, spill_records(events, wall_offset)])
+        events = self.nat_events.drain() if self.nat_events is not None else rec.empty(0)
+        if self.enricher is not None and self.enricher.nat is not None:
+            self.enricher.nat.learn(events)  # connections that came and went since the last refresh
         if self.enricher is not None and len(batch):
             if self.enricher.nat is not None:
                 self.enricher.nat.refresh()  # the NAT'ed connections as they are now
             self.enricher.enrich(batch)
-        if self.nat_events is not None:
-            batch = np.concatenate([batch, self.nat_events.drain()])
+        if len(events):
+            batch = np.concatenate([batch, events])
         self.export(batch, clock, now)
-        self._account(batch, len(keys) - int(np.count_nonzero(res.delete)), now, wall_offset)
+        # Only now does the kernel forget what was just exported: the expired entries, the
+        # baseline of cut flows, the spill events read.  An agent killed before this line leaves
+        # all of it to the next one, which exports it (docs/architecture.md, "Pinning and restart").
+        self.stats.deleted += self.meter.commit(delete_keys, before, self.baseline)
+        self._account(batch, cached, now, wall_offset)
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.sweep_duration.observe(self.stats.last_sweep_seconds)
         return batch
+
+    def _relieve(self, keys: np.ndarray, values: np.ndarray, now_ns: int,
+                 wall_offset_ns: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """Early export of a nearly full cache: (records, entries leaving, keys left to delete).
+
+        ``keys``/``values``: the entries that stay after the sweep.  From
+        ``high_water`` x cache-entries on, the entries idle the longest leave
+        the cache until it holds ``low_water`` x cache-entries, exported with
+        end reason *lack of resources* (what an active-timeout cut already
+        exported is not sent again: the baseline).  Packets of those flows
+        arriving afterwards start new entries.
+
+        Two ways, by what the kernel program offers (docs/reliability.md):
+
+        * its ``evict_before`` threshold (exact): the kernel treats an entry
+          last seen before it as expired, exactly like an idle one (never
+          written; its packets are spilled).  The agent sets it just above the
+          victims' last-seen times, waits for the RCU barrier and re-reads
+          them: their values are final (one whose last-seen moved past the
+          threshold is no longer idle-longest and stays).  They are deleted
+          with the expired entries, after the export (the third value).
+        * without it: BPF_MAP_LOOKUP_AND_DELETE_ELEM, which copies the value
+          and unlinks the entry under the bucket lock in one step.  One
+          window is left: a program run that found the entry just before the
+          unlink and adds its packet just after the copy loses that packet
+          (tens of nanoseconds, on the idlest flows of the cache).
+        """
+        capacity = self.meter.settings.cache_entries
+        victims = relief_victims(values["last_seen_ns"], capacity, self.high_water, self.low_water)
+        if not len(victims):
+            return rec.empty(0), 0, keys[:0]
+        threshold = self._evict_threshold()
+        if threshold is not None:
+            vkeys, finals = self._freeze(keys, values, victims, threshold)
+            later = vkeys
+        else:
+            vkeys = np.ascontiguousarray(keys[victims])
+            found, finals = self._take(vkeys)
+            self.stats.vanished += len(vkeys) - int(np.count_nonzero(found))
+            vkeys, finals = vkeys[found], finals[found]
+            self.stats.deleted += len(vkeys)
+            later = keys[:0]
+        taken = len(vkeys)
+        self.stats.evicted += taken
+        out, self.baseline = final_records(vkeys, finals, self.baseline, wall_offset_ns, EndReason.LACK_OF_RESOURCES)
+        if self._relief_logged_ns is None or now_ns - self._relief_logged_ns >= 60 * 10**9:
+            self._relief_logged_ns = now_ns
+            self.log(f"flow cache {100 * len(values) / capacity:.0f}% full ({len(values):,} of {capacity:,} "
+                     f"entries): exported the {taken:,} idle the longest early (lack of resources); "
+                     "raise cache-entries if this goes on")
+        return out, taken, later
+
+    def _evict_threshold(self) -> int | None:
+        """The fd of the kernel program's ``evict_before`` array, or None if it has none."""
+        if self._evict_meter is not self.meter:
+            self._evict_meter = self.meter
+            maps = getattr(self.meter, "maps", None)
+            if isinstance(maps, dict):
+                self._evict_fd = maps.get("evict_before")
+            else:
+                try:
+                    self._evict_fd = int(self.meter.table("evict_before").map_fd)
+                except KeyError:
+                    self._evict_fd = None
+        return self._evict_fd
+
+    def _freeze(self, keys: np.ndarray, values: np.ndarray, victims: np.ndarray,
+                fd: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact way: the kernel's threshold above the victims, barrier, re-read.
+        Returns the keys and final values of the entries now frozen (the kernel never writes
+        them again); the caller deletes them."""
+        last = values["last_seen_ns"]
+        cut = int(last[victims[-1]]) + 1  # victims come idle-longest first
+        raw = map_lookup(fd, ZERO_KEY, 8)
+        old = int.from_bytes(raw, sys.byteorder) if raw is not None else 0
+        cut = max(cut, old)  # it only ever rises: everything last seen before the old one is gone
+        cand = np.flatnonzero(last < cut)  # the victims, and any entry last seen at the same instant
+        map_update_batch(fd, np.zeros(1, dtype=np.uint32), np.array([cut], dtype=np.uint64))
+        self.meter.barrier()  # every run that may not have seen the threshold has ended
+        vkeys = np.ascontiguousarray(keys[cand])
+        vvals = values[cand].copy()
+        gone = self._reread(vkeys, vvals, np.arange(len(cand)))
+        alive = np.ones(len(cand), dtype=bool)
+        alive[gone] = False
+        # last seen at or after the threshold: written by a run before the barrier, not idle; it stays
+        final = alive & (vvals["last_seen_ns"] < cut)
+        return vkeys[final], vvals[final]
+
+    def _take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Take these entries out of the flow map, with their values: (found, values)."""
+        fd = self.meter.flows_fd
+        if self._atomic_take:
+            try:
+                return map_lookup_and_delete_many(fd, keys, abi.FLOW_VALUE_DTYPE)
+            except BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+                    raise
+                self._atomic_take = False
+                self.log("this kernel cannot take hash map entries out atomically (Linux < 5.14): the early "
+                         "export of a full cache reads, then deletes (a packet counted in between is lost)")
+        size = abi.FLOW_VALUE_DTYPE.itemsize
+        found = np.zeros(len(keys), dtype=bool)
+        values = np.zeros(len(keys), dtype=abi.FLOW_VALUE_DTYPE)
+        for i in range(len(keys)):
+            raw = map_lookup(fd, keys[i].tobytes(), size)
+            if raw is not None and map_delete(fd, keys[i].tobytes()):
+                values[i] = np.frombuffer(raw, dtype=abi.FLOW_VALUE_DTYPE)[0]
+                found[i] = True
+        return found, values
 
     def _account(self, batch: np.ndarray, cached: int, now_ns: int, wall_offset_ns: int) -> None:
         s = self.stats
@@ -252,13 +411,19 @@ class Agent:
         """Sweep every ``sweep-interval`` until ``stop`` is set, then flush everything.
 
         ``between`` runs before every sweep (the runner applies a pending reload there).
+        The sweep runs at least twice per inactive-flow-timeout, so an idle flow leaves
+        within 1.5 timeouts of its last packet (with 1 s: 1.5 s, not 2 s).
         """
         self.announce()
-        while not stop.wait(self.settings.sweep_interval_ns / 1e9):
+        while not stop.wait(self.sweep_seconds()):
             if between is not None:
                 between()
             self.tick()
         self.flush()
+
+    def sweep_seconds(self) -> float:
+        """The time between sweeps: sweep-interval, but at most half the inactive-flow-timeout."""
+        return min(self.settings.sweep_interval_ns, self.settings.inactive_flow_timeout_ns // 2) / 1e9
 
     def hand_over(self, new_meter: FlowMeter) -> np.ndarray:
         """Move to ``new_meter`` without losing a count (call with ``lock`` held).
@@ -267,13 +432,15 @@ class Agent:
         every interface (atomic replace), so nothing writes the old maps once
         the RCU barrier has passed.  Everything left in them is exported --
         expired entries as usual, the rest as forced ends -- then the agent
-        works on the new maps with a fresh baseline.  Returns what was exported.
+        works on the new maps with their baseline (empty for a new program;
+        what an earlier agent exported, for one it left pinned).  Returns what
+        was exported.
         """
         old = self.meter
         old.barrier()
         done = [self._tick(False), self._tick(True)]
         self.meter = new_meter
-        self.baseline = Baseline()
+        self.baseline = new_meter.load_baseline()
         self._spilled.clear()
         new_meter.open_spill(self._spilled.append)
         return np.concatenate(done)

@@ -31,12 +31,24 @@ if TYPE_CHECKING:
     from pyflow.agent import Agent
 
 def _bcc_version() -> str:
-    try:
-        import bcc
+    """bcc's version, read from its version.py: importing bcc would map libbcc and LLVM
+    (~90 MB resident) into the agent, which never compiles (pyflow/kernel/pin.py)."""
+    import importlib.util
+    import re
+    from pathlib import Path
 
-        return str(getattr(bcc, "__version__", "unknown"))
-    except ImportError:
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         return "missing"
+    try:
+        text = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return "unknown"
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
+    return m.group(1) if m else "unknown"
 
 
 BCC_VERSION = _bcc_version()

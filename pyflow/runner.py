@@ -18,7 +18,8 @@ from pyflow.export.target import ExportContext, Sampling, Target
 from pyflow.follow import InterfaceSet, LinkWatcher
 from pyflow.host.conntrack import NatEventListener
 from pyflow.interfaces import rx_packets
-from pyflow.kernel.loader import FlowMeter, KernelSettings
+from pyflow.kernel import caps, pin
+from pyflow.kernel.loader import PROGRAMS, FlowMeter, KernelSettings, check_root
 from pyflow.metrics import Metrics, serve
 from pyflow.sweep import SweepRules
 
@@ -74,14 +75,28 @@ def open_target(t: Target, meter: FlowMeter, stack: ExitStack, log: Callable[[st
     log(f"exporting to {t.name}")
 
 
+def in_process_meter(ks: KernelSettings) -> FlowMeter:
+    """A meter compiled and loaded by bcc in this process (every entry point loaded)."""
+    meter = FlowMeter(ks)
+    try:
+        for hook in PROGRAMS:
+            meter.load(hook)
+    except BaseException:
+        meter.close()
+        raise
+    return meter
+
+
 def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list[Target], stack: ExitStack,
-                   log: Callable[[str], None]) -> None:
+                   log: Callable[[str], None], new_meter: Callable[[KernelSettings], FlowMeter] | None = None) -> None:
     """SIGHUP: apply re-read settings without losing a count (called with the agent's lock held).
 
     What the kernel program is compiled with (cache size, inactive timeout, the
     per-flow detail the fields need, sampling) takes a new program: it is
-    compiled and loaded, put in the old one's place on every interface
-    atomically, and the old maps are exported to the end (``Agent.hand_over``).
+    compiled and loaded (``new_meter``: by default in this process; ``pyflow run``
+    compiles in a child and pins it), put in the old one's place on every
+    interface atomically, and the old maps are exported to the end
+    (``Agent.hand_over``), then unpinned.
     Everything else applies at once: targets added, removed or kept (a kept
     target keeps its socket, sequence numbers and template clock), field
     toggles (templates are re-sent at once), timeouts, interfaces.
@@ -93,19 +108,15 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
         encoder_for(ts.version)
     old_kernel, new_kernel = kernel_settings(old), kernel_settings(new)
     if new_kernel != old_kernel:
-        meter = FlowMeter(new_kernel)
+        meter = (new_meter or in_process_meter)(new_kernel)
         try:
-            meter.load()
-            for hook in {h for _, h in agent.meter.attachments}:
-                meter.load(hook)
             meter.take_over(agent.meter)
         except BaseException:
             meter.close()
             raise
         previous = agent.meter
         done = agent.hand_over(meter)
-        stack.callback(meter.close)
-        previous.close()  # its programs are no longer attached anywhere: only the maps go
+        previous.close()  # its programs are no longer attached anywhere: only the maps go (and their pins)
         log(f"reload: new kernel program in place (cache-entries={new.cache_entries}); "
             f"{len(done)} records exported from the old cache")
     kept = {t.settings: t for t in targets}
@@ -196,16 +207,105 @@ def host_sources(settings: Settings, stack: ExitStack,
     return Enricher(routes=routes, nat=nat, asn=asn), events
 
 
+def pick_instance(found: list[pin.Instance], wanted: KernelSettings,
+                  source: str) -> tuple[pin.Instance | None, list[pin.Instance]]:
+    """The instance to go on with (built from these sources with these settings, with all its
+    programs; the newest such), and the others (to be replaced and exported)."""
+
+    same = [i for i in found if i.complete and i.built_with(wanted, source)]
+    current = same[-1] if same else None
+    return current, [i for i in found if i is not current]
+
+
+class KernelSide:
+    """What becomes of the kernel side when ``run_meter`` ends.
+
+    After a clean stop (everything exported) the meter is closed: detached and
+    unpinned.  Any other way out leaves what was taken over, or has counted
+    since, pinned and attached, exactly as a killed agent would, for the next
+    agent to take over; only a meter this run compiled and never used is closed.
+    """
+
+    def __init__(self) -> None:
+        self.meters: list[FlowMeter] = []  # every meter opened, the one metering last
+        self.instances: list[pin.Instance] = []  # found, not (yet) wrapped in a meter
+        self.agent: Agent | None = None
+        self.fresh: FlowMeter | None = None  # compiled by this run
+        self.clean = False
+
+    def finish(self) -> None:
+        current = self.agent.meter if self.agent is not None else None
+        for meter in self.meters:
+            if self.clean or (meter is self.fresh and self.agent is None):
+                meter.close()
+            else:
+                meter.release()
+        if current is not None and current not in self.meters:
+            (current.close if self.clean else current.release)()
+        for inst in self.instances:
+            inst.close()
+
+
+def start_kernel_side(settings: Settings, pins: pin.NetnsPins, found: list[pin.Instance], side: KernelSide,
+                      log: Callable[[str], None]) -> tuple[FlowMeter, list[FlowMeter]]:
+    """The meter to run with (taken over, or compiled in a child) and the older ones it replaced."""
+    wanted = kernel_settings(settings)
+    current, old = pick_instance(found, wanted, pin.source_hash())
+    t0 = time.monotonic()
+    if current is None:
+        meter = FlowMeter.from_instance(pins.compile(wanted))
+        side.fresh = meter
+        log(f"kernel program compiled and loaded in a child process in {time.monotonic() - t0:.2f} s, "
+            f"pinned at {meter.pinned_at}")
+    else:
+        side.instances.remove(current)
+        meter = FlowMeter.from_instance(current)
+        how = "" if current.found_by == "pins" else " (found attached)"
+        log(f"taking over the kernel program pinned at {meter.pinned_at}{how}, left by an agent that is gone: "
+            f"its {len(meter.read_flows()[0]):,} cached flows and counters carry on, "
+            f"{len(meter.attachments)} attachment(s) still in place")
+    side.meters.append(meter)
+    olds = []
+    for inst in old:
+        side.instances.remove(inst)
+        o = FlowMeter.from_instance(inst)
+        side.meters.insert(0, o)
+        olds.append(o)
+        meter.take_over(o)  # its programs out, ours in, atomically, where it was attached
+        log(f"the kernel program pinned at {o.pinned_at} was built with other settings or sources, or lost "
+            "its unattached programs: "
+            f"replaced it on {len(meter.attachments)} attachment(s); its cache is exported next")
+    return meter, olds
+
+
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
               reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None,
               status: Callable[[str], None] | None = None) -> None:
     """Meter and export until ``stop``; when ``reload`` is set, re-read the settings with
-    ``load_settings`` and apply them (see :func:`apply_settings`)."""
+    ``load_settings`` and apply them (see :func:`apply_settings`).
+
+    The kernel side lives in bpffs (pyflow/kernel/pin.py): one agent per network
+    namespace; what an earlier agent left (pinned, or attached) is taken over
+    and goes on counting; a program built with other settings is replaced and
+    its cache exported first.  After the privileged start the agent keeps only
+    the capabilities it uses (pyflow/kernel/caps.py).
+    """
     if not settings.targets:
         raise ConfigError("no target configured")
     with ExitStack() as stack:
         for ts in settings.targets:
             encoder_for(ts.version)  # an unknown version fails before anything is loaded
+        t_start = time.monotonic()
+        check_root()  # before anything is locked, mounted or looked for
+        pins = pin.NetnsPins()
+        pins.open(log)  # one agent per network namespace: a second one stops here
+        stack.callback(pins.close)
+        side = KernelSide()
+        stack.callback(side.finish)
+        side.instances = pins.find(log)
+        eff = caps.drop()  # before any thread starts: capabilities are per thread
+        log(f"capabilities: {' '.join(caps.names(eff)) or 'none'} effective (CAP_PERFMON permitted, for a reload's "
+            "compile); every other one dropped")
         metrics = Metrics()
         if settings.metrics_address:  # a taken port fails before anything is attached
             server = serve(metrics, settings.metrics_address)
@@ -213,8 +313,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             log(f"metrics on http://{settings.metrics_address}/metrics")
         if settings.control_socket:  # a live agent on the same socket fails before anything is attached
             check_socket_path(settings.control_socket)
-        meter = stack.enter_context(FlowMeter(kernel_settings(settings)))
-        meter.load()
+        meter, olds = start_kernel_side(settings, pins, side.instances, side, log)
         # host sources before any attach: conntrack events of the first metered flows are not missed
         enricher, nat_events = host_sources(settings, stack, log)
         targets: list[Target] = []
@@ -225,13 +324,29 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
 
         ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
         ifs.start()
+        metered = {(a[0], a[2]) for a in ifs.attached()}
+        for name, hook in [k for k in meter.attachments if k not in metered]:
+            log(f"{name}: the earlier agent's {hook} attachment is not in these settings: detached")
+            meter.detach(name, hook)
+        log(f"started in {time.monotonic() - t_start:.2f} s (kernel program ready and attached)")
         targets += [
             Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
             for ts in settings.targets
         ]
         for t in targets:
             open_target(t, meter, stack, log)
-        agent = Agent(settings, meter, targets, log=log, metrics=metrics, enricher=enricher, nat_events=nat_events)
+        agent = Agent(settings, olds[0] if olds else meter, targets, log=log, metrics=metrics, enricher=enricher,
+                      nat_events=nat_events)
+        side.agent = agent
+        for nxt in [*olds[1:], meter]:
+            if agent.meter is nxt:
+                continue
+            previous = agent.meter
+            with agent.lock:
+                done = agent.hand_over(nxt)
+            previous.close()
+            side.meters.remove(previous)
+            log(f"exported {len(done)} records from the replaced program's cache")
         metrics.attach(
             agent,
             interfaces=ifs.attached,
@@ -267,9 +382,11 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
                 log(f"reload: {exc}; the running settings stay")
                 return
             with agent.lock:
-                apply_settings(new, agent, ifs, targets, stack, log)
+                apply_settings(new, agent, ifs, targets, stack, log,
+                               new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks)))
 
         agent.run(stop, between)
+        side.clean = True  # everything exported: detach (done) and unpin on the way out
         for t in targets:
             s = t.stats
             errs = ", ".join(f"{k}={v}" for k, v in sorted(s.send_errors.items())) or "none"

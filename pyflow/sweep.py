@@ -15,6 +15,13 @@ remembered here, per kernel flow id, in a ``Baseline`` (only for flows that
 were cut by the active timeout).  Everything is vectorised with numpy: a
 sweep of a million entries is a handful of array operations.
 
+A nearly full cache is relieved early (RouterOS exports flows early when
+the cache is full): when it holds ``HIGH_WATER`` of ``cache-entries`` or
+more, the entries idle the longest are taken out of it until it holds
+``LOW_WATER``, each exported with end reason *lack of resources*
+(``relief_victims`` picks them, ``final_records`` turns their last values
+into records; the agent takes them out of the kernel map).
+
 Clocks are arguments: ``now_ns`` is CLOCK_BOOTTIME (the kernel's
 ``bpf_ktime_get_boot_ns``) and ``wall_offset_ns`` converts it to Unix time.
 """
@@ -31,6 +38,10 @@ from pyflow.records import EndReason
 TCP_FIN = 0x01
 TCP_RST = 0x04
 NS_PER_MS = 1_000_000
+#: Share of cache-entries at which the cache is relieved early ...
+HIGH_WATER = 0.90
+#: ... and the share it is brought back down to (lack-of-resources records).
+LOW_WATER = 0.75
 
 
 @dataclass(frozen=True)
@@ -138,24 +149,7 @@ def sweep(
         export = (gone & fresh) | active_due
 
     idx = np.flatnonzero(export)
-    out = rec.empty(len(idx))
-    k = keys[idx]
-    v = values[idx]
-    _key_columns(out, k)
-    for name in _DETAIL_COLUMNS:
-        out[name] = v[name]
-    # where the packets came in and leave: the kernel's answer (XDP / TC ingress:
-    # the metered interface and the fib's out-interface; TC egress: the skb's
-    # ingress interface and the metered one)
-    out["ifindex"] = v["in_ifindex"]
-    out["egress_ifindex"] = v["out_ifindex"]
-    out["tcp_flags"] = v["tcp_flags"] & 0xFF
-    out["packets"] = d_pk[idx]
-    out["bytes"] = d_by[idx]
-    start = np.minimum(rec_start[idx], v["last_seen_ns"])
-    out["start_ms"] = (start.astype(np.int64) + wall_offset_ns) // NS_PER_MS
-    out["end_ms"] = (v["last_seen_ns"].astype(np.int64) + wall_offset_ns) // NS_PER_MS
-    out["end_reason"] = reason[idx]
+    out = _records(keys[idx], values[idx], d_pk[idx], d_by[idx], rec_start[idx], reason[idx], wall_offset_ns)
 
     if final:
         return SweepResult(out, delete, baseline)
@@ -170,6 +164,75 @@ def sweep(
     order = np.argsort(ids, kind="stable")
     nb = Baseline(ids[order], new_pk[order], new_by[order], new_start[order])
     return SweepResult(out, delete, nb)
+
+
+def _records(k: np.ndarray, v: np.ndarray, d_pk: np.ndarray, d_by: np.ndarray, rec_start: np.ndarray,
+             reason: np.ndarray | int, wall_offset_ns: int) -> np.ndarray:
+    """Records of entries (keys ``k``, values ``v``) carrying the deltas ``d_pk``/``d_by``."""
+    out = rec.empty(len(k))
+    _key_columns(out, k)
+    for name in _DETAIL_COLUMNS:
+        out[name] = v[name]
+    # where the packets came in and leave: the kernel's answer (XDP / TC ingress:
+    # the metered interface and the fib's out-interface; TC egress: the skb's
+    # ingress interface and the metered one)
+    out["ifindex"] = v["in_ifindex"]
+    out["egress_ifindex"] = v["out_ifindex"]
+    out["tcp_flags"] = v["tcp_flags"] & 0xFF
+    out["packets"] = d_pk
+    out["bytes"] = d_by
+    start = np.minimum(rec_start, v["last_seen_ns"])
+    out["start_ms"] = (start.astype(np.int64) + wall_offset_ns) // NS_PER_MS
+    out["end_ms"] = (v["last_seen_ns"].astype(np.int64) + wall_offset_ns) // NS_PER_MS
+    out["end_reason"] = reason
+    return out
+
+
+def relief_victims(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH_WATER,
+                   low: float = LOW_WATER) -> np.ndarray:
+    """Which entries leave a nearly full cache early: indices into ``last_seen_ns``.
+
+    None while the cache holds fewer than ``high`` x ``capacity`` entries;
+    from there, the entries idle the longest (oldest ``last_seen_ns`` first),
+    as many as it takes to bring the cache down to ``low`` x ``capacity``.
+    """
+    n = len(last_seen_ns)
+    if not 0 < low <= high <= 1:
+        raise ValueError("need 0 < low <= high <= 1")
+    if n == 0 or n < int(np.ceil(high * capacity)):
+        return np.zeros(0, dtype=np.intp)
+    keep = int(low * capacity)
+    take = n - keep
+    if take <= 0:
+        return np.zeros(0, dtype=np.intp)
+    part = np.argpartition(last_seen_ns, take - 1)[:take] if take < n else np.arange(n)
+    return part[np.argsort(last_seen_ns[part], kind="stable")]
+
+
+def final_records(keys: np.ndarray, values: np.ndarray, baseline: Baseline, wall_offset_ns: int,
+                  reason: int) -> tuple[np.ndarray, Baseline]:
+    """The last records of entries that have left the cache (``values``: their final values).
+
+    Each exports what its entry holds beyond what was already exported (the
+    baseline of a flow cut by the active timeout), with end reason ``reason``;
+    an entry with nothing new gives no record.  Returns the records and the
+    baseline without those flows.
+    """
+    flow_id = values["flow_id"]
+    has, pos = baseline.join(flow_id)
+    base_pk = np.where(has, baseline.packets[pos] if len(baseline) else 0, 0).astype(np.uint64)
+    base_by = np.where(has, baseline.bytes[pos] if len(baseline) else 0, 0).astype(np.uint64)
+    rec_start = np.where(has, baseline.start_ns[pos] if len(baseline) else 0, values["first_seen_ns"])
+    d_pk = values["packets"] - base_pk
+    d_by = values["bytes"] - base_by
+    idx = np.flatnonzero(d_pk > 0)
+    out = _records(keys[idx], values[idx], d_pk[idx], d_by[idx], rec_start[idx].astype(np.uint64), reason,
+                   wall_offset_ns)
+    if not has.any():
+        return out, baseline
+    stay = ~np.isin(baseline.ids, flow_id[has])
+    nb = Baseline(baseline.ids[stay], baseline.packets[stay], baseline.bytes[stay], baseline.start_ns[stay])
+    return out, nb
 
 
 _KEY_COLUMNS = ("src_addr", "dst_addr", "src_port", "dst_port", "protocol", "ip_version", "tos", "direction")

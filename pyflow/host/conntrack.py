@@ -325,14 +325,40 @@ class NatTable:
     index from given entries (no kernel).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retain_s: float = 60.0) -> None:
         self._netns = Netns()
         self._index, self.connections = _build_index(())
         self.refreshed_ns: int | None = None  # wall clock of the last refresh
+        # A flow is exported after its last packet, by which time its conntrack entry may be
+        # gone (closed, flushed, timed out): NAT'ed entries are remembered this long after
+        # they were last seen, so such a flow still gets its post-NAT tuple.
+        self.retain_s = retain_s
+        self._seen: dict[tuple[int, int, CtTuple, CtTuple], tuple[CtEntry, float]] = {}
 
     def refresh(self) -> int:
-        """Dump conntrack now; returns how many NAT'ed connections it holds."""
-        return self.load(self._netns.run(dump_conntrack))
+        """Dump conntrack now; returns how many NAT'ed connections it holds (recently gone ones included)."""
+        now = time.monotonic()
+        for e in self._netns.run(dump_conntrack):
+            if e.is_nat:
+                self._seen[(e.version, e.proto, e.orig, e.reply)] = (e, now)
+        self._seen = {k: v for k, v in self._seen.items() if now - v[1] <= self.retain_s}
+        return self.load(e for e, _ in self._seen.values())
+
+    def learn(self, events: np.ndarray) -> None:
+        """Remember the connections of NAT event records (``nat_event`` 4/5, RECORD_DTYPE) as if a
+        dump had shown them: a connection opened and closed between two refreshes still gives
+        its flows their post-NAT tuple."""
+        if len(events) == 0:
+            return
+        now = time.monotonic()
+        for r in events:
+            orig = CtTuple(bytes(r["src_addr"]), bytes(r["dst_addr"]), int(r["src_port"]), int(r["dst_port"]))
+            # post-NAT source = the reply's destination, post-NAT destination = the reply's source
+            reply = CtTuple(bytes(r["nat_dst_addr"]), bytes(r["nat_src_addr"]), int(r["nat_dst_port"]),
+                            int(r["nat_src_port"]))
+            e = CtEntry(int(r["ip_version"]), int(r["protocol"]), orig, reply)
+            self._seen[(e.version, e.proto, e.orig, e.reply)] = (e, now)
+        self.load(e for e, _ in self._seen.values())
 
     def load(self, entries: Iterable[CtEntry]) -> int:
         index, n = _build_index(entries)

@@ -1,8 +1,10 @@
-"""The flow meter's kernel lifecycle: compile, load, attach, detach.
+"""The flow meter's kernel lifecycle: compile, load (or open pinned), attach, detach.
 
 ``FlowMeter`` is a context manager: whatever happens inside the ``with``
 block (return, exception, SIGTERM turned into an exception), every
-attachment is removed on the way out, exactly once.
+attachment is removed on the way out, exactly once, and a pinned meter is
+unpinned.  Only a killed process leaves its program attached and pinned, for
+the next agent to take over (pyflow/kernel/pin.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import errno
 import os
 import platform
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +26,13 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi
-from pyflow.kernel.bpfsys import MapBatchReader
+from pyflow.kernel import abi, pin
+from pyflow.kernel.bpfsys import MapBatchReader, map_delete_batch, map_update_batch
+from pyflow.sweep import Baseline
 
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_UPDATE_IF_NOEXIST = pin.XDP_FLAGS_UPDATE_IF_NOEXIST
+XDP_FLAGS_SKB_MODE = pin.XDP_FLAGS_SKB_MODE
+XDP_FLAGS_DRV_MODE = pin.XDP_FLAGS_DRV_MODE
 
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
@@ -118,13 +122,17 @@ def headers_dir() -> Path:
     return Path("/lib/modules") / platform.release() / "build"
 
 
-def check_environment() -> None:
-    """Fail early, with the fix, on the usual reasons bcc cannot work."""
+def check_root() -> None:
     if os.geteuid() != 0:
         raise KernelError(
             "pyflow needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load and attach eBPF "
             "programs: run it with sudo"
         )
+
+
+def check_environment() -> None:
+    """Fail early, with the fix, on the usual reasons bcc cannot work."""
+    check_root()
     hdr = headers_dir()
     if not (hdr / "include").exists() and not (hdr / "Makefile").exists():
         raise KernelError(
@@ -142,20 +150,66 @@ def ifindex_of(ifname: str) -> int:
 
 
 class FlowMeter:
-    """One compiled and loaded flow meter program and its attachments."""
+    """One loaded flow meter program (three entry points), its maps and its attachments.
+
+    Two ways to get one, one way to use it:
+
+    * ``FlowMeter(settings)``: compiled and loaded *in this process* by bcc
+      (the tests, the benchmarks, and the compile child);
+    * ``FlowMeter.from_instance(instance)``: the maps and programs a compile
+      child pinned in bpffs (or an earlier agent left there), opened by path
+      (``pyflow run``: no bcc, no LLVM in the agent).
+
+    Either way every map is used through its raw fd (batch reads, per-CPU
+    sums, the ring buffer's pages, the barrier), and attachments are made
+    through rtnetlink, so they outlive the process until ``detach``.
+    """
 
     PROG_NAME = PROGRAMS["xdp"]
 
     def __init__(self, settings: KernelSettings, bpf_dir: Path = abi.BPF_DIR) -> None:
         self.settings = settings
         self.bpf_dir = bpf_dir
-        self.bpf: Any = None
-        self.prog_fd: int | None = None
-        self._progs: dict[str, Any] = {}
+        self.bpf: Any = None  # bcc, when compiled in this process
+        self.prog_fd: int | None = None  # the XDP program's
+        self._progs: dict[str, Any] = {}  # bcc's functions by hook
+        self._prog_fds: dict[str, int] = {}
+        self._prog_ids: dict[str, int] = {}
+        self.maps: dict[str, int] = {}  # name -> fd
+        self.instance: pin.Instance | None = None  # pinned: where, manifest
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._reader: MapBatchReader | None = None
+        self._stats_readers: dict[str, pin.PerCpuReader] = {}
+        self._ring: pin.RingBuffer | None = None
+        self._spill_cb: Callable[[np.ndarray], None] | None = None
         self._own_exports: set[tuple[str, int, str, int]] = set()
+        self._own_fds: list[int] = []
+        self._cpus = pin.possible_cpus()
         self._closed = False
+
+    @classmethod
+    def from_instance(cls, instance: pin.Instance, bpf_dir: Path = abi.BPF_DIR) -> FlowMeter:
+        """A meter on pinned (or found) maps and programs; its recorded attachments that are
+        still in place in the kernel are its attachments again."""
+        meter = cls(instance.settings(), bpf_dir)
+        meter.instance = instance
+        meter.maps = dict(instance.maps)
+        meter._prog_fds = dict(instance.progs)
+        meter.prog_fd = instance.progs.get("xdp")
+        meter._restore_attachments(instance.manifest.get("attachments", []))
+        meter._forget_own_exports()
+        return meter
+
+    def _forget_own_exports(self) -> None:
+        """An earlier agent's export 4-tuples: its sockets are gone, its entries would only fill the map."""
+        fd = self.maps["own_export"]
+        keys, _ = MapBatchReader(fd, abi.OWN_KEY_DTYPE, np.dtype("u1"), pin.map_info(fd).max_entries).read()
+        if len(keys):
+            map_delete_batch(fd, keys.copy())
+
+    @property
+    def pinned_at(self) -> Path | None:
+        return self.instance.path if self.instance is not None else None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -170,13 +224,34 @@ class FlowMeter:
             self.bpf = bcc.BPF(src_file=str(src).encode(), cflags=cflags)
         except Exception as exc:
             raise KernelError(f"compiling {src} with bcc failed: {exc} (compiler output above)") from exc
+        # every map of the program by its name (bcc's C API; the Python one only looks up by name)
+        lib = bcc.lib
+        lib.bpf_num_tables.restype = ctypes.c_size_t
+        lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+        lib.bpf_table_name.restype = ctypes.c_char_p
+        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        for i in range(int(lib.bpf_num_tables(self.bpf.module))):
+            name = lib.bpf_table_name(self.bpf.module, i)
+            fd = int(lib.bpf_table_fd(self.bpf.module, name))
+            if fd >= 0:
+                self.maps[name.decode()] = fd
+        # the agent's own state next to the program's: what was exported, and the manifest
+        exported = pin.map_create(pin.BPF_MAP_TYPE_HASH, 8, pin.EXPORTED_VALUE_DTYPE.itemsize,
+                                  self.settings.cache_entries, pin.EXPORTED, flags=pin.BPF_F_NO_PREALLOC)
+        self._own_fds.append(exported)
+        manifest = pin.map_create(pin.BPF_MAP_TYPE_ARRAY, 4, pin.MANIFEST_SIZE, 1, pin.MANIFEST)
+        self._own_fds.append(manifest)
+        self.maps[pin.EXPORTED] = exported
+        self.maps[pin.MANIFEST] = manifest
 
     def load(self, hook: str = "xdp") -> int:
-        """Load the program of ``hook`` (compiling first if needed); its fd."""
-        if hook in self._progs:
-            return int(self._progs[hook].fd)
+        """The fd of ``hook``'s program: loaded now (compiling first if needed), or the pinned one."""
+        if hook in self._prog_fds:
+            return self._prog_fds[hook]
         if hook not in PROGRAMS:
             raise KernelError(f"unknown hook {hook!r} (one of {', '.join(PROGRAMS)})")
+        if self.instance is not None:
+            raise KernelError(f"the pinned instance {self.pinned_at} has no {hook} program")
         if self.bpf is None:
             self.compile()
         bcc = _import_bcc()
@@ -192,6 +267,7 @@ class FlowMeter:
                 ) from exc
             raise KernelError(f"loading {name} failed: {msg}") from exc
         self._progs[hook] = prog
+        self._prog_fds[hook] = int(prog.fd)
         if hook == "xdp":
             self.prog_fd = int(prog.fd)
         return int(prog.fd)
@@ -200,12 +276,18 @@ class FlowMeter:
         """The fd of ``hook``'s program, loading it if needed."""
         return self.load(hook)
 
+    def prog_id(self, hook: str) -> int:
+        if hook not in self._prog_ids:
+            self._prog_ids[hook] = pin.prog_info(self.load(hook)).id
+        return self._prog_ids[hook]
+
     def attach(self, ifname: str, mode: str = "auto", hook: str = "xdp") -> Attachment:
         """Attach ``hook``'s program to ``ifname``.
 
         XDP: native first, generic if the driver lacks it (``mode`` auto), or
         the given mode.  TC: a clsact qdisc (added if missing) and a
-        direct-action filter on its ingress or egress side.
+        direct-action filter on its ingress or egress side.  Our own program
+        already in place (left by an agent that is gone) is taken as it is.
         """
         if (ifname, hook) in self.attachments:
             return self.attachments[(ifname, hook)]
@@ -215,24 +297,28 @@ class FlowMeter:
         ifindex = ifindex_of(ifname)
         att = self._attach_xdp(ifname, ifindex, mode) if hook == "xdp" else self._attach_tc(ifname, ifindex, hook, fd)
         self.attachments[(ifname, hook)] = att
+        self._attachments_changed()
         return att
 
     def _attach_xdp(self, ifname: str, ifindex: int, mode: str) -> Attachment:
         modes = ["native", "generic"] if mode == "auto" else [mode]
         if any(m not in XDP_MODES for m in modes):
             raise KernelError(f"unknown XDP mode {mode!r} (auto, native or generic)")
+        fd = self.load("xdp")
         errors = []
         for m in modes:
             try:
-                self.bpf.attach_xdp(ifname.encode(), self._progs["xdp"], XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
-            except Exception as exc:
-                errors.append(f"{m}: {exc}")
-                if "busy" in str(exc).lower():
+                pin.xdp_set(ifindex, fd, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
+            except pin.NetlinkError as exc:
+                if exc.errno in (errno.EBUSY, errno.EEXIST):
+                    if pin.xdp_prog_ids(ifindex).get(m) == self.prog_id("xdp"):
+                        return Attachment(ifname=ifname, ifindex=ifindex, hook="xdp", mode=m)  # ours already
                     raise KernelError(
                         f"{ifname} already has an XDP program attached ({exc}); pyflow does not replace "
                         f"another program. Remove it with `ip link set dev {ifname} xdp off` if it is stale, "
                         f"or meter {ifname} with hook=tc"
                     ) from exc
+                errors.append(f"{m}: {exc}")
                 continue
             return Attachment(ifname=ifname, ifindex=ifindex, hook="xdp", mode=m)
         raise KernelError(f"cannot attach XDP to {ifname}: " + "; ".join(errors))
@@ -256,6 +342,9 @@ class FlowMeter:
                 if created:
                     _quiet(lambda: ipr.tc("del", "clsact", ifindex))
                 if exc.code == errno.EEXIST:
+                    there = pin.tc_filter_prog(ifindex, TC_PARENTS[hook], TC_PRIORITY, TC_HANDLE)
+                    if there is not None and there[0] == self.prog_id(hook):
+                        return Attachment(ifname=ifname, ifindex=ifindex, hook=hook, mode="clsact")  # ours already
                     raise KernelError(
                         f"{ifname} already has a TC filter at {hook.replace('_', ' ')} priority {TC_PRIORITY} "
                         f"handle {TC_HANDLE}; pyflow does not replace it (see `tc filter show dev {ifname} "
@@ -266,17 +355,19 @@ class FlowMeter:
 
     def detach(self, ifname: str, hook: str | None = None) -> None:
         """Remove our program(s) from ``ifname`` (every hook, or one); a no-op when not attached."""
-        for key in [k for k in self.attachments if k[0] == ifname and hook in (None, k[1])]:
+        keys = [k for k in self.attachments if k[0] == ifname and hook in (None, k[1])]
+        for key in keys:
             att = self.attachments.pop(key)
-            if self.bpf is None:
-                continue
             try:
                 if att.hook == "xdp":
-                    self.bpf.remove_xdp(ifname.encode(), XDP_MODES[att.mode])
+                    # only if it is still ours: never remove a program someone put there since
+                    pin.xdp_set(att.ifindex, -1, XDP_MODES[att.mode], expected_fd=self.load("xdp"))
                 else:
                     self._detach_tc(att)
             except Exception as exc:  # the interface may be gone already
                 print(f"pyflow: detaching {att.hook} from {ifname}: {exc}", file=sys.stderr)
+        if keys:
+            self._attachments_changed()
 
     @staticmethod
     def _detach_tc(att: Attachment) -> None:
@@ -299,28 +390,37 @@ class FlowMeter:
     def take_over(self, old: FlowMeter) -> None:
         """Put this meter's programs where ``old``'s are, atomically, interface by interface.
 
-        XDP: attaching without ``XDP_FLAGS_UPDATE_IF_NOEXIST`` replaces the
-        program in one step; TC: ``tc filter replace`` at the same priority and
-        handle.  No packet meets neither program, none meets both.  ``old``
-        forgets its attachments (detaching them now would remove ours).
+        XDP: a netlink attach with XDP_FLAGS_REPLACE and ``old``'s program as
+        the expected one replaces it in one step (and only it); TC: ``tc filter
+        replace`` at the same priority and handle.  No packet meets neither
+        program, none meets both.  ``old`` forgets its attachments (detaching
+        them now would remove ours).
         """
         for (ifname, hook), att in list(old.attachments.items()):
             fd = self.load(hook)
-            if hook == "xdp":
-                self.bpf.attach_xdp(ifname.encode(), self._progs["xdp"], XDP_MODES[att.mode])
-            else:
-                from pyroute2 import IPRoute
+            try:
+                if hook == "xdp":
+                    pin.xdp_set(att.ifindex, fd, XDP_MODES[att.mode], expected_fd=old.load("xdp"))
+                else:
+                    from pyroute2 import IPRoute
 
-                with IPRoute() as ipr:
-                    ipr.tc("replace-filter", "bpf", att.ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[hook],
-                           parent=TC_PARENTS[hook], classid=1, direct_action=True, prio=TC_PRIORITY)
+                    with IPRoute() as ipr:
+                        ipr.tc("replace-filter", "bpf", att.ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[hook],
+                               parent=TC_PARENTS[hook], classid=1, direct_action=True, prio=TC_PRIORITY)
+            except pin.NetlinkError as exc:
+                if exc.errno == errno.ENODEV:  # the interface went away meanwhile (and its program with it)
+                    continue
+                raise KernelError(f"cannot put the new program in place on {ifname} ({hook}): {exc}") from exc
             self.attachments[(ifname, hook)] = dataclasses.replace(att)
         old.attachments.clear()
+        old._attachments_changed()
+        self._attachments_changed()
 
     def forget(self, ifname: str) -> None:
         """Drop the attachments of an interface that no longer exists (its programs went with it)."""
         for key in [k for k in self.attachments if k[0] == ifname]:
             del self.attachments[key]
+        self._attachments_changed()
 
     def rename(self, old: str, new: str) -> None:
         """An attached interface was renamed (same ifindex): keep its attachments under the new name."""
@@ -328,19 +428,106 @@ class FlowMeter:
             att = self.attachments.pop(key)
             att.ifname = new
             self.attachments[(new, key[1])] = att
+        self._attachments_changed()
 
     def detach_all(self) -> None:
         for ifname, hook in list(self.attachments):
             self.detach(ifname, hook)
 
     def close(self) -> None:
-        """Detach everything and release the program and maps. Idempotent."""
+        """Detach everything, release the programs and maps, and unpin them. Idempotent."""
+        if self._closed:
+            return
+        self.detach_all()
+        path = self.pinned_at
+        self.release()
+        if path is not None:
+            pin.remove_pins(path)
+
+    def release(self) -> None:
+        """Let go of the programs and maps without detaching or unpinning anything: what a
+        killed agent leaves behind (and how a compile child ends). Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self.detach_all()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        for fd in self._own_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._own_fds.clear()
+        if self.instance is not None:
+            self.instance.close()
         if self.bpf is not None:
             self.bpf.cleanup()
+
+    # -- what the pinned instance remembers -----------------------------------------
+
+    def _attachments_changed(self) -> None:
+        """Pinned: record the attachments in the manifest (a new agent checks and keeps them)."""
+        if self.instance is None or self._closed:
+            return
+        doc = dict(self.instance.manifest)
+        doc["attachments"] = [dataclasses.asdict(a) for a in self.attachments.values()]
+        pin.write_manifest(self.maps[pin.MANIFEST], doc)
+        self.instance.manifest = doc
+
+    def _restore_attachments(self, recorded: list[dict[str, Any]]) -> None:
+        """The recorded attachments whose program is still ours in the kernel."""
+        for rec in recorded:
+            try:
+                att = Attachment(**rec)
+                if att.hook == "xdp":
+                    here = pin.xdp_prog_ids(att.ifindex).get(att.mode) == self.prog_id("xdp")
+                else:
+                    there = pin.tc_filter_prog(att.ifindex, TC_PARENTS[att.hook], TC_PRIORITY, TC_HANDLE)
+                    here = there is not None and there[0] == self.prog_id(att.hook)
+                if not here:
+                    continue
+                att.ifname = socket.if_indextoname(att.ifindex)  # renamed meanwhile: the kernel's name
+            except (TypeError, KeyError, OSError):
+                continue  # a record this version does not read, or an interface that is gone
+            self.attachments[(att.ifname, att.hook)] = att
+
+    def load_baseline(self) -> Baseline:
+        """What was already exported of flows cut by the active timeout (``pf_exported``): a new
+        agent goes on from there, so nothing is exported twice."""
+        fd = self.maps[pin.EXPORTED]
+        reader = MapBatchReader(fd, np.dtype("<u8"), pin.EXPORTED_VALUE_DTYPE, pin.map_info(fd).max_entries)
+        keys, values = reader.read()
+        order = np.argsort(keys, kind="stable")
+        return Baseline(keys[order].astype(np.uint64), values["packets"][order].astype(np.uint64),
+                        values["bytes"][order].astype(np.uint64), values["start_ns"][order].astype(np.uint64))
+
+    def save_baseline(self, old: Baseline, new: Baseline) -> None:
+        """Write the difference between two baselines to ``pf_exported``."""
+        fd = self.maps[pin.EXPORTED]
+        if len(old):
+            gone = old.ids[~np.isin(old.ids, new.ids, assume_unique=True)]
+            if len(gone):
+                map_delete_batch(fd, np.ascontiguousarray(gone, dtype=np.uint64))
+        if len(new):
+            changed = np.ones(len(new), dtype=bool)
+            if len(old):
+                has, pos = old.join(new.ids)
+                changed = ~(has & (old.packets[pos] == new.packets) & (old.bytes[pos] == new.bytes)
+                            & (old.start_ns[pos] == new.start_ns))
+            if changed.any():
+                vals = np.zeros(int(np.count_nonzero(changed)), dtype=pin.EXPORTED_VALUE_DTYPE)
+                vals["packets"] = new.packets[changed]
+                vals["bytes"] = new.bytes[changed]
+                vals["start_ns"] = new.start_ns[changed]
+                map_update_batch(fd, np.ascontiguousarray(new.ids[changed], dtype=np.uint64), vals)
+
+    def commit(self, delete_keys: np.ndarray, old: Baseline, new: Baseline) -> int:
+        """After an export: the kernel forgets what was exported -- the expired entries are
+        deleted, the baseline saved, the spill events read handed back.  An agent killed
+        before this leaves it all for the next one to export; how many entries were deleted."""
+        deleted = map_delete_batch(self.flows_fd, delete_keys) if len(delete_keys) else 0
+        self.save_baseline(old, new)
+        self.commit_spill()
+        return deleted
 
     # -- own exports -----------------------------------------------------------
 
@@ -351,10 +538,8 @@ class FlowMeter:
         if (src, src_port, dst, dst_port) in self._own_exports:
             return
         self._own_exports.add((src, src_port, dst, dst_port))
-        table = self.table("own_export")
-        key = table.Key()
-        ctypes.memmove(ctypes.addressof(key), _own_key(addr_to_16(src), src_port, addr_to_16(dst), dst_port), 36)
-        table[key] = ctypes.c_uint8(1)
+        pin.map_update(self.maps["own_export"], _own_key(addr_to_16(src), src_port, addr_to_16(dst), dst_port),
+                       b"\x01")
 
     def __enter__(self) -> FlowMeter:
         return self
@@ -365,12 +550,17 @@ class FlowMeter:
     # -- maps ------------------------------------------------------------------
 
     def table(self, name: str) -> Any:
-        """A bcc table of the program by name (bcc wants bytes names)."""
+        """A bcc table of the program by name, for a meter compiled in this process.
+
+        A pinned meter has no bcc tables (KeyError): use ``maps[name]``, the map's fd.
+        """
+        if self.bpf is None:
+            raise KeyError(f"{name}: no bcc tables in a pinned meter (its maps are raw fds: maps[{name!r}])")
         return self.bpf[name.encode()]
 
     @property
     def flows_fd(self) -> int:
-        return int(self.table("flows").map_fd)
+        return self.maps["flows"]
 
     def read_flows(self) -> tuple[np.ndarray, np.ndarray]:
         """All entries of the flow cache as (keys, values) views (see MapBatchReader)."""
@@ -379,6 +569,14 @@ class FlowMeter:
                                           self.settings.cache_entries)
         return self._reader.read()
 
+    def _percpu(self, name: str, key_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        reader = self._stats_readers.get(name)
+        if reader is None:
+            fd = self.maps[name]
+            reader = pin.PerCpuReader(fd, key_dtype, abi.IFACE_STATS_DTYPE, pin.map_info(fd).max_entries, self._cpus)
+            self._stats_readers[name] = reader
+        return reader.read()
+
     def read_iface_stats(self) -> dict[tuple[int, int], np.ndarray]:
         """Per (ifindex, hook): the counters summed over CPUs, as one IFACE_STATS_DTYPE record.
 
@@ -386,23 +584,26 @@ class FlowMeter:
         MAX_IFACE_STATS); it is normally absent.
         """
         out: dict[tuple[int, int], np.ndarray] = {}
-        slots = self.table("iface_slots")
-        for slot, per_cpu in slots.items():
-            total = _sum_cpus(per_cpu)
+        slots, per_cpu = self._percpu("iface_slots", np.dtype("<u4"))
+        counters = per_cpu["counters"].sum(axis=1)
+        used = np.flatnonzero(counters.any(axis=1))
+        for i in used.tolist():
+            ifindex, hook = divmod(int(slots[i]), len(abi.Hook))
+            out[(ifindex, hook)] = _sum_cpus(per_cpu[i])
+        keys, per_cpu = self._percpu("iface_stats", abi.IFACE_KEY_DTYPE)
+        for i in range(len(keys)):
+            out[(int(keys[i]["ifindex"]), int(keys[i]["hook"]))] = _sum_cpus(per_cpu[i])
+        overflow = pin.percpu_lookup(self.maps["overflow_stats"], b"\0\0\0\0", abi.IFACE_STATS_DTYPE, self._cpus)
+        if overflow is not None:
+            total = _sum_cpus(overflow)
             if total["counters"].any():
-                ifindex, hook = divmod(int(slot.value), len(abi.Hook))
-                out[(ifindex, hook)] = total
-        for k, per_cpu in self.table("iface_stats").items():
-            out[(int(k.ifindex), int(k.hook))] = _sum_cpus(per_cpu)
-        (overflow,) = [v for _, v in self.table("overflow_stats").items()]
-        total = _sum_cpus(overflow)
-        if total["counters"].any():
-            out[(0, 0)] = total
+                out[(0, 0)] = total
         return out
 
     def flows_created(self) -> int:
         """Entries the kernel has created since the program was loaded (all CPUs)."""
-        return int(sum(self.table("flow_seq").getvalue(ctypes.c_int(0))))
+        seq = pin.percpu_lookup(self.maps["flow_seq"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)
+        return 0 if seq is None else int(seq.sum())
 
     def read_counters(self) -> dict[abi.Counter, int]:
         """The counters summed over every interface, hook and CPU."""
@@ -418,22 +619,31 @@ class FlowMeter:
         period (synchronize_rcu), and the meter runs inside an RCU read-side
         section; this is the barrier of the idle-delete protocol.
         """
-        outer = self.table("barrier")
-        inner = self.table("barrier_inner")
-        outer[ctypes.c_int(0)] = ctypes.c_int(inner.map_fd)
+        pin.map_update(self.maps["barrier"], b"\0\0\0\0", struct.pack("=I", self.maps["barrier_inner"]))
 
     def open_spill(self, callback: Callable[[np.ndarray], None]) -> None:
-        """Deliver spill events (as SPILL_EVENT_DTYPE arrays of one) to ``callback``."""
-
-        def _cb(_ctx: Any, data: Any, size: int) -> int:
-            raw = ctypes.string_at(data, size)
-            callback(np.frombuffer(raw, dtype=abi.SPILL_EVENT_DTYPE, count=1).copy())
-            return 0
-
-        self.table("spill").open_ring_buffer(_cb)
+        """Deliver spill events (as SPILL_EVENT_DTYPE arrays of one) to ``callback`` on ``poll_spill``."""
+        if self._ring is None:
+            self._ring = pin.RingBuffer(self.maps["spill"])
+        self._spill_cb = callback
 
     def poll_spill(self) -> None:
-        self.bpf.ring_buffer_consume()
+        """Deliver the spill events that arrived since the last poll (``commit_spill`` frees their space)."""
+        ring, cb = self._ring, self._spill_cb
+        if ring is None or cb is None:
+            return
+        size = abi.SPILL_EVENT_DTYPE.itemsize
+
+        def deliver(record: memoryview) -> None:
+            if len(record) >= size:
+                cb(np.frombuffer(record[:size], dtype=abi.SPILL_EVENT_DTYPE, count=1).copy())
+
+        ring.poll(deliver)
+
+    def commit_spill(self) -> None:
+        """Hand the space of every spill event delivered so far back to the kernel (after their export)."""
+        if self._ring is not None:
+            self._ring.commit()
 
 
 def _own_key(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
@@ -450,10 +660,8 @@ def _quiet(fn: Callable[[], object]) -> None:
         fn()
 
 
-def _sum_cpus(per_cpu: Any) -> np.ndarray:
-    """bcc's per-CPU value (one ctypes struct per CPU) summed into one IFACE_STATS_DTYPE record."""
-    raw = b"".join(bytes(v) for v in per_cpu)
-    arr = np.frombuffer(raw, dtype=abi.IFACE_STATS_DTYPE)
+def _sum_cpus(arr: np.ndarray) -> np.ndarray:
+    """One per-CPU value (an IFACE_STATS_DTYPE array, one per CPU) summed into one record."""
     out = np.zeros((), dtype=abi.IFACE_STATS_DTYPE)
     out["counters"] = arr["counters"].sum(axis=0)
     out["metered_bytes"] = arr["metered_bytes"].sum()

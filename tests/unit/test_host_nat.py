@@ -141,3 +141,24 @@ def test_nat_events_as_records() -> None:
                                                       ("198.51.100.1", 0, "192.0.2.9", 0),
                                                       ("2001:db8:ffff::1", 5000, "2001:db8::9", 53)]
     assert len(events_to_records([])) == 0
+
+
+def test_a_connection_gone_before_the_flow_is_exported_keeps_its_post_nat_tuple() -> None:
+    """NAT event records teach the table a connection; a later dump without it does not forget it."""
+    from pyflow.host.conntrack import NatTable
+    from pyflow.records import addr_to_16, empty
+
+    ev = empty(1)
+    ev["nat_event"], ev["ip_version"], ev["protocol"] = 5, 4, 17
+    ev["src_addr"], ev["dst_addr"] = addr_to_16("10.1.1.2"), addr_to_16("203.0.113.10")
+    ev["src_port"], ev["dst_port"] = 41001, 5001
+    ev["nat_src_addr"], ev["nat_dst_addr"] = addr_to_16("10.2.2.1"), addr_to_16("203.0.113.10")
+    ev["nat_src_port"], ev["nat_dst_port"] = 20123, 5001
+    table = NatTable()
+    table.learn(ev)
+    table.refresh()  # this namespace's conntrack: the connection is not there
+    flow = empty(1)
+    for col in ("ip_version", "protocol", "src_addr", "dst_addr", "src_port", "dst_port"):
+        flow[col] = ev[col]
+    assert table.fill(flow) == 1
+    assert bytes(flow["nat_src_addr"][0]) == addr_to_16("10.2.2.1") and int(flow["nat_src_port"][0]) == 20123

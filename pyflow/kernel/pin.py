@@ -1,0 +1,979 @@
+"""Pinned flow meter instances: what outlives the agent, and the raw kernel calls to use it.
+
+The agent never compiles: ``compile_pinned`` runs a short-lived child
+(``python -m pyflow.kernel.pin compile``) that compiles and loads the meter
+with bcc, pins every map and program under a *generation* directory of this
+network namespace's bpffs directory, and exits; LLVM's memory goes with it.
+The agent opens the pins by path and works on raw file descriptors:
+
+    /sys/fs/bpf/pyflow/netns-<inode>/gen-<time>/
+        flows iface_slots iface_stats overflow_stats flow_seq spill own_export
+        barrier barrier_inner [sample_pos]        the program's maps (bcc's names)
+        pf_exported                               the agent's baseline: flow id ->
+                                                  packets, bytes, record start exported
+        pf_manifest                               one JSON document: settings, source
+                                                  hash, ids, attachments
+        prog_xdp prog_tc_ingress prog_tc_egress   the three programs
+
+Every map is also bound to every program (BPF_PROG_BIND_MAP, Linux 5.10), so
+any one attached program holds *all* of its instance's state, the agent's
+baseline and the manifest included: an agent that finds no pins (``ip netns exec`` gives every
+run a fresh mount namespace, so the bpffs it mounted is gone with it) still
+finds the programs attached to its interfaces (by id) and, through them,
+every map including the baseline (``find_instances``).
+
+Attachments are made through rtnetlink (XDP and TC alike): they stay in the
+kernel when the agent dies, so packets go on being counted until a new agent
+takes over.  One agent per network namespace: ``InstanceLock`` (flock on
+/run/pyflow/netns-<inode>.lock).
+
+Also here: the bpf(2) commands the agent needs beyond bpfsys (pin/get, ids,
+info, map create/update, prog bind map), per-CPU reads, and a reader for the
+BPF ring buffer on its mmap'ed pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pyflow.errors import KernelError, PyflowError
+from pyflow.kernel import abi
+from pyflow.kernel.bpfsys import BpfError, MapBatchReader, _addr, _bpf, map_lookup
+
+if TYPE_CHECKING:
+    from pyflow.kernel.loader import KernelSettings
+
+BPFFS_ROOT = Path("/sys/fs/bpf")
+RUN_DIR = Path("/run/pyflow")
+BPF_FS_MAGIC = 0xCAFE4A11
+FORMAT = 1  # manifest format
+
+# bpf(2) commands
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_GET_NEXT_ID = 11
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_BIND_MAP = 35
+
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_F_NO_PREALLOC = 1
+BPF_ANY = 0
+
+#: The agent's own maps, created next to the program's.
+EXPORTED = "pf_exported"
+MANIFEST = "pf_manifest"
+MANIFEST_SIZE = 64 * 1024
+#: What the agent remembers of a flow cut by the active timeout (sweep.Baseline, one row).
+EXPORTED_VALUE_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
+#: Every map of an instance, as bcc names them (sample_pos only exists with sampling on).
+PROGRAM_MAPS = ("flows", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "spill", "own_export",
+                "barrier", "barrier_inner", "evict_before", "sample_pos")
+REQUIRED_MAPS = ("flows", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "spill", "own_export",
+                 "barrier", "barrier_inner", "evict_before", EXPORTED, MANIFEST)
+#: key and value sizes the agent reads them with (a pinned map that differs is not ours to read)
+MAP_SIZES = {
+    "flows": (abi.FLOW_KEY_DTYPE.itemsize, abi.FLOW_VALUE_DTYPE.itemsize),
+    "iface_slots": (4, abi.IFACE_STATS_DTYPE.itemsize),
+    "iface_stats": (abi.IFACE_KEY_DTYPE.itemsize, abi.IFACE_STATS_DTYPE.itemsize),
+    "overflow_stats": (4, abi.IFACE_STATS_DTYPE.itemsize),
+    "flow_seq": (4, 8),
+    "own_export": (abi.OWN_KEY_DTYPE.itemsize, 1),
+    "evict_before": (4, 8),
+    EXPORTED: (8, EXPORTED_VALUE_DTYPE.itemsize),
+    MANIFEST: (4, MANIFEST_SIZE),
+}
+HOOKS = ("xdp", "tc_ingress", "tc_egress")
+PROG_PREFIX = "prog_"
+#: program names as the kernel keeps them (BPF_OBJ_NAME_LEN: 15 characters)
+KERNEL_PROG_NAMES = {"pyflow_xdp": "xdp", "pyflow_tc_ingre": "tc_ingress", "pyflow_tc_egres": "tc_egress"}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+
+
+def _errno_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+# -- bpf(2) ------------------------------------------------------------------------
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32),
+                ("path_fd", ctypes.c_int32), ("_pad", ctypes.c_uint32)]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BindAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("map_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
+                ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16)]
+
+
+def obj_pin(fd: int, path: str | Path) -> None:
+    """BPF_OBJ_PIN: ``fd``'s map or program stays alive at ``path`` (in a bpffs)."""
+    name = ctypes.create_string_buffer(os.fsencode(str(path)))
+    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(name), bpf_fd=fd))
+
+
+def obj_get(path: str | Path) -> int:
+    """BPF_OBJ_GET: a new fd on what is pinned at ``path``."""
+    name = ctypes.create_string_buffer(os.fsencode(str(path)))
+    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(name)))
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id))
+
+
+def prog_ids() -> Iterator[int]:
+    """Every loaded program's id (BPF_PROG_GET_NEXT_ID; needs CAP_SYS_ADMIN)."""
+    current = 0
+    for _ in range(1 << 20):
+        attr = _IdAttr(id=current)
+        try:
+            _bpf(BPF_PROG_GET_NEXT_ID, attr)
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        current = attr.next_id
+        yield current
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    name: str
+    map_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = _ProgInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    ids = (ctypes.c_uint32 * max(1, info.nr_map_ids))()
+    n = info.nr_map_ids
+    info2 = _ProgInfo(nr_map_ids=n, map_ids=ctypes.addressof(ids))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info2), info=ctypes.addressof(info2)))
+    return ProgInfo(id=info2.id, name=info2.name.decode(errors="replace"),
+                    map_ids=tuple(ids[i] for i in range(min(n, info2.nr_map_ids))))
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    return MapInfo(id=info.id, type=info.type, key_size=info.key_size, value_size=info.value_size,
+                   max_entries=info.max_entries, flags=info.map_flags, name=info.name.decode(errors="replace"))
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str, flags: int = 0,
+               inner_map_fd: int = 0) -> int:
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries,
+                          map_flags=flags, inner_map_fd=inner_map_fd, map_name=name.encode()[:15])
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """BPF_MAP_UPDATE_ELEM of one element (for a map-in-map, ``value`` is the inner map's fd)."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf), flags=flags))
+
+
+def prog_bind_map(prog_fd: int, map_fd: int) -> None:
+    """BPF_PROG_BIND_MAP: the program holds ``map`` (and lists it) without using it (Linux 5.10)."""
+    _bpf(BPF_PROG_BIND_MAP, _BindAttr(prog_fd=prog_fd, map_fd=map_fd))
+
+
+# -- per-CPU values ------------------------------------------------------------------
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many CPUs a per-CPU map has a value for (the kernel's num_possible_cpus)."""
+    text = Path(path).read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+def percpu_dtype(dtype: np.dtype, cpus: int) -> np.dtype:
+    """One per-CPU value as the kernel copies it: every CPU's value, each rounded up to 8 bytes."""
+    slot = (dtype.itemsize + 7) // 8 * 8
+    one = np.dtype({"names": ["v"], "formats": [dtype], "offsets": [0], "itemsize": slot})
+    return np.dtype((one, (cpus,)))
+
+
+def percpu_lookup(fd: int, key: bytes, dtype: np.dtype, cpus: int) -> np.ndarray | None:
+    """One key of a per-CPU map: an array of ``cpus`` values of ``dtype`` (None: no such key)."""
+    pdt = percpu_dtype(dtype, cpus)
+    raw = map_lookup(fd, key, pdt.itemsize)
+    if raw is None:
+        return None
+    return np.frombuffer(raw, dtype=pdt.base, count=cpus)["v"].copy()
+
+
+class PerCpuReader:
+    """Every element of a per-CPU map (hash or array) with batch lookups: keys, values[n, cpus]."""
+
+    def __init__(self, fd: int, key_dtype: np.dtype, value_dtype: np.dtype, max_entries: int, cpus: int) -> None:
+        self.cpus = cpus
+        self.value_dtype = value_dtype
+        self._reader = MapBatchReader(fd, key_dtype, percpu_dtype(value_dtype, cpus), max_entries,
+                                      chunk=min(max_entries, 1024))
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        keys, values = self._reader.read()
+        return keys, values["v"]
+
+
+# -- the spill ring buffer -----------------------------------------------------------
+
+RINGBUF_BUSY_BIT = 1 << 31
+RINGBUF_DISCARD_BIT = 1 << 30
+RINGBUF_HDR_SZ = 8
+PROT_READ, PROT_WRITE, MAP_SHARED = mmap.PROT_READ, mmap.PROT_WRITE, mmap.MAP_SHARED
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class RingBuffer:
+    """A BPF_MAP_TYPE_RINGBUF read through its mmap'ed pages, as libbpf's ring_buffer does.
+
+    Page 0 (read-write): the consumer position.  From page 1 (read-only): the
+    producer position page, then the data pages mapped twice in a row, so a
+    record that wraps around the end reads as one piece.  Each record starts
+    with an 8-byte header: its length (bit 31 BUSY: still being written,
+    bit 30 DISCARD: skip it) and a page offset; records are 8-byte aligned.
+
+    ``poll`` delivers what is complete and remembers how far it read;
+    ``commit`` hands that space back to the kernel.  Until then the records
+    stay in the ring: a reader opened after a crash (a new agent) starts from
+    the last commit and delivers them again.
+    """
+
+    def __init__(self, fd: int, size: int | None = None) -> None:
+        self.fd = fd
+        self.size = size if size is not None else map_info(fd).max_entries
+        if self.size & (self.size - 1):
+            raise ValueError(f"ring buffer size {self.size} is not a power of two")
+        self.mask = self.size - 1
+        self.page = mmap.PAGESIZE
+        self._cons = self._map(self.page, PROT_READ | PROT_WRITE, 0)
+        try:
+            self._prod = self._map(self.page + 2 * self.size, PROT_READ, self.page)
+        except OSError:
+            _libc.munmap(self._cons, self.page)
+            raise
+        self._data = self._prod + self.page
+        self.read_pos = self.consumer_pos
+
+    def _map(self, length: int, prot: int, offset: int) -> int:
+        addr = _libc.mmap(None, length, prot, MAP_SHARED, self.fd, offset)
+        if addr in (None, _MAP_FAILED):
+            raise _errno_error("mmap of the spill ring buffer")
+        return int(addr)
+
+    @property
+    def consumer_pos(self) -> int:
+        return int(ctypes.c_uint64.from_address(self._cons).value)
+
+    @property
+    def producer_pos(self) -> int:
+        return int(ctypes.c_uint64.from_address(self._prod).value)
+
+    def poll(self, callback: Callable[[memoryview], object], limit: int = 1 << 20) -> int:
+        """Deliver every complete record after the last one read (at most ``limit``); how many."""
+        pos = self.read_pos
+        n = 0
+        prod = self.producer_pos
+        while pos < prod and n < limit:
+            hdr = ctypes.c_uint32.from_address(self._data + (pos & self.mask)).value
+            if hdr & RINGBUF_BUSY_BIT:
+                break  # still being written: the next poll gets it
+            length = hdr & ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)
+            if not hdr & RINGBUF_DISCARD_BIT:
+                start = self._data + (pos & self.mask) + RINGBUF_HDR_SZ
+                callback(memoryview((ctypes.c_char * length).from_address(start)).cast("B"))
+                n += 1
+            pos += (length + RINGBUF_HDR_SZ + 7) // 8 * 8
+            if pos >= prod:
+                prod = self.producer_pos
+        self.read_pos = pos
+        return n
+
+    def commit(self) -> None:
+        """Give the space of every record read so far back to the kernel."""
+        if self.read_pos != self.consumer_pos:
+            ctypes.c_uint64.from_address(self._cons).value = self.read_pos
+
+    def close(self) -> None:
+        if self._cons:
+            _libc.munmap(self._prod, self.page + 2 * self.size)
+            _libc.munmap(self._cons, self.page)
+            self._cons = self._prod = 0
+
+
+# -- rtnetlink: XDP and TC attachments -------------------------------------------------
+
+NETLINK_ROUTE = 0
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_F_NESTED = 0x8000
+NETLINK_EXT_ACK, NETLINK_CAP_ACK = 11, 10
+NLMSGERR_ATTR_MSG = 1
+RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
+RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
+IFLA_XDP = 43
+IFLA_XDP_FD, IFLA_XDP_ATTACHED, IFLA_XDP_FLAGS, IFLA_XDP_PROG_ID = 1, 2, 3, 4
+IFLA_XDP_DRV_PROG_ID, IFLA_XDP_SKB_PROG_ID, IFLA_XDP_EXPECTED_FD = 5, 6, 8
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_NAME, TCA_BPF_ID = 7, 11
+ETH_P_ALL = 0x0003
+
+
+class NetlinkError(OSError):
+    """An rtnetlink request failed: ``errno`` and the kernel's extended ack message."""
+
+
+def _attrs(data: bytes | memoryview, off: int = 0, end: int | None = None) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    end = len(data) if end is None else end
+    while off + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = bytes(data[off + 4:off + length])
+        off += (length + 3) & ~3
+    return out
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _rtnl(msg_type: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
+    """One rtnetlink request; the replies (type, payload) up to the ack or the end of the dump."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE) as s:
+        s.setsockopt(270, NETLINK_EXT_ACK, 1)  # SOL_NETLINK
+        s.setsockopt(270, NETLINK_CAP_ACK, 1)
+        s.bind((0, 0))
+        seq = 1
+        s.send(struct.pack("=IHHII", 16 + len(body), msg_type, flags | NLM_F_REQUEST, seq, 0) + body)
+        out: list[tuple[int, bytes]] = []
+        for _ in range(1 << 16):
+            data = s.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, mflags, mseq, _pid = struct.unpack_from("=IHHII", data, off)
+                payload = data[off + 16:off + length]
+                off += (length + 3) & ~3
+                if mseq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", payload)
+                    if code == 0:
+                        return out
+                    ext = _attrs(payload, 4 + 16) if mflags & 0x200 else {}  # NLM_F_ACK_TLVS, capped ack
+                    msg = ext.get(NLMSGERR_ATTR_MSG, b"").rstrip(b"\0").decode(errors="replace")
+                    raise NetlinkError(-code, os.strerror(-code) + (f" ({msg})" if msg else ""))
+                out.append((kind, payload))
+            if not flags & NLM_F_DUMP and not flags & NLM_F_ACK:
+                return out
+        raise NetlinkError(errno.EIO, "no end to the rtnetlink reply")
+
+
+def _ifinfomsg(ifindex: int) -> bytes:
+    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+
+
+def xdp_set(ifindex: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
+    """Attach XDP program ``fd`` to ``ifindex`` (fd -1: detach) with XDP_FLAGS_*.
+
+    With ``expected_fd`` (XDP_FLAGS_REPLACE is added) the change happens only if
+    that program is the one attached now, atomically: a take-over, or a detach
+    that never removes someone else's program.
+    """
+    nested = _attr(IFLA_XDP_FD, struct.pack("=i", fd))
+    if expected_fd is not None:
+        flags |= XDP_FLAGS_REPLACE
+        nested += _attr(IFLA_XDP_EXPECTED_FD, struct.pack("=i", expected_fd))
+    nested += _attr(IFLA_XDP_FLAGS, struct.pack("=I", flags))
+    _rtnl(RTM_SETLINK, NLM_F_ACK, _ifinfomsg(ifindex) + _attr(IFLA_XDP | NLA_F_NESTED, nested))
+
+
+def xdp_prog_ids(ifindex: int) -> dict[str, int]:
+    """The XDP programs attached to ``ifindex``: {"native": id, "generic": id} (absent: none)."""
+    replies = _rtnl(RTM_GETLINK, 0, _ifinfomsg(ifindex))
+    for kind, payload in replies:
+        if kind != RTM_NEWLINK:
+            continue
+        xdp = _attrs(payload, 16).get(IFLA_XDP)
+        if xdp is None:
+            return {}
+        a = _attrs(xdp)
+        out = {}
+        mode = a.get(IFLA_XDP_ATTACHED, b"\0")[0]
+        single = struct.unpack("=I", a[IFLA_XDP_PROG_ID])[0] if IFLA_XDP_PROG_ID in a else 0
+        drv = struct.unpack("=I", a[IFLA_XDP_DRV_PROG_ID])[0] if IFLA_XDP_DRV_PROG_ID in a else 0
+        skb = struct.unpack("=I", a[IFLA_XDP_SKB_PROG_ID])[0] if IFLA_XDP_SKB_PROG_ID in a else 0
+        if mode == 1:  # XDP_ATTACHED_DRV
+            drv = drv or single
+        elif mode == 2:  # XDP_ATTACHED_SKB
+            skb = skb or single
+        if drv:
+            out["native"] = drv
+        if skb:
+            out["generic"] = skb
+        return out
+    return {}
+
+
+def tc_filter_prog(ifindex: int, parent: int, prio: int, handle: int) -> tuple[int, str] | None:
+    """(program id, name) of the bpf filter at ``parent``/``prio``/``handle`` of ``ifindex``, or None."""
+    body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, ifindex, 0, parent, 0)
+    try:
+        replies = _rtnl(RTM_GETTFILTER, NLM_F_DUMP, body)
+    except NetlinkError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+            return None
+        raise
+    for kind, payload in replies:
+        if kind != RTM_NEWTFILTER or len(payload) < 20:
+            continue
+        _fam, _ifi, fhandle, fparent, info = struct.unpack_from("=BxxxiIII", payload)
+        if fhandle != handle or fparent != parent or info >> 16 != prio:
+            continue
+        a = _attrs(payload, 20)
+        if a.get(TCA_KIND, b"").rstrip(b"\0") != b"bpf" or TCA_OPTIONS not in a:
+            continue
+        opts = _attrs(a[TCA_OPTIONS])
+        prog_id = struct.unpack("=I", opts[TCA_BPF_ID])[0] if TCA_BPF_ID in opts else 0
+        return prog_id, opts.get(TCA_BPF_NAME, b"").rstrip(b"\0").decode(errors="replace")
+    return None
+
+
+# -- bpffs and the instance directory ------------------------------------------------
+
+
+def is_bpffs(path: Path) -> bool:
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first word (a long)
+    if _libc.statfs(os.fsencode(str(path)), buf) != 0:
+        return False
+    return int(struct.unpack_from("=l", buf.raw)[0]) & 0xFFFFFFFF == BPF_FS_MAGIC
+
+
+def ensure_bpffs(root: Path = BPFFS_ROOT) -> bool:
+    """Mount a bpffs at ``root`` unless one is there; True if this call mounted it.
+
+    ``ip netns exec`` remounts /sys for the namespace, without the host's
+    bpffs: the mount made here then belongs to that run's mount namespace.
+    """
+    if is_bpffs(root):
+        return False
+    ms_nosuid, ms_nodev, ms_noexec = 2, 4, 8
+    if _libc.mount(b"bpf", os.fsencode(str(root)), b"bpf", ms_nosuid | ms_nodev | ms_noexec, b"mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"no bpffs at {root} and mounting one failed: {os.strerror(err)} (pyflow pins its maps "
+                          f"there; mount it with `mount -t bpf bpf {root}`, or run pyflow as root)")
+    return True
+
+
+def netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def source_hash(bpf_dir: Path = abi.BPF_DIR) -> str:
+    """What the program is built from: a pinned program from other sources is another program."""
+    h = hashlib.sha256()
+    for name in ("flowmeter.c", "flowmeter.h"):
+        h.update(name.encode() + b"\0" + (bpf_dir / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+class InstanceLock:
+    """One agent per network namespace: an flock on /run/pyflow/netns-<inode>.lock, held while it runs."""
+
+    def __init__(self, netns: int, run_dir: Path = RUN_DIR) -> None:
+        self.path = run_dir / f"netns-{netns}.lock"
+        self.fd: int | None = None
+
+    def acquire(self, pins: Path) -> None:
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PyflowError(
+                f"another pyflow agent (pid {holder}) is running in this network namespace (net:[{self.path.stem[6:]}]"
+                f"); its kernel program is pinned under {pins}. One agent per network namespace: stop that one "
+                f"first (it holds {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class NetnsPins:
+    """This network namespace's directory in bpffs, held by one agent at a time."""
+
+    def __init__(self, root: Path = BPFFS_ROOT, run_dir: Path = RUN_DIR, netns: int | None = None) -> None:
+        self.netns = netns_inode() if netns is None else netns
+        self.root = root
+        self.dir = root / "pyflow" / f"netns-{self.netns}"
+        self.lock = InstanceLock(self.netns, run_dir)
+        self.mounted = False
+
+    def open(self, log: Callable[[str], None]) -> None:
+        """Take the lock (a second agent is refused before it touches anything), mount bpffs if needed."""
+        self.lock.acquire(self.dir)
+        try:
+            self.mounted = ensure_bpffs(self.root)
+        except BaseException:
+            self.lock.release()
+            raise
+        if self.mounted:
+            log(f"mounted a bpffs at {self.root} (none in this mount namespace; `ip netns exec` remounts /sys): "
+                "the pins made there last as long as this mount namespace, the attached programs longer")
+
+    def find(self, log: Callable[[str], None]) -> list[Instance]:
+        return find_instances(self.dir, self.netns, log)
+
+    def compile(self, settings: KernelSettings, bpf_dir: Path = abi.BPF_DIR) -> Instance:
+        return compile_pinned(settings, self.dir, self.netns, bpf_dir)
+
+    def close(self) -> None:
+        """Release the lock; remove this namespace's directory if no instance is left in it."""
+        for path in (self.dir, self.dir.parent):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        self.lock.release()
+
+
+# -- instances ----------------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    """One loaded flow meter: its maps and programs as fds, its manifest, where it is pinned."""
+
+    manifest: dict[str, Any]
+    maps: dict[str, int]
+    progs: dict[str, int]
+    path: Path | None = None
+    found_by: str = "pins"  # or "programs": found through attached programs (no pins left)
+    owned_fds: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", "?"))
+
+    @property
+    def complete(self) -> bool:
+        """Every entry point is there (found through its programs, the unattached ones may be gone)."""
+        return all(h in self.progs for h in HOOKS)
+
+    def settings(self) -> KernelSettings:
+        """What it was compiled with (as far as this version knows the settings: enough to read
+        and drain an instance another version left)."""
+        from pyflow.kernel.loader import KernelSettings
+
+        known = {f.name for f in dataclasses.fields(KernelSettings)}
+        doc = {k: v for k, v in dict(self.manifest.get("settings") or {}).items() if k in known}
+        doc["cache_entries"] = map_info(self.maps["flows"]).max_entries
+        try:
+            return KernelSettings(**doc)
+        except PyflowError:
+            return KernelSettings(cache_entries=doc["cache_entries"])
+
+    def built_with(self, settings: KernelSettings, source: str) -> bool:
+        """Built from ``source`` (flowmeter.c/.h hash) with exactly ``settings``."""
+        return self.manifest.get("source") == source and self.manifest.get("settings") == _settings_doc(settings)
+
+    def prog_ids(self) -> dict[str, int]:
+        return {hook: prog_info(fd).id for hook, fd in self.progs.items()}
+
+    def close(self) -> None:
+        for fd in self.owned_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.owned_fds.clear()
+        self.maps.clear()
+        self.progs.clear()
+
+
+def read_manifest(fd: int) -> dict[str, Any]:
+    raw = map_lookup(fd, b"\0\0\0\0", MANIFEST_SIZE)
+    if raw is None:
+        return {}
+    (length,) = struct.unpack_from("=I", raw)
+    if not 0 < length <= MANIFEST_SIZE - 4:
+        return {}
+    try:
+        doc = json.loads(raw[4:4 + length])
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def write_manifest(fd: int, doc: dict[str, Any]) -> None:
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    if len(data) > MANIFEST_SIZE - 4:
+        raise KernelError(f"the pinned manifest would be {len(data)} bytes, more than {MANIFEST_SIZE - 4}")
+    map_update(fd, b"\0\0\0\0", struct.pack("=I", len(data)) + data + bytes(MANIFEST_SIZE - 4 - len(data)))
+
+
+def _check_map(name: str, fd: int) -> None:
+    if name not in MAP_SIZES:
+        return
+    info = map_info(fd)
+    if (info.key_size, info.value_size) != MAP_SIZES[name]:
+        raise KernelError(f"pinned map {name} has key/value sizes {info.key_size}/{info.value_size}, this pyflow "
+                          f"reads {MAP_SIZES[name][0]}/{MAP_SIZES[name][1]}: not a map of this version")
+
+
+def open_pinned(path: Path) -> Instance:
+    """Open the maps and programs pinned in the generation directory ``path``."""
+    inst = Instance(manifest={}, maps={}, progs={}, path=path)
+    try:
+        for entry in sorted(os.listdir(path)):
+            fd = obj_get(path / entry)
+            inst.owned_fds.append(fd)
+            if entry.startswith(PROG_PREFIX):
+                inst.progs[entry[len(PROG_PREFIX):]] = fd
+            else:
+                _check_map(entry, fd)
+                inst.maps[entry] = fd
+        missing = [m for m in REQUIRED_MAPS if m not in inst.maps] + ([] if inst.progs else ["program"])
+        if missing:
+            raise KernelError(f"the pinned instance {path} is incomplete (no {', '.join(missing)})")
+        inst.manifest = read_manifest(inst.maps[MANIFEST])
+        if inst.manifest.get("format") != FORMAT:
+            raise KernelError(f"the pinned instance {path} has no manifest this pyflow reads")
+    except BaseException:
+        inst.close()
+        raise
+    return inst
+
+
+def pin_instance(inst: Instance, path: Path) -> None:
+    """Pin every map and program of ``inst`` in the new directory ``path``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700)
+    try:
+        for name, fd in inst.maps.items():
+            obj_pin(fd, path / name)
+        for hook, fd in inst.progs.items():
+            obj_pin(fd, path / f"{PROG_PREFIX}{hook}")
+    except BaseException:
+        remove_pins(path)
+        raise
+    inst.path = path
+
+
+def remove_pins(path: Path) -> None:
+    """Unpin a generation: its objects live on only while something else holds them."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> list[Instance]:
+    """Every instance this network namespace has: the pinned generations, then (needs
+    CAP_SYS_ADMIN) loaded pyflow programs whose manifest names this namespace but that
+    no pin leads to, re-pinned here.  Oldest first."""
+    found: list[Instance] = []
+    if netns_dir.is_dir():
+        for entry in sorted(os.listdir(netns_dir)):
+            path = netns_dir / entry
+            if not entry.startswith("gen-") or not path.is_dir():
+                continue
+            try:
+                found.append(open_pinned(path))
+            except (KernelError, OSError) as exc:
+                log(f"ignoring the pinned {path}: {exc}; removing it")
+                remove_pins(path)
+    known = {map_info(i.maps[MANIFEST]).id for i in found}
+    try:
+        orphans = _programs_of(netns, known)
+    except BpfError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        if not found:
+            log("no pinned instance here, and no CAP_SYS_ADMIN to look for programs an agent left attached "
+                "without pins (only pins are taken over)")
+        orphans = []
+    for inst in orphans:
+        path = netns_dir / inst.name
+        if path.exists() or not inst.name.startswith("gen-"):
+            path = netns_dir / f"gen-{time.time_ns():020d}"
+        pin_instance(inst, path)
+        log(f"found the kernel program {inst.name} attached without pins (its agent ran in another mount "
+            f"namespace); pinned it again at {path}")
+        found.append(inst)
+    found.sort(key=lambda i: (i.manifest.get("created_ns", 0), i.name))
+    return found
+
+
+def _programs_of(netns: int, known_manifests: set[int]) -> list[Instance]:
+    groups: dict[int, Instance] = {}
+    for pid in list(prog_ids()):
+        try:
+            pfd = prog_fd_by_id(pid)
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            raise
+        keep = False
+        try:
+            info = prog_info(pfd)
+            hook = KERNEL_PROG_NAMES.get(info.name)
+            if hook is None:
+                continue
+            maps: dict[str, int] = {}
+            try:
+                for mid in info.map_ids:
+                    mfd = map_fd_by_id(mid)
+                    mi = map_info(mfd)
+                    if mi.name in maps:
+                        os.close(mfd)
+                        continue
+                    maps[mi.name] = mfd
+                manifest_fd = maps.get(MANIFEST)
+                manifest = read_manifest(manifest_fd) if manifest_fd is not None else {}
+                mid = map_info(manifest_fd).id if manifest_fd is not None else 0
+                if manifest.get("format") != FORMAT or manifest.get("netns") != netns or mid in known_manifests:
+                    continue
+                inst = groups.setdefault(mid, Instance(manifest=manifest, maps={}, progs={}, found_by="programs"))
+                if hook in inst.progs:
+                    continue
+                inst.progs[hook] = pfd
+                inst.owned_fds.append(pfd)
+                keep = True
+                for name, fd in list(maps.items()):
+                    if name in inst.maps:
+                        continue
+                    inst.maps[name] = fd
+                    inst.owned_fds.append(fd)
+                    del maps[name]
+            finally:
+                for fd in maps.values():
+                    os.close(fd)
+        finally:
+            if not keep:
+                os.close(pfd)
+    out = []
+    for inst in groups.values():
+        # Only the attached programs outlive their agent: the others may be gone (such an
+        # instance is drained and replaced, see Instance.complete); the maps are all bound.
+        if any(m not in inst.maps for m in REQUIRED_MAPS):
+            inst.close()
+            continue
+        out.append(inst)
+    return out
+
+
+# -- the compile child -------------------------------------------------------------------
+
+RESULT_MARK = "PYFLOW-PIN-RESULT "
+
+
+def _settings_doc(settings: KernelSettings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)
+
+
+def compile_pinned(settings: KernelSettings, netns_dir: Path, netns: int,
+                   bpf_dir: Path = abi.BPF_DIR, timeout: float = 120.0) -> Instance:
+    """Compile and load in a short-lived child, pinned in a new generation of ``netns_dir``; open it.
+
+    The child is ``python -m pyflow.kernel.pin compile``: bcc and LLVM live and
+    die there.  Its stderr (compiler and verifier output) passes through.
+    """
+    netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f"gen-{time.time_ns():020d}"
+    path = netns_dir / name
+    argv = [sys.executable, "-m", "pyflow.kernel.pin", "compile", "--dir", str(path), "--netns", str(netns),
+            "--bpf-dir", str(bpf_dir), "--settings", json.dumps(_settings_doc(settings))]
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False,
+                              env={**os.environ, "PYTHONPATH": _package_root()})
+    except subprocess.TimeoutExpired:
+        remove_pins(path)
+        raise KernelError(f"compiling and loading the meter took more than {timeout:.0f} s") from None
+    lines = proc.stdout.splitlines()
+    for ln in lines:  # anything else the compiler printed goes where its stderr went
+        if not ln.startswith(RESULT_MARK):
+            print(ln, file=sys.stderr)
+    result = next((json.loads(ln[len(RESULT_MARK):]) for ln in reversed(lines) if ln.startswith(RESULT_MARK)), None)
+    if proc.returncode != 0 or not result or not result.get("ok"):
+        remove_pins(path)
+        msg = result.get("error") if result else f"the compile child exited with status {proc.returncode}"
+        raise KernelError(str(msg))
+    return open_pinned(path)
+
+
+def _package_root() -> str:
+    root = str(Path(__file__).resolve().parents[2])
+    extra = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{extra}" if extra else root
+
+
+def _child_compile(args: list[str]) -> dict[str, Any]:
+    """In the child: compile, load every program, pin everything in a new directory, write the manifest."""
+    import argparse
+
+    from pyflow.kernel.loader import FlowMeter, KernelSettings
+
+    p = argparse.ArgumentParser(prog="python -m pyflow.kernel.pin compile")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--netns", type=int, required=True)
+    p.add_argument("--bpf-dir", required=True)
+    p.add_argument("--settings", required=True)
+    a = p.parse_args(args)
+    settings = KernelSettings(**json.loads(a.settings))
+    path = Path(a.dir)
+    meter = FlowMeter(settings, bpf_dir=Path(a.bpf_dir))
+    try:
+        for hook in HOOKS:
+            meter.load(hook)
+        inst = Instance(manifest={}, maps=dict(meter.maps), progs={h: meter.prog_fd_of(h) for h in HOOKS})
+        for pfd in inst.progs.values():  # any one program, attached, holds the whole instance
+            for extra in inst.maps.values():
+                try:
+                    prog_bind_map(pfd, extra)
+                except BpfError as exc:  # before Linux 5.10: found through its pins only
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    break
+        manifest = {
+            "format": FORMAT,
+            "name": path.name,
+            "netns": a.netns,
+            "created_ns": time.time_ns(),
+            "settings": _settings_doc(settings),
+            "source": source_hash(Path(a.bpf_dir)),
+            "programs": inst.prog_ids(),
+            "maps": {n: map_info(fd).id for n, fd in sorted(inst.maps.items())},
+            "attachments": [],
+        }
+        write_manifest(inst.maps[MANIFEST], manifest)
+        pin_instance(inst, path)
+        return {"ok": True, "dir": str(path), "programs": manifest["programs"]}
+    finally:
+        meter.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "compile":
+        print("usage: python -m pyflow.kernel.pin compile --dir DIR --netns INODE --bpf-dir DIR --settings JSON",
+              file=sys.stderr)
+        return 2
+    try:
+        result = _child_compile(args[1:])
+    except PyflowError as exc:
+        print(RESULT_MARK + json.dumps({"ok": False, "error": str(exc)}), flush=True)
+        return exc.exit_code
+    except Exception as exc:
+        print(RESULT_MARK + json.dumps({"ok": False, "error": f"compiling the meter failed: {exc!r}"}), flush=True)
+        return 3
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Least privilege: after its start the agent runs with only the capabilities it uses, and works.
+
+pyflow meters b's interface from a config file (default metrics address:
+loopback); /proc/<pid>/status of the running agent, and of every thread it
+runs, shows CAP_BPF + CAP_NET_ADMIN effective and CAP_PERFMON only permitted
+(for a reload's compile child), nothing in the bounding set beyond those, no
+inheritable or ambient ones.  With that, a flow is metered and exported, a
+SIGHUP that changes the kernel settings compiles and loads a new program in a
+child and puts it in place, and SIGTERM detaches.  The agent's resident
+memory stays under 64 MiB (bcc and LLVM live only in the compile child).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.utils import wrpcap
+
+from pyflow.kernel import caps
+from tests.integration.collect import Tap
+from tests.integration.netns import Pair, udp_socket_in
+from tests.integration.procs import PYFLOW, REPO, Proc
+
+CONFIG = """\
+[traffic-flow]
+enabled = "yes"
+interfaces = ["{iface}"]
+cache-entries = "{cache}"
+inactive-flow-timeout = "1s"
+
+[[target]]
+dst-address = "127.0.0.1"
+port = {port}
+version = "ipfix"
+
+[[interface]]
+name = "{iface}"
+direction = "both"
+
+[pyflow]
+sweep-interval = "250ms"
+control-socket = ""
+"""
+
+EFFECTIVE = (1 << caps.CAP_BPF) | (1 << caps.CAP_NET_ADMIN)
+PERMITTED = EFFECTIVE | (1 << caps.CAP_PERFMON)
+
+
+def status(pid: int, task: str | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/status" if task is None else f"/proc/{pid}/task/{task}/status"
+    return dict(line.split(":\t", 1) for line in Path(path).read_text().splitlines() if ":\t" in line)
+
+
+def send(pair: Pair, sport: int, n: int, tmp: Path) -> None:
+    e = Ether(src=pair.macs["a"], dst=pair.macs["b"])
+    path = tmp / f"{sport}.pcap"
+    wrpcap(str(path), [e / IP(src=pair.a_v4, dst=pair.b_v4) / UDP(sport=sport, dport=9) / (b"c" * 72)] * n)
+    res = pair.run(pair.a, sys.executable, "-m", "tests.integration.sendpkts", pair.a_if, str(path),
+                   cwd=str(REPO), timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def xdp_attached(pair: Pair) -> bool:
+    link = json.loads(subprocess.run(["ip", "-n", pair.b, "-j", "-d", "link", "show", pair.b_if],
+                                     capture_output=True, text=True, check=True).stdout)[0]
+    return "xdp" in link
+
+
+def assert_least_privilege(pid: int) -> None:
+    st = status(pid)
+    assert int(st["CapEff"], 16) == EFFECTIVE, caps.names(int(st["CapEff"], 16))
+    assert int(st["CapPrm"], 16) == PERMITTED, caps.names(int(st["CapPrm"], 16))
+    assert int(st["CapBnd"], 16) == PERMITTED, caps.names(int(st["CapBnd"], 16))
+    assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0
+    for task in Path(f"/proc/{pid}/task").iterdir():  # capabilities are per thread: every one of them
+        t = status(pid, task.name)
+        assert int(t["CapEff"], 16) == EFFECTIVE, (t["Name"], caps.names(int(t["CapEff"], 16)))
+
+
+def test_agent_runs_with_only_the_capabilities_it_uses(pair: Pair, tmp_path: Path) -> None:
+    tap = Tap(udp_socket_in(pair.b))
+    conf = tmp_path / "pyflow.toml"
+    conf.write_text(CONFIG.format(iface=pair.b_if, cache="4k", port=tap.port))
+    proc = Proc(["ip", "netns", "exec", pair.b, PYFLOW, "run", "--config", str(conf)])
+    try:
+        proc.wait_for_line("exporting to", timeout=60)
+        out = proc.output()
+        assert "metrics on http://127.0.0.1:9796/metrics" in out  # loopback unless told otherwise
+        assert "with TC on egress" in out and "with XDP" in out  # both attached after the drop
+        pid = proc.p.pid  # ip netns exec execs pyflow: the same process
+        assert_least_privilege(pid)
+        rss_kib = int(status(pid)["VmRSS"].split()[0])
+        assert rss_kib <= 64 * 1024, f"agent VmRSS {rss_kib} KiB"
+        print(f"agent VmRSS {rss_kib / 1024:.1f} MiB, {len(list(Path(f'/proc/{pid}/task').iterdir()))} threads")
+
+        send(pair, 43001, 5, tmp_path)
+        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43001, timeout=30)
+        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (5, 500)
+
+        # a new kernel program, compiled and loaded by a child of the unprivileged agent
+        conf.write_text(CONFIG.format(iface=pair.b_if, cache="8k", port=tap.port))
+        proc.p.send_signal(signal.SIGHUP)
+        proc.wait_for_line("reload: settings applied", timeout=60)
+        assert "reload: new kernel program in place (cache-entries=8192)" in proc.output(), proc.output()
+        send(pair, 43002, 3, tmp_path)
+        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43002, timeout=30)
+        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (3, 300)
+        assert_least_privilege(pid)
+    finally:
+        rc = proc.stop(signal.SIGTERM)
+        tap.close()
+    assert rc == 0, proc.output()
+    assert not xdp_attached(pair)  # detached without CAP_SYS_ADMIN

@@ -67,10 +67,15 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check pyflow tests bench
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## benchmarks; results go in docs/benchmarks.md
-	$(PY) -m bench
+bench: $(STAMP) bench-deps ## benchmarks; results go in docs/benchmarks.md
+	$(PY) -m bench --write docs/benchmarks.md
+
+bench-deps: ## install what the live benchmark uses (trafgen, fprobe, softflowd; services kept stopped)
+	bash scripts/bench-deps.sh
 
 clean: ## remove the venv, caches and built packages (not the Vagrant VMs: vagrant destroy)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
 
+
+.PHONY: bench-deps
 .PHONY: help setup run test test-unit test-bpf test-integration test-fast test-deploy lint bench dist image vm vm-test clean

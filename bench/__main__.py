@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -51,13 +52,43 @@ def machine() -> str:
             f"numpy {np.__version__}, bcc {bcc_v}")
 
 
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_report(args: argparse.Namespace, path: Path) -> int:
+    """Run the benchmarks (printing as usual) and replace the report section of ``path``."""
+    argv = [a for a in sys.argv[1:] if not a.startswith("--write") and a != str(path)]
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "bench", *argv], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    sys.stdout.write(out.stdout)
+    sys.stderr.write(out.stderr)
+    if out.returncode != 0:
+        return out.returncode
+    report = out.stdout.replace("# pyflow benchmarks\n", "## Latest `make bench` report\n", 1)
+    report += f"\n(the whole run took {time.monotonic() - started:.0f} s)\n"
+    text = path.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+    else:
+        head, tail = text.rstrip() + "\n\n", "\n"
+    path.write_text(f"{head}{BEGIN}\n{report}{END}{tail}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint"), action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
+    ap.add_argument("--write", metavar="FILE",
+                    help="also put the report in FILE between its '<!-- bench:begin -->' and "
+                         "'<!-- bench:end -->' lines (make bench: docs/benchmarks.md)")
     args = ap.parse_args()
+    if args.write:
+        return write_report(args, Path(args.write))
     sizes = [int(x) for x in args.sizes.split(",")]
     which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")

@@ -546,29 +546,34 @@ def _count(name: str) -> Callable[[str], int]:
     return parse
 
 
+def _agent_options(p: argparse.ArgumentParser, json: bool) -> None:
+    """What every view of a running agent takes: where its socket is, and (not top) JSON output."""
+    p.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH", help=SOCKET_HELP)
+    if json:
+        p.add_argument("--json", action="store_true", help="print the agent's answer as JSON (exact numbers)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``status``, ``flows``, ``top`` and ``collect`` on the ``pyflow`` parser's subparsers."""
     status = subparsers.add_parser(
         "status", help="show the running agent's settings, cache use and per-target counters",
         description=STATUS_DESCRIPTION, epilog=STATUS_EPILOG, formatter_class=RAW)
-    status.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH", help=SOCKET_HELP)
-    status.add_argument("--json", action="store_true", help="print the agent's answer as JSON (exact numbers)")
+    _agent_options(status, json=True)
     status.set_defaults(func=cmd_status)
 
     flows = subparsers.add_parser(
         "flows", help="print the flows in the kernel cache now, top talkers first",
         description=FLOWS_DESCRIPTION, epilog=FLOWS_EPILOG, formatter_class=RAW)
-    flows.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH", help=SOCKET_HELP)
+    _agent_options(flows, json=True)
     flows.add_argument("--sort", choices=SORTS, default="bytes", help="order of the flows (default: bytes)")
     flows.add_argument("--limit", type=_count("--limit"), default=20, metavar="N",
                        help="show at most N flows; 0 shows every flow (default: 20)")
-    flows.add_argument("--json", action="store_true", help="print the agent's answer as JSON (exact numbers)")
     flows.set_defaults(func=cmd_flows)
 
     top = subparsers.add_parser(
         "top", help="the flows of the kernel cache, live, refreshed in the terminal",
         description=TOP_DESCRIPTION, epilog=TOP_EPILOG, formatter_class=RAW)
-    top.add_argument("--socket", default=DEFAULT_SOCKET, metavar="PATH", help=SOCKET_HELP)
+    _agent_options(top, json=False)
     top.add_argument("--sort", choices=SORTS, default="bytes", help="initial order of the flows (default: bytes)")
     top.add_argument("--interval", type=_duration_seconds("--interval"), default=1.0, metavar="DURATION",
                      help="time between refreshes, RouterOS style: 500ms, 1s, 5s (default: 1s)")

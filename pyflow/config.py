@@ -16,7 +16,9 @@ of the file it was set).
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from pyflow.errors import ConfigError
 from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
@@ -495,33 +497,31 @@ def _check_listen_address(text: str) -> None:
 
 # Value parsers for one setting: RouterOS syntax in, a typed value out, errors naming the setting.
 
-def duration(name: str, text: str | int | float) -> int:
-    """``30m``, ``15s``, ``1h30m``, ``00:30:00`` (or a number of seconds) -> nanoseconds."""
+T = TypeVar("T")
+
+
+def _parsed(name: str, parse: Callable[[Any], T], text: object) -> T:
     try:
-        return parse_duration_ns(text)
+        return parse(text)
     except ValueError as exc:
         raise SettingError(name, f"{name}: {exc}") from None
+
+
+def duration(name: str, text: str | int | float) -> int:
+    """``30m``, ``15s``, ``1h30m``, ``00:30:00`` (or a number of seconds) -> nanoseconds."""
+    return _parsed(name, parse_duration_ns, text)
 
 
 def size(name: str, text: str | int) -> int:
     """``64k``, ``1M`` or a whole number."""
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise SettingError(name, f"{name}: {exc}") from None
+    return _parsed(name, parse_size, text)
 
 
 def count(name: str, text: str | int) -> int:
     """A whole number, written as RouterOS does (``20``) or as a TOML integer."""
-    try:
-        return parse_count(text)
-    except ValueError as exc:
-        raise SettingError(name, f"{name}: {exc}") from None
+    return _parsed(name, parse_count, text)
 
 
 def yes_no(name: str, text: str | bool) -> bool:
     """RouterOS ``yes``/``no`` (or true/false, or a TOML boolean)."""
-    try:
-        return parse_bool(text)
-    except ValueError as exc:
-        raise SettingError(name, f"{name}: {exc}") from None
+    return _parsed(name, parse_bool, text)

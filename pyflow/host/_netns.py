@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -91,6 +92,19 @@ class WakePipe:
         for fd in (self.fd, self._w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def wait_until(cv: threading.Condition, holds: Callable[[], bool], closed: Callable[[], bool],
+               timeout: float) -> bool:
+    """Until ``holds()`` (True) or ``timeout`` seconds pass or the reader closes (then: ``holds()``)."""
+    deadline = time.monotonic() + timeout
+    with cv:
+        while not holds():
+            left = deadline - time.monotonic()
+            if left <= 0 or closed():
+                return holds()
+            cv.wait(left)
+        return True
 
 
 def stop_reader(thread: threading.Thread, wake: WakePipe, cv: threading.Condition | None = None) -> None:

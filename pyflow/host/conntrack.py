@@ -72,7 +72,7 @@ from pyroute2.netlink.nfnetlink import (
 from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_NEW
 
 from pyflow import records as rec
-from pyflow.host._netns import Netns, WakePipe, stop_reader
+from pyflow.host._netns import Netns, WakePipe, stop_reader, wait_until
 from pyflow.records import V4_MAPPED_PREFIX
 
 NETLINK_NETFILTER = 12
@@ -524,14 +524,7 @@ class NatEventListener:
 
     def wait(self, predicate: Callable[[list[NatEvent]], bool], timeout: float) -> bool:
         """Until ``predicate(pending events)`` holds (True) or ``timeout`` passes (False); takes nothing."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while not predicate(self._pending):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    return predicate(self._pending)
-                self._cv.wait(left)
-            return True
+        return wait_until(self._cv, lambda: predicate(self._pending), lambda: self._closed, timeout)
 
     def drain(self) -> np.ndarray:
         """The events since the last drain, oldest first, as records (RECORD_DTYPE)."""

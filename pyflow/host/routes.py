@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from pyflow.host._netns import Netns, WakePipe, stop_reader
+from pyflow.host._netns import Netns, WakePipe, stop_reader, wait_until
 from pyflow.host.lpm import AddrKeys, PrefixTable
 from pyflow.records import addr_to_16
 
@@ -247,14 +247,7 @@ class RouteWatcher:
 
     def wait(self, predicate: Callable[[RouteTable], bool], timeout: float) -> bool:
         """Until ``predicate(table)`` holds (True) or ``timeout`` seconds pass (False)."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while not predicate(self._table):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    return predicate(self._table)
-                self._cv.wait(left)
-            return True
+        return wait_until(self._cv, lambda: predicate(self._table), lambda: self._closed, timeout)
 
     def refresh(self) -> RouteTable:
         """Dump the table now (in the watcher's namespace) and swap it in."""

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import footprint, hotpath, live, mapread, sweep_export
-
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
     times = []
@@ -80,9 +78,13 @@ def write_report(args: argparse.Namespace, path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint"), action="append")
+    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint", "scale"), action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
+    ap.add_argument("--scale-sizes", default="100000,451000",
+                    help="flows per burst for scale (one row per size and exporter)")
+    ap.add_argument("--scale-target-options", default="", metavar="OPTION=VALUE[,...]",
+                    help="appended to pyflow's target in scale (e.g. max-rate=20000); default: none")
     ap.add_argument("--write", metavar="FILE",
                     help="also put the report in FILE between its '<!-- bench:begin -->' and "
                          "'<!-- bench:end -->' lines (make bench: docs/benchmarks.md)")
@@ -90,23 +92,38 @@ def main() -> int:
     if args.write:
         return write_report(args, Path(args.write))
     sizes = [int(x) for x in args.sizes.split(",")]
-    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint"]
+    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint", "scale"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
-    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint")):
-        print("hotpath, mapread, live and footprint need root (BPF, namespaces); skipped\n")
+    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale")):
+        print("hotpath, mapread, live, footprint and scale need root (BPF, namespaces); skipped\n")
         which = [w for w in which if w == "sweep"]
+    # each suite is imported when it runs: --only X does not depend on the other suites' imports
     if "hotpath" in which:
+        from bench import hotpath
+
         hotpath.run(args.repeat)
     if "mapread" in which:
+        from bench import mapread
+
         mapread.run(sizes, args.repeat, median_time)
         mapread.run_tick(sizes)
     if "sweep" in which:
+        from bench import sweep_export
+
         sweep_export.run(sizes, args.repeat, median_time)
         sweep_export.run_formats(max(sizes), args.repeat, median_time)
     if "live" in which:
+        from bench import live
+
         live.run(min(args.repeat, 3))
     if "footprint" in which:
+        from bench import footprint
+
         footprint.run()
+    if "scale" in which:
+        from bench import scale
+
+        scale.run([int(x) for x in args.scale_sizes.split(",")], args.scale_target_options)
     return 0
 
 

@@ -7,8 +7,9 @@
  * Compiled at start by bcc.  Settings arrive as -D flags from
  * pyflow/kernel/loader.py:
  *   CACHE_ENTRIES     size of the flows hash map (RouterOS cache-entries)
+ *   RESUME_ENTRIES    size of the resume map (from cache-entries)
  *   INACTIVE_NS       inactive-flow-timeout in ns: an entry idle this long is
- *                     never written again (packets go to the spill ring)
+ *                     never written again (its flow goes on in the resume map)
  *   END_IDLE_NS       idle time after which a flow that saw TCP FIN or RST
  *                     is over (same rule: never written again)
  *   MAX_IPV6_EXT      IPv6 extension headers skipped at most
@@ -82,8 +83,8 @@
 /* Linear bytes a TC program wants before parsing (pulled only when the
  * skb's linear part is shorter than this and than the packet). */
 #define PF_PULL_LEN 128
-#ifndef SPILL_RING_PAGES
-#define SPILL_RING_PAGES 64
+#ifndef RESUME_ENTRIES
+#define RESUME_ENTRIES 16384
 #endif
 
 #define PF_TCP_FIN 0x01
@@ -98,6 +99,11 @@
 #define PF_IPPROTO_ICMPV6 58
 
 BPF_TABLE("hash", struct flow_key, struct flow_value, flows, CACHE_ENTRIES);
+/* A flow whose entry in "flows" has expired (the agent may be reading it for
+ * the last time before deleting it) goes on here, as a new flow from its first
+ * packet after the gap; and the other way round.  See "Exact deletes" in
+ * docs/architecture.md: no packet is ever added to an expired entry. */
+BPF_TABLE("hash", struct flow_key, struct flow_value, resumed, RESUME_ENTRIES);
 /* Interface stats: a per-CPU array slot (ifindex * 3 + hook) for the usual
  * small ifindex (an array lookup is a bounds check and an add, a hash lookup
  * costs ~28 ns more per packet, see docs/benchmarks.md); a per-CPU hash for
@@ -110,23 +116,30 @@ BPF_PERCPU_ARRAY(flow_seq, __u64, 1);
 /* Position in the sampling pattern, per CPU (no atomics on the packet path). */
 BPF_PERCPU_ARRAY(sample_pos, __u64, 1);
 #endif
-BPF_RINGBUF_OUTPUT(spill, SPILL_RING_PAGES);
 BPF_HASH(own_export, struct own_key, __u8, MAX_OWN_EXPORT);
 /* Update of this map-in-map from user space waits for an RCU grace period:
  * the agent's barrier between "read idle entries" and "delete them". */
 BPF_ARRAY(barrier_inner, __u32, 1);
 BPF_ARRAY_OF_MAPS(barrier, "barrier_inner", 1);
-/* The agent's early export of a nearly full cache (lack of resources): an
- * entry last seen before this instant (boot clock) is expired, exactly like an
- * idle one: never written again, its packets are spilled; so the agent can
- * export and delete it with the same exact protocol (docs/reliability.md). */
-BPF_ARRAY(evict_before, __u64, 1);
+/* The agent's early export of a nearly full map (lack of resources), one slot
+ * per cache map (enum pyflow_cache_map): an entry last seen before this
+ * instant (boot clock) is expired, exactly like an idle one: never written
+ * again, so the agent can export and delete it with the same exact protocol
+ * (docs/reliability.md). */
+BPF_ARRAY(evict_before, __u64, 2);
 
-static __always_inline int evicted(struct flow_value *v)
+/* May this entry still be written?  Not once it has been idle for the
+ * inactive timeout (END_IDLE_NS after FIN/RST), nor when the agent's
+ * threshold for its map has passed it. */
+static __always_inline int live(struct flow_value *v, __u64 now, __u32 map)
 {
-    __u32 zero = 0;
-    __u64 *t = evict_before.lookup(&zero);
-    return t && v->last_seen_ns < *t;
+    __s64 idle = (__s64)(now - v->last_seen_ns);
+    __s64 limit = (v->tcp_flags & (PF_TCP_FIN | PF_TCP_RST)) ? (__s64)END_IDLE_NS
+                                                              : (__s64)INACTIVE_NS;
+    if (idle >= limit)
+        return 0;
+    __u64 *t = evict_before.lookup(&map);
+    return !(t && v->last_seen_ns < *t);
 }
 
 struct vlan_hdr_pf {
@@ -322,44 +335,13 @@ static __always_inline int parse_packet(void *data, void *data_end,
     return PARSE_NOT_IP;
 }
 
-static __always_inline void spill_packet(struct iface_stats *st, struct pkt_meta *m, __u64 now)
-{
-    struct spill_event *ev = spill.ringbuf_reserve(sizeof(struct spill_event));
-    if (!ev) {
-        st->counters[PF_CNT_SPILL_LOST] += m->packets;
-        return;
-    }
-    __builtin_memcpy(&ev->key, &m->key, sizeof(ev->key));
-    ev->tcp_flags = m->tcp_flags;
-    ev->bytes = m->bytes;
-    ev->ts_ns = now;
-    ev->packets = m->packets;
-    ev->length_min = m->length_min;
-    ev->length_max = m->length_max;
-    ev->ttl = m->ttl;
-    __builtin_memset(ev->pad, 0, sizeof(ev->pad));
-    spill.ringbuf_submit(ev, 0);
-    st->counters[PF_CNT_SPILLED] += m->packets;
-    st->metered_bytes += m->bytes;
-}
-
-/* Add one packet to an existing entry.  An expired entry (idle for
- * INACTIVE_NS, or for END_IDLE_NS after FIN/RST) is never written: the agent
- * may be reading it for the last time before deleting it, so the packet is
- * spilled instead (see "Exact deletes" in docs/architecture.md). */
+/* Add one packet to a live entry (the caller checked live()). */
 static __always_inline void add_to_entry(struct iface_stats *st, struct flow_value *v,
-                                         struct pkt_meta *m, __u64 now)
+                                         struct pkt_meta *m, __u64 now, __u32 counter)
 {
-    __s64 idle = (__s64)(now - v->last_seen_ns);
-    __s64 limit = (v->tcp_flags & (PF_TCP_FIN | PF_TCP_RST)) ? (__s64)END_IDLE_NS
-                                                              : (__s64)INACTIVE_NS;
-    if (idle >= limit || evicted(v)) {
-        spill_packet(st, m, now);
-        return;
-    }
     __sync_fetch_and_add(&v->packets, m->packets);
     __sync_fetch_and_add(&v->bytes, m->bytes);
-    if (idle > 0)
+    if ((__s64)(now - v->last_seen_ns) > 0)
         v->last_seen_ns = now;
     if (m->tcp_flags & ~v->tcp_flags)
         __sync_fetch_and_or(&v->tcp_flags, m->tcp_flags);
@@ -377,7 +359,7 @@ static __always_inline void add_to_entry(struct iface_stats *st, struct flow_val
     if (m->length_max > v->length_max)
         v->length_max = m->length_max;
 #endif
-    st->counters[PF_CNT_METERED] += m->packets;
+    st->counters[counter] += m->packets;
     st->metered_bytes += m->bytes;
 }
 
@@ -470,52 +452,92 @@ static __always_inline void fill_first(void *data, void *data_end, struct flow_v
     }
 }
 
+/* A new entry for this packet's flow, from its first packet. */
+static __always_inline void new_entry(void *ctx, void *data, void *data_end, struct flow_value *nv,
+                                      struct pkt_meta *m, __u32 hook, __u32 in_ifindex, __u64 now,
+                                      __u64 id)
+{
+    nv->packets = m->packets;
+    nv->bytes = m->bytes;
+    nv->first_seen_ns = now;
+    nv->last_seen_ns = now;
+    nv->flow_id = id;
+    nv->tcp_flags = m->tcp_flags;
+    nv->in_ifindex = in_ifindex;
+    fill_first(data, data_end, nv, m);
+    if (hook == PF_HOOK_TC_EGRESS)
+        nv->out_ifindex = m->key.ifindex;
+    else
+        fib_first(ctx, nv, m);
+}
+
+/* flow_seq: per-CPU count of entries created (their sum is the flows-created
+ * metric) and the source of unique flow ids: cpu << 48 | sequence. */
+static __always_inline __u64 *next_id(__u64 *id)
+{
+    __u32 zero = 0;
+    __u64 *seq = flow_seq.lookup(&zero);
+    *id = 0;
+    if (seq) {
+        *seq += 1;
+        *id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq & 0xFFFFFFFFFFFFULL);
+    }
+    return seq;
+}
+
+/* The packet's flow has no live entry: create one in "flows" if the flow has
+ * no entry there at all, else (its entry there expired, waiting to be
+ * exported and deleted) in "resumed".  Losing the insert race to another CPU
+ * falls back to the winner's entry. */
+static __always_inline void create(void *ctx, void *data, void *data_end, struct iface_stats *st,
+                                   struct pkt_meta *m, __u32 hook, __u32 in_ifindex, __u64 now,
+                                   int in_flows)
+{
+    __u64 id;
+    __u64 *seq = next_id(&id);
+    struct flow_value nv = {};
+    new_entry(ctx, data, data_end, &nv, m, hook, in_ifindex, now, id);
+    int err = in_flows ? flows.insert(&m->key, &nv) : resumed.insert(&m->key, &nv);
+    if (err == 0) {
+        st->counters[in_flows ? PF_CNT_METERED : PF_CNT_RESUMED] += m->packets;
+        st->metered_bytes += m->bytes;
+        return;
+    }
+    if (seq)
+        *seq -= 1;   /* not created; the same CPU, so the id is simply reused */
+    struct flow_value *v = in_flows ? flows.lookup(&m->key) : resumed.lookup(&m->key);
+    if (v && live(v, now, in_flows ? PF_MAP_FLOWS : PF_MAP_RESUMED)) {
+        add_to_entry(st, v, m, now, in_flows ? PF_CNT_METERED : PF_CNT_RESUMED);
+        return;
+    }
+    if (v)
+        st->counters[PF_CNT_SWEEP_BEHIND] += m->packets;  /* created and expired meanwhile */
+    else
+        st->counters[in_flows ? PF_CNT_CACHE_FULL : PF_CNT_RESUME_FULL] += m->packets;
+}
+
+/* Each flow has at most one live entry, in "flows" or in "resumed"; packets
+ * only ever go to a live one (see "Exact deletes" in docs/architecture.md). */
 static __always_inline void meter(void *ctx, void *data, void *data_end, struct iface_stats *st,
                                   struct pkt_meta *m, __u32 hook, __u32 in_ifindex)
 {
     __u64 now = bpf_ktime_get_boot_ns();
     struct flow_value *v = flows.lookup(&m->key);
-    if (v) {
-        add_to_entry(st, v, m, now);
+    if (v && live(v, now, PF_MAP_FLOWS)) {
+        add_to_entry(st, v, m, now, PF_CNT_METERED);
         return;
     }
-    /* flow_seq: per-CPU count of entries created (their sum is the
-     * flows-created metric) and the source of unique flow ids */
-    __u32 zero = 0;
-    __u64 *seq = flow_seq.lookup(&zero);
-    __u64 id = 0;
-    if (seq) {
-        *seq += 1;
-        id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq & 0xFFFFFFFFFFFFULL);
-    }
-    struct flow_value nv = {};
-    nv.packets = m->packets;
-    nv.bytes = m->bytes;
-    nv.first_seen_ns = now;
-    nv.last_seen_ns = now;
-    nv.flow_id = id;
-    nv.tcp_flags = m->tcp_flags;
-    nv.in_ifindex = in_ifindex;
-    fill_first(data, data_end, &nv, m);
-    if (hook == PF_HOOK_TC_EGRESS)
-        nv.out_ifindex = m->key.ifindex;
-    else
-        fib_first(ctx, &nv, m);
-    int err = flows.insert(&m->key, &nv);
-    if (err != 0 && seq)
-        *seq -= 1;   /* not created; the same CPU, so the id is simply reused */
-    if (err == 0) {
-        st->counters[PF_CNT_METERED] += m->packets;
-        st->metered_bytes += m->bytes;
+    struct flow_value *r = resumed.lookup(&m->key);
+    if (r && live(r, now, PF_MAP_RESUMED)) {
+        add_to_entry(st, r, m, now, PF_CNT_RESUMED);
         return;
     }
-    /* Lost the insert race to another CPU: add to its entry instead. */
-    v = flows.lookup(&m->key);
-    if (v) {
-        add_to_entry(st, v, m, now);
+    if (v && r) {
+        /* both expired and neither taken out yet: the agent is behind */
+        st->counters[PF_CNT_SWEEP_BEHIND] += m->packets;
         return;
     }
-    st->counters[PF_CNT_CACHE_FULL] += m->packets;
+    create(ctx, data, data_end, st, m, hook, in_ifindex, now, v == 0);
 }
 
 /* RouterOS packet sampling: is this packet (or GSO skb) one of the sampled? */

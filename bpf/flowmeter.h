@@ -64,21 +64,6 @@ struct flow_value {
                            * IPv4); all zero = directly connected or unknown */
 };                        /* 112 bytes */
 
-/* A packet for a flow whose entry is idle-expired (the agent may be
- * deleting it right now) is not added to the entry but sent to the agent
- * through the spill ring buffer, so no count is lost in that race. */
-struct spill_event {
-    struct flow_key key;  /* 44 */
-    __u32 tcp_flags;      /* 44 */
-    __u64 bytes;          /* 48 */
-    __u64 ts_ns;          /* 56 */
-    __u32 packets;        /* 64: more than 1 for a GSO/GRO packet (TC) */
-    __u16 length_min;     /* 68 */
-    __u16 length_max;     /* 70 */
-    __u8  ttl;            /* 72 */
-    __u8  pad[7];
-};                        /* 80 bytes */
-
 /* The agent's own export datagrams (key: their UDP 4-tuple), never metered
  * so that a target reached over a metered interface makes no feedback loop. */
 struct own_key {
@@ -90,22 +75,36 @@ struct own_key {
 
 /* Per-CPU counters, per interface and hook (BPF_PERCPU_HASH "iface_stats",
  * key struct iface_key), read at scrape time.  Every packet the program sees
- * counts in PF_CNT_PACKETS_SEEN and in exactly one of: METERED (a flow entry),
- * SPILLED (a spill event), or one of the "not metered" ids. */
+ * counts in PF_CNT_PACKETS_SEEN and in exactly one of: METERED (an entry of
+ * the flow cache), RESUMED (an entry of the resume map), or one of the "not
+ * metered" ids. */
 enum pyflow_counter {
     PF_CNT_PACKETS_SEEN = 0,   /* every packet the program ran on */
-    PF_CNT_METERED,            /* added to a flow entry */
-    PF_CNT_SPILLED,            /* sent as a spill event (still accounted) */
+    PF_CNT_METERED,            /* added to an entry of the flow cache */
+    PF_CNT_RESUMED,            /* added to an entry of the resume map: a flow
+                                * that went on while its expired entry waited
+                                * for the agent to export and delete it */
     PF_CNT_NOT_IP,             /* not IPv4/IPv6 (ARP, LLDP, ...) */
     PF_CNT_UNPARSABLE,         /* truncated or malformed headers */
     PF_CNT_CACHE_FULL,         /* no room for a new flow entry */
-    PF_CNT_SPILL_LOST,         /* spill ring buffer full */
+    PF_CNT_RESUME_FULL,        /* its entry expired and no room in the resume map */
     PF_CNT_SAMPLED_OUT,        /* skipped by packet sampling */
     PF_CNT_OWN_EXPORT,         /* the agent's own export datagrams */
+    PF_CNT_SWEEP_BEHIND,       /* its entries in both maps expired, neither
+                                * deleted yet: the agent is a whole inactive
+                                * timeout behind (stopped, or killed) */
     PF_CNT_MAX
 };
 
 /* Where a program runs (the "hook" metric label). */
+/* The two maps that make up the flow cache (slots of "evict_before"). */
+enum pyflow_cache_map {
+    PF_MAP_FLOWS = 0,        /* "flows": cache-entries entries */
+    PF_MAP_RESUMED = 1,      /* "resumed": flows that go on past their
+                              * inactive timeout before the agent took the
+                              * expired entry out (resume-entries) */
+};
+
 enum pyflow_hook {
     PF_HOOK_XDP = 0,         /* XDP, ingress */
     PF_HOOK_TC_INGRESS = 1,
@@ -119,7 +118,7 @@ struct iface_key {
 
 struct iface_stats {
     __u64 counters[PF_CNT_MAX];
-    __u64 metered_bytes;     /* IP bytes of the METERED and SPILLED packets */
+    __u64 metered_bytes;     /* IP bytes of the METERED and RESUMED packets */
 };
 
 #endif /* PYFLOW_FLOWMETER_H */

@@ -1,27 +1,37 @@
-"""The agent: every sweep tick, read the flow cache, apply the rules, export.
+"""The agent: sweep the flow cache when flows fall due, queue their records, send them paced.
 
-Exact deletes (see docs/architecture.md): the kernel never writes an entry
-that the sweep rules call expired; it spills those packets to a ring buffer
-instead.  So the agent
+Exact deletes (see docs/architecture.md, "Exact deletes"): the kernel never
+writes an entry that has expired (idle, ended, or below its map's
+``evict_before`` threshold); a flow that goes on meanwhile gets a new entry in
+the other cache map.  So one tick
 
-1. reads the whole cache (one batch read) and picks the expired entries;
-2. waits for an RCU grace period (``FlowMeter.barrier``): any program run
-   that looked at such an entry before step 1 has finished;
-3. re-reads those entries (their values are now final) and sweeps;
-4. deletes them, and exports the records to every target;
-5. turns spill events (packets of a flow that resumed meanwhile) into records.
+1. notes the boot clock and waits for an RCU grace period (``barrier``):
+   every program run that began before has ended;
+2. reads both cache maps in chunks (memory stays at one chunk) and applies
+   the rules (``sweep.sweep_chunk``): an entry that expired before the
+   barrier began is final, exported and later deleted; one open for the
+   active timeout is cut (exported, kept);
+3. queues the records on every target as one *batch*.
 
-When the cache is nearly full (``sweep.HIGH_WATER`` of cache-entries) after
-that, the entries idle the longest leave at once, down to ``sweep.LOW_WATER``,
-exported with end reason *lack of resources* (``_relieve``): frozen by the
-kernel's ``evict_before`` threshold and deleted like expired entries where the
-program has it (exact), else taken with BPF_MAP_LOOKUP_AND_DELETE_ELEM (one
-window of tens of nanoseconds left).  See docs/reliability.md, "A full cache".
+Targets send at their own pace (``Target.pump``).  Only when every target has
+sent a batch does the kernel forget it (``FlowMeter.commit``: delete the final
+entries, save the baseline); until then its entries are skipped by later
+ticks.  An agent killed at any point leaves what was not committed for the
+next one, which exports it again: never lost, at worst sent twice.
+
+When a map is nearly full (``sweep.HIGH_WATER``), its ``evict_before``
+threshold is raised above its idlest entries, which the next tick (at once)
+exports with end reason *lack of resources*.
+
+The loop (``run``) sweeps when the earliest cached flow falls due (its idle or
+active timeout), at least every ``sweep-interval``, and in between sends what
+the targets' pace allows.
 """
 
 from __future__ import annotations
 
-import errno
+import collections
+import functools
 import sys
 import threading
 import time
@@ -35,25 +45,19 @@ import numpy as np
 from pyflow import records as rec
 from pyflow.config import Settings
 from pyflow.export.target import ExportClock, Target
-from pyflow.kernel import abi
-from pyflow.kernel.bpfsys import (
-    BpfError,
-    map_delete,
-    map_lookup,
-    map_lookup_and_delete_many,
-    map_update_batch,
-)
+from pyflow.kernel.abi import FLOW_KEY_DTYPE, CacheMap
 from pyflow.kernel.loader import FlowMeter
 from pyflow.records import EndReason
 from pyflow.sweep import (
     HIGH_WATER,
     LOW_WATER,
+    NEVER,
+    Baseline,
+    Horizon,
     SweepRules,
-    expired,
-    final_records,
-    relief_victims,
-    spill_records,
-    sweep,
+    member,
+    relief_threshold,
+    sweep_chunk,
 )
 
 if TYPE_CHECKING:
@@ -61,10 +65,13 @@ if TYPE_CHECKING:
     from pyflow.host.conntrack import NatEventListener
     from pyflow.metrics import Metrics
 
-ENOTSUPP = 524  # the kernel's own "operation not supported" (not in errno)
-ZERO_KEY = b"\0\0\0\0"  # key 0 of an array map
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
                  EndReason.FORCED: "forced", EndReason.LACK_OF_RESOURCES: "lack_of_resources"}
+#: The shortest time between two sweeps (on top of the last one's own duration): a busy cache
+#: where something falls due all the time is swept at most this often.
+MIN_SWEEP_GAP_NS = 50_000_000
+#: How long a clean stop goes on sending at the targets' pace before it sends the rest at once.
+FLUSH_PACED_NS = 5_000_000_000
 
 
 def boot_ns() -> int:
@@ -84,14 +91,44 @@ class AgentStats:
     sweeps: int = 0
     records: int = 0
     deleted: int = 0
-    spill_events: int = 0
     nat_events: int = 0  # NAT event records (conntrack), not flows
-    vanished: int = 0  # expired entries gone before the re-read (should stay 0)
-    evicted: int = 0  # entries taken out of a nearly full cache early (lack of resources; also in deleted)
-    last_sweep_seconds: float = 0.0
-    cached: int = 0  # entries in the cache after the last sweep
+    evicted: int = 0  # entries exported early from a nearly full map (lack of resources)
+    last_sweep_seconds: float = 0.0  # the sweep: barrier, read, rules, records queued
+    last_commit_seconds: float = 0.0  # the last commit: final entries deleted, baseline saved
+    last_barrier_seconds: float = 0.0  # of the last sweep, waiting for the RCU grace period
+    cached: int = 0  # entries in the cache after the last sweep (both maps; not those about to leave)
+    cached_resumed: int = 0  # of which in the resume map
+    pending_commits: int = 0  # sweeps whose records some target has not sent yet
     records_by_reason: Tally[str] = field(default_factory=Tally)
     exported_packets: Tally[int] = field(default_factory=Tally)  # per ifindex, since start
+
+
+@dataclass
+class Pending:
+    """One sweep's records on their way: what the kernel forgets once every target has sent them."""
+
+    batch: int
+    meter: FlowMeter
+    deletes: dict[CacheMap, np.ndarray]
+    ids: np.ndarray  # flow ids of the entries to delete (later sweeps skip them)
+    old: Baseline
+    new: Baseline
+
+
+@dataclass
+class _Tick:
+    """What one sweep gathers chunk by chunk."""
+
+    records: list[np.ndarray] = field(default_factory=list)
+    deletes: dict[CacheMap, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in CacheMap})
+    cuts: list[Baseline] = field(default_factory=list)
+    drops: list[np.ndarray] = field(default_factory=list)
+    staying: dict[CacheMap, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in CacheMap})
+    next_due_ns: int = NEVER
+
+
+def _cat(parts: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 class Agent:
@@ -114,285 +151,236 @@ class Agent:
         # what earlier agents already exported of the flows in this meter's cache (pinned maps)
         self.baseline = meter.load_baseline()
         self.stats = AgentStats()
-        self._spilled: list[np.ndarray] = []
-        # a nearly full cache is relieved down to low_water x cache-entries (see _relieve)
+        # a nearly full map is relieved down to low_water x its size
         self.high_water = HIGH_WATER
         self.low_water = LOW_WATER
-        self._atomic_take = True  # BPF_MAP_LOOKUP_AND_DELETE_ELEM works on this kernel (hash maps: 5.14+)
+        self._evict = {m: meter.evict_threshold(m) for m in CacheMap}
         self._relief_logged_ns: int | None = None
-        self._evict_meter: FlowMeter | None = None  # the meter _evict_fd was looked up in
-        self._evict_fd: int | None = None
+        self._batch = 0
+        self._pending: collections.deque[Pending] = collections.deque()
+        self._skip = np.zeros(0, dtype=np.uint64)  # sorted flow ids of the pending deletes
+        self.next_due_ns = 0  # when the next sweep is due (boot clock)
         self.metrics = metrics
-        # held during a tick and while a scrape computes the accounting: both see
-        # the cache, the baseline and the exported totals at one consistent point
+        # held during a tick, while targets send, and while a scrape computes the accounting
         self.lock = threading.Lock()
         self.log = log or (lambda msg: print(f"pyflow: {msg}", file=sys.stderr))
-        meter.open_spill(self._spilled.append)
 
-    # -- one tick ----------------------------------------------------------------
+    # -- clocks ----------------------------------------------------------------------
 
     def _clock(self) -> tuple[int, int, ExportClock]:
         b = self.clocks.boot_ns()
         w = self.clocks.wall_ns()
         return b, w - b, ExportClock(unix_ns=w, uptime_ms=b // 10**6)
 
-    def _reread(self, keys: np.ndarray, values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Final values of the expired entries after the barrier; returns the vanished ones.
+    def _export_clock(self) -> tuple[ExportClock, int]:
+        b, _, clock = self._clock()
+        return clock, b
 
-        A few entries are looked up one by one; many are taken from one more
-        batch read of the whole cache, matched by flow id.
-        """
-        if len(idx) > max(64, len(values) // 16):
-            return self._reread_batch(values, idx)
-        fd = self.meter.flows_fd
-        size = abi.FLOW_VALUE_DTYPE.itemsize
-        alive = np.ones(len(idx), dtype=bool)
-        for j, i in enumerate(idx):
-            raw = map_lookup(fd, keys[i].tobytes(), size)
-            if raw is None:
-                alive[j] = False
-                continue
-            values[i] = np.frombuffer(raw, dtype=abi.FLOW_VALUE_DTYPE)[0]
-        self.stats.vanished += int(np.count_nonzero(~alive))
-        return idx[~alive]
-
-    def _reread_batch(self, values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        _, fresh = self.meter.read_flows()
-        order = np.argsort(fresh["flow_id"])
-        ids = fresh["flow_id"][order]
-        want = values["flow_id"][idx]
-        pos = np.minimum(np.searchsorted(ids, want), max(0, len(ids) - 1))
-        found = (ids[pos] == want) if len(ids) else np.zeros(len(idx), dtype=bool)
-        values[idx[found]] = fresh[order[pos[found]]]
-        self.stats.vanished += int(np.count_nonzero(~found))
-        return idx[~found]
+    # -- one sweep ---------------------------------------------------------------------
 
     def tick(self, final: bool = False) -> np.ndarray:
-        """One sweep; returns the records exported (also sent to every target)."""
+        """One sweep, its records sent at once (whatever the pace) and committed; returns them."""
         with self.lock:
-            return self._tick(final)
+            batch = self._sweep(final)
+            self._drain(paced=False)
+            return _cat(batch, rec.RECORD_DTYPE)
 
-    def _tick(self, final: bool) -> np.ndarray:
+    def _sweep(self, final: bool) -> list[np.ndarray]:
+        """Sweep both cache maps once and queue the records on every target; returns them (in parts:
+        half a million records are 95 MB, not copied into one array)."""
         t0 = time.perf_counter()
-        before = self.baseline
-        keys_v, values_v = self.meter.read_flows()
-        keys, values = keys_v.copy(), values_v.copy()
-        now, wall_offset, clock = self._clock()
+        meter = self.meter
+        evict = dict(self._evict)  # thresholds in force before this barrier
+        final_ns = self.clocks.boot_ns()
+        tb = time.perf_counter()
+        meter.barrier()
+        self.stats.last_barrier_seconds = time.perf_counter() - tb
+        now, wall_offset, _ = self._clock()
+        t = _Tick()
+        for which, keys, values in meter.read_chunks():
+            horizon = Horizon(final_ns, now, evict[which])
+            r = sweep_chunk(keys, values, self.baseline, horizon, wall_offset, self.rules, self._skip, final)
+            t.records.append(r.records)
+            if len(r.delete):
+                t.deletes[which].append(keys[r.delete].copy())
+                t.drops.append(r.drop_ids)
+            t.cuts.append(r.cuts)
+            t.next_due_ns = min(t.next_due_ns, r.next_due_ns)
+            if not final:
+                stay = np.ones(len(values), dtype=bool)
+                stay[r.delete] = False
+                if len(self._skip):
+                    stay &= ~member(self._skip, values["flow_id"])
+                t.staying[which].append(values["last_seen_ns"][stay].copy())
+        batch = self._queue(t, meter)
+        cached = {m: sum(len(a) for a in t.staying[m]) for m in CacheMap}
         if not final:
-            cand = np.flatnonzero(expired(values, now, self.rules))
-            if len(cand):
-                self.meter.barrier()
-                gone = self._reread(keys, values, cand)
-                if len(gone):
-                    keep = np.ones(len(values), dtype=bool)
-                    keep[gone] = False
-                    keys, values = keys[keep], values[keep]
-        res = sweep(keys, values, self.baseline, now, wall_offset, self.rules, final=final)
-        self.baseline = res.baseline
-        cached = len(keys) - int(np.count_nonzero(res.delete))
-        batch = res.records
-        delete_keys = keys[res.delete]
-        if not final:
-            stay = ~res.delete
-            early, taken, frozen = self._relieve(keys[stay], values[stay], now, wall_offset)
-            cached -= taken
-            if len(early):
-                batch = np.concatenate([batch, early])
-            if len(frozen):  # final by the kernel's threshold: deleted with the expired ones
-                delete_keys = np.concatenate([delete_keys, frozen])
-
-        self.meter.poll_spill()
-        if self._spilled:
-            events = np.concatenate(self._spilled)
-            self._spilled.clear()
-            self.stats.spill_events += len(events)
-            batch = np.concatenate([batch, spill_records(events, wall_offset)])
-        events = self.nat_events.drain() if self.nat_events is not None else rec.empty(0)
-        if self.enricher is not None and self.enricher.nat is not None:
-            self.enricher.nat.learn(events)  # connections that came and went since the last refresh
-        if self.enricher is not None and len(batch):
-            if self.enricher.nat is not None:
-                self.enricher.nat.refresh()  # the NAT'ed connections as they are now
-            self.enricher.enrich(batch)
-        if len(events):
-            batch = np.concatenate([batch, events])
-        self.export(batch, clock, now)
-        # Only now does the kernel forget what was just exported: the expired entries, the
-        # baseline of cut flows, the spill events read.  An agent killed before this line leaves
-        # all of it to the next one, which exports it (docs/architecture.md, "Pinning and restart").
-        self.stats.deleted += self.meter.commit(delete_keys, before, self.baseline)
-        self._account(batch, cached, now, wall_offset)
+            for which, leaving in self._relieve(t, now).items():
+                cached[which] -= leaving
+        self.next_due_ns = t.next_due_ns
+        self.stats.cached_resumed = cached[CacheMap.RESUMED]
+        for part in batch:
+            self._account(part)
+        self.stats.sweeps += 1
+        self.stats.cached = sum(cached.values())
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.sweep_duration.observe(self.stats.last_sweep_seconds)
         return batch
 
-    def _relieve(self, keys: np.ndarray, values: np.ndarray, now_ns: int,
-                 wall_offset_ns: int) -> tuple[np.ndarray, int, np.ndarray]:
-        """Early export of a nearly full cache: (records, entries leaving, keys left to delete).
+    def _queue(self, t: _Tick, meter: FlowMeter) -> list[np.ndarray]:
+        """The sweep's records (host fields added, NAT events joined) onto every target, as one batch."""
+        cuts = [c for c in t.cuts if len(c)]
+        drops = _cat(t.drops, np.dtype(np.uint64))
+        new = self.baseline.updated(
+            drops, _cat([c.ids for c in cuts], np.dtype(np.uint64)),
+            _cat([c.packets for c in cuts], np.dtype(np.uint64)), _cat([c.bytes for c in cuts], np.dtype(np.uint64)),
+            _cat([c.start_ns for c in cuts], np.dtype(np.uint64)))
+        batch = self._host_fields([r for r in t.records if len(r)])
+        self._batch += 1
+        deletes = {m: _cat(parts, FLOW_KEY_DTYPE) for m, parts in t.deletes.items() if parts}
+        self._pending.append(Pending(self._batch, meter, deletes, drops, self.baseline, new))
+        self.baseline = new
+        if len(drops):  # flow ids are unique, and a skipped entry is never dropped again: no overlap
+            self._skip = np.sort(np.concatenate([self._skip, drops]))
+        for target in self.targets:
+            for part in batch:
+                target.enqueue(part, self._batch)
+        return batch
 
-        ``keys``/``values``: the entries that stay after the sweep.  From
-        ``high_water`` x cache-entries on, the entries idle the longest leave
-        the cache until it holds ``low_water`` x cache-entries, exported with
-        end reason *lack of resources* (what an active-timeout cut already
-        exported is not sent again: the baseline).  Packets of those flows
-        arriving afterwards start new entries.
+    def _host_fields(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        """Routing, NAT and AS fields added to the flow records; NAT event records appended."""
+        events = self.nat_events.drain() if self.nat_events is not None else rec.empty(0)
+        if self.enricher is not None and self.enricher.nat is not None:
+            self.enricher.nat.learn(events)  # connections that came and went since the last refresh
+        if self.enricher is not None and batch:
+            if self.enricher.nat is not None:
+                self.enricher.nat.refresh()  # the NAT'ed connections as they are now
+            for part in batch:
+                self.enricher.enrich(part)
+        return [*batch, events] if len(events) else batch
 
-        Two ways, by what the kernel program offers (docs/reliability.md):
+    def _relieve(self, t: _Tick, now_ns: int) -> dict[CacheMap, int]:
+        """Raise a nearly full map's ``evict_before`` above its idlest entries; the next sweep
+        (due at once) exports them with end reason *lack of resources* (docs/reliability.md).
+        Returns how many entries of each map are now leaving."""
+        out = {}
+        for which in CacheMap:
+            last = _cat(t.staying[which], np.dtype(np.uint64))
+            capacity = self.meter.capacity(which)
+            cut = relief_threshold(last, capacity, self.high_water, self.low_water)
+            if cut is None:
+                continue
+            cut = max(cut, self._evict[which])  # it only ever rises
+            self.meter.set_evict_threshold(which, cut)
+            self._evict[which] = cut
+            leaving = int(np.count_nonzero(last < cut))
+            out[which] = leaving
+            self.stats.evicted += leaving
+            t.next_due_ns = min(t.next_due_ns, now_ns)
+            if self._relief_logged_ns is None or now_ns - self._relief_logged_ns >= 60 * 10**9:
+                self._relief_logged_ns = now_ns
+                self.log(f"{which.name.lower()} map {100 * len(last) / capacity:.0f}% full ({len(last):,} of "
+                         f"{capacity:,} entries): exporting the {leaving:,} idle the longest early (lack of "
+                         "resources); raise cache-entries if this goes on")
+        return out
 
-        * its ``evict_before`` threshold (exact): the kernel treats an entry
-          last seen before it as expired, exactly like an idle one (never
-          written; its packets are spilled).  The agent sets it just above the
-          victims' last-seen times, waits for the RCU barrier and re-reads
-          them: their values are final (one whose last-seen moved past the
-          threshold is no longer idle-longest and stays).  They are deleted
-          with the expired entries, after the export (the third value).
-        * without it: BPF_MAP_LOOKUP_AND_DELETE_ELEM, which copies the value
-          and unlinks the entry under the bucket lock in one step.  One
-          window is left: a program run that found the entry just before the
-          unlink and adds its packet just after the copy loses that packet
-          (tens of nanoseconds, on the idlest flows of the cache).
-        """
-        capacity = self.meter.settings.cache_entries
-        victims = relief_victims(values["last_seen_ns"], capacity, self.high_water, self.low_water)
-        if not len(victims):
-            return rec.empty(0), 0, keys[:0]
-        threshold = self._evict_threshold()
-        if threshold is not None:
-            vkeys, finals = self._freeze(keys, values, victims, threshold)
-            later = vkeys
-        else:
-            vkeys = np.ascontiguousarray(keys[victims])
-            found, finals = self._take(vkeys)
-            self.stats.vanished += len(vkeys) - int(np.count_nonzero(found))
-            vkeys, finals = vkeys[found], finals[found]
-            self.stats.deleted += len(vkeys)
-            later = keys[:0]
-        taken = len(vkeys)
-        self.stats.evicted += taken
-        out, self.baseline = final_records(vkeys, finals, self.baseline, wall_offset_ns, EndReason.LACK_OF_RESOURCES)
-        if self._relief_logged_ns is None or now_ns - self._relief_logged_ns >= 60 * 10**9:
-            self._relief_logged_ns = now_ns
-            self.log(f"flow cache {100 * len(values) / capacity:.0f}% full ({len(values):,} of {capacity:,} "
-                     f"entries): exported the {taken:,} idle the longest early (lack of resources); "
-                     "raise cache-entries if this goes on")
-        return out, taken, later
+    # -- sending and committing -----------------------------------------------------------
 
-    def _evict_threshold(self) -> int | None:
-        """The fd of the kernel program's ``evict_before`` array, or None if it has none."""
-        if self._evict_meter is not self.meter:
-            self._evict_meter = self.meter
-            maps = getattr(self.meter, "maps", None)
-            if isinstance(maps, dict):
-                self._evict_fd = maps.get("evict_before")
-            else:
-                try:
-                    self._evict_fd = int(self.meter.table("evict_before").map_fd)
-                except KeyError:
-                    self._evict_fd = None
-        return self._evict_fd
-
-    def _freeze(self, keys: np.ndarray, values: np.ndarray, victims: np.ndarray,
-                fd: int) -> tuple[np.ndarray, np.ndarray]:
-        """The exact way: the kernel's threshold above the victims, barrier, re-read.
-        Returns the keys and final values of the entries now frozen (the kernel never writes
-        them again); the caller deletes them."""
-        last = values["last_seen_ns"]
-        cut = int(last[victims[-1]]) + 1  # victims come idle-longest first
-        raw = map_lookup(fd, ZERO_KEY, 8)
-        old = int.from_bytes(raw, sys.byteorder) if raw is not None else 0
-        cut = max(cut, old)  # it only ever rises: everything last seen before the old one is gone
-        cand = np.flatnonzero(last < cut)  # the victims, and any entry last seen at the same instant
-        map_update_batch(fd, np.zeros(1, dtype=np.uint32), np.array([cut], dtype=np.uint64))
-        self.meter.barrier()  # every run that may not have seen the threshold has ended
-        vkeys = np.ascontiguousarray(keys[cand])
-        vvals = values[cand].copy()
-        gone = self._reread(vkeys, vvals, np.arange(len(cand)))
-        alive = np.ones(len(cand), dtype=bool)
-        alive[gone] = False
-        # last seen at or after the threshold: written by a run before the barrier, not idle; it stays
-        final = alive & (vvals["last_seen_ns"] < cut)
-        return vkeys[final], vvals[final]
-
-    def _take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Take these entries out of the flow map, with their values: (found, values)."""
-        fd = self.meter.flows_fd
-        if self._atomic_take:
+    def pump(self, paced: bool = True) -> int | None:
+        """Send what every target's pace allows now, commit what all have sent; when to pump again."""
+        wake: int | None = None
+        for target in self.targets:
             try:
-                return map_lookup_and_delete_many(fd, keys, abi.FLOW_VALUE_DTYPE)
-            except BpfError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
-                    raise
-                self._atomic_take = False
-                self.log("this kernel cannot take hash map entries out atomically (Linux < 5.14): the early "
-                         "export of a full cache reads, then deletes (a packet counted in between is lost)")
-        size = abi.FLOW_VALUE_DTYPE.itemsize
-        found = np.zeros(len(keys), dtype=bool)
-        values = np.zeros(len(keys), dtype=abi.FLOW_VALUE_DTYPE)
-        for i in range(len(keys)):
-            raw = map_lookup(fd, keys[i].tobytes(), size)
-            if raw is not None and map_delete(fd, keys[i].tobytes()):
-                values[i] = np.frombuffer(raw, dtype=abi.FLOW_VALUE_DTYPE)[0]
-                found[i] = True
-        return found, values
+                nxt = target.pump(self._export_clock, functools.partial(self._sent, target), paced)
+            except Exception as exc:  # one broken target must not stop the others
+                target.stats.send_errors["internal"] += 1
+                target.queue.clear()
+                target.queued = 0
+                self.log(f"target {target.name}: export failed: {exc!r}")
+                continue
+            if nxt is not None:
+                wake = nxt if wake is None else min(wake, nxt)
+        self._commit_ready()
+        return wake
 
-    def _account(self, batch: np.ndarray, cached: int, now_ns: int, wall_offset_ns: int) -> None:
-        s = self.stats
-        s.sweeps += 1
-        events = batch["nat_event"] != 0
-        s.nat_events += int(np.count_nonzero(events))
-        batch = batch[~events]  # flow records only from here on
-        s.records += len(batch)
-        s.cached = cached
-        if not len(batch):
+    def _drain(self, paced: bool, deadline_ns: int | None = None) -> None:
+        """Send everything queued (at the targets' pace until ``deadline_ns``), and commit it."""
+        while any(t.queue for t in self.targets):
+            wake = self.pump(paced)
+            if wake is None:
+                break
+            now = self.clocks.boot_ns()
+            if deadline_ns is not None and now >= deadline_ns:
+                paced = False
+                continue
+            time.sleep(max(0.0, (wake - now) / 1e9))
+        self._commit_ready()
+
+    def _commit_ready(self) -> None:
+        """The kernel forgets the batches every target has sent (in order)."""
+        done = [s for t in self.targets if (s := t.sent_through()) is not None]
+        upto = min(done) if done else self._batch
+        while self._pending and self._pending[0].batch <= upto:
+            p = self._pending.popleft()
+            t0 = time.perf_counter()
+            self.stats.deleted += p.meter.commit(p.deletes, p.old, p.new)
+            self.stats.last_commit_seconds = time.perf_counter() - t0
+            if len(p.ids):
+                self._skip = self._skip[~member(np.sort(p.ids), self._skip)]
+        self.stats.pending_commits = len(self._pending)
+
+    def _sent(self, target: Target, records: np.ndarray, now_ns: int) -> None:
+        """Export lateness, measured as records leave for a target: seconds past their timeout."""
+        if self.metrics is None or not len(records):
             return
-        reasons, counts = np.unique(batch["end_reason"], return_counts=True)
-        for r, n in zip(reasons.tolist(), counts.tolist(), strict=True):
-            s.records_by_reason[REASON_LABELS.get(EndReason(r), str(r))] += n
+        _, wall_offset, _ = self._clock()
+        now_ms = (now_ns + wall_offset) / 1e6
+        idle = records["end_reason"] == EndReason.IDLE
+        active = records["end_reason"] == EndReason.ACTIVE
+        late = np.concatenate([
+            (now_ms - records["end_ms"][idle]) / 1e3 - self.rules.inactive_ns / 1e9,
+            (now_ms - records["start_ms"][active]) / 1e3 - self.rules.active_ns / 1e9,
+        ])
+        self.metrics.export_lateness.observe_many(np.maximum(late, 0.0), target.name)
+
+    def _account(self, part: np.ndarray) -> None:
+        """Tallies of one part of a sweep's records (column by column: no copies of whole rows)."""
+        s = self.stats
+        flows = part["nat_event"] == 0
+        s.nat_events += len(part) - int(np.count_nonzero(flows))
+        s.records += int(np.count_nonzero(flows))
+        reasons = np.bincount(part["end_reason"][flows], minlength=len(EndReason) + 1)
+        for r in np.flatnonzero(reasons).tolist():
+            s.records_by_reason[REASON_LABELS.get(EndReason(r), str(r))] += int(reasons[r])
         # what each interface received: flows metered on ingress (the gap metric compares it
         # with the interface's own rx counter)
-        ingress = batch[batch["direction"] == 0]
-        idx, pk = np.unique(ingress["meter_ifindex"], return_inverse=True)
-        sums = np.bincount(pk.reshape(-1), weights=ingress["packets"].astype(np.float64), minlength=len(idx))
-        for ifindex, n in zip(idx.tolist(), sums.tolist(), strict=True):
-            s.exported_packets[ifindex] += int(n)
-        if self.metrics is not None:
-            self._observe_lateness(batch, now_ns, wall_offset_ns)
-
-    def _observe_lateness(self, batch: np.ndarray, now_ns: int, wall_offset_ns: int) -> None:
-        """Seconds between a record's timeout and its export (idle and active records)."""
-        assert self.metrics is not None
-        now_ms = (now_ns + wall_offset_ns) / 1e6
-        idle = batch["end_reason"] == EndReason.IDLE
-        active = batch["end_reason"] == EndReason.ACTIVE
-        late = np.concatenate([
-            (now_ms - batch["end_ms"][idle]) / 1e3 - self.rules.inactive_ns / 1e9,
-            (now_ms - batch["start_ms"][active]) / 1e3 - self.rules.active_ns / 1e9,
-        ])
-        for x in np.maximum(late, 0.0).tolist():
-            self.metrics.export_lateness.observe(x)
+        ingress = flows & (part["direction"] == 0)
+        ifindex = part["meter_ifindex"][ingress]
+        if not len(ifindex):
+            return
+        idx, pk = np.unique(ifindex, return_inverse=True)
+        sums = np.bincount(pk.reshape(-1), weights=part["packets"][ingress].astype(np.float64), minlength=len(idx))
+        for i, n in zip(idx.tolist(), sums.tolist(), strict=True):
+            s.exported_packets[i] += int(n)
 
     def accounted_packets(self) -> dict[int, int]:
-        """Per ifindex: packets exported since start + still in the cache + spilled, not yet exported."""
+        """Per ifindex: packets in records since start + still in the cache, not yet in a record."""
         with self.lock:
-            self.meter.poll_spill()
             total: Tally[int] = Tally(self.stats.exported_packets)
-            keys, values = self.meter.read_flows()
-            has, pos = self.baseline.join(values["flow_id"])
-            base = np.where(has, self.baseline.packets[pos] if len(self.baseline) else 0, 0)
-            pending = (values["packets"] - base.astype(np.uint64)).astype(np.float64)
-            ingress = keys["direction"] == 0
-            keys, pending = keys[ingress], pending[ingress]
-            idx, inv = np.unique(keys["ifindex"], return_inverse=True)
-            for ifindex, n in zip(idx.tolist(), np.bincount(inv.reshape(-1), weights=pending,
-                                                            minlength=len(idx)).tolist(), strict=True):
-                total[ifindex] += int(n)
-            for ev in self._spilled:
-                if ev["key"]["direction"][0] == 0:
-                    total[int(ev["key"]["ifindex"][0])] += int(ev["packets"].sum())
+            for _which, keys, values in self.meter.read_chunks():
+                look = ~member(self._skip, values["flow_id"]) & (keys["direction"] == 0)
+                has, pos = self.baseline.join(values["flow_id"])
+                base = np.where(has, self.baseline.packets[pos] if len(self.baseline) else 0, 0)
+                pending = (values["packets"] - base.astype(np.uint64)).astype(np.float64)[look]
+                idx, inv = np.unique(keys["ifindex"][look], return_inverse=True)
+                sums = np.bincount(inv.reshape(-1), weights=pending, minlength=len(idx))
+                for ifindex, n in zip(idx.tolist(), sums.tolist(), strict=True):
+                    total[ifindex] += int(n)
             return dict(total)
 
     def export(self, batch: np.ndarray, clock: ExportClock, now_ns: int) -> None:
+        """Send ``batch`` to every target at once, outside the queues (templates at start)."""
         for target in self.targets:
             try:
                 target.export(batch, clock, now_ns)
@@ -408,22 +396,36 @@ class Agent:
         self.export(rec.empty(0), clock, now)
 
     def run(self, stop: threading.Event, between: Callable[[], None] | None = None) -> None:
-        """Sweep every ``sweep-interval`` until ``stop`` is set, then flush everything.
+        """Sweep when flows fall due and send at the targets' pace until ``stop`` is set, then flush.
 
         ``between`` runs before every sweep (the runner applies a pending reload there).
-        The sweep runs at least twice per inactive-flow-timeout, so an idle flow leaves
-        within 1.5 timeouts of its last packet (with 1 s: 1.5 s, not 2 s).
         """
         self.announce()
-        while not stop.wait(self.sweep_seconds()):
-            if between is not None:
-                between()
-            self.tick()
+        wake: int | None = None
+        while not stop.is_set():
+            now = self.clocks.boot_ns()
+            if now >= self.next_due_ns:
+                if between is not None:
+                    between()
+                with self.lock:
+                    self._sweep(False)
+                self.next_due_ns = self._next_sweep_ns(self.next_due_ns)
+            with self.lock:
+                wake = self.pump()
+            until = self.next_due_ns if wake is None else min(wake, self.next_due_ns)
+            stop.wait(max(0.0, (until - self.clocks.boot_ns()) / 1e9))
         self.flush()
 
-    def sweep_seconds(self) -> float:
-        """The time between sweeps: sweep-interval, but at most half the inactive-flow-timeout."""
-        return min(self.settings.sweep_interval_ns, self.settings.inactive_flow_timeout_ns // 2) / 1e9
+    def _next_sweep_ns(self, due_ns: int) -> int:
+        """When to sweep next: when the earliest flow falls due, at least every sweep-interval, and not
+        sooner than MIN_SWEEP_GAP_NS plus the last sweep's own duration after it."""
+        now = self.clocks.boot_ns()
+        earliest = now + MIN_SWEEP_GAP_NS + int(self.stats.last_sweep_seconds * 1e9)
+        return max(earliest, min(due_ns, now + self.sweep_interval_ns()))
+
+    def sweep_interval_ns(self) -> int:
+        """The longest time between sweeps: sweep-interval, but at most half the inactive-flow-timeout."""
+        return min(self.settings.sweep_interval_ns, self.settings.inactive_flow_timeout_ns // 2)
 
     def hand_over(self, new_meter: FlowMeter) -> np.ndarray:
         """Move to ``new_meter`` without losing a count (call with ``lock`` held).
@@ -431,24 +433,23 @@ class Agent:
         The caller has already put the new program in the old one's place on
         every interface (atomic replace), so nothing writes the old maps once
         the RCU barrier has passed.  Everything left in them is exported --
-        expired entries as usual, the rest as forced ends -- then the agent
-        works on the new maps with their baseline (empty for a new program;
-        what an earlier agent exported, for one it left pinned).  Returns what
-        was exported.
+        expired entries as usual, the rest as forced ends -- and sent at once,
+        then the agent works on the new maps with their baseline (empty for a
+        new program; what an earlier agent exported, for one it left pinned).
+        Returns what was exported.
         """
-        old = self.meter
-        old.barrier()
-        done = [self._tick(False), self._tick(True)]
+        done = [*self._sweep(False), *self._sweep(True)]
+        self._drain(paced=False)
         self.meter = new_meter
         self.baseline = new_meter.load_baseline()
-        self._spilled.clear()
-        new_meter.open_spill(self._spilled.append)
-        return np.concatenate(done)
+        self._evict = {m: new_meter.evict_threshold(m) for m in CacheMap}
+        self.next_due_ns = 0
+        return _cat(done, rec.RECORD_DTYPE)
 
     def flush(self) -> None:
-        """Shutdown: detach (no more writers), then export everything still cached."""
+        """Shutdown: detach (no more writers), export everything still cached, send it all."""
         with self.lock:
             self.meter.detach_all()
-        self.meter.barrier()
-        self.tick()  # normal rules first: expired entries end as idle / end of flow
-        self.tick(final=True)  # what remains leaves as a forced end
+            self._sweep(False)  # normal rules first: expired entries end as idle / end of flow
+            self._sweep(True)  # what remains leaves as a forced end
+            self._drain(paced=True, deadline_ns=self.clocks.boot_ns() + FLUSH_PACED_NS)

@@ -93,7 +93,10 @@ settings (RouterOS name: flag; config file key):
                            follow after commas, with RouterOS's names:
                            ,src-address=IP ,v9-template-refresh=N ,v9-template-timeout=30m
                            ,time=routeros (IPFIX: flowStart/EndSysUpTime + systemInitTime,
-                           as RouterOS sends; default time=absolute: flowStart/EndMilliseconds);
+                           as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
+                           ,max-rate=N (pyflow's: flow records a second at most, paced in
+                           10 ms steps so a burst of expiring flows does not overrun the
+                           collector's socket buffer; default 100000, 0 = unpaced);
                            --target replaces the file's targets
   target v9-template-refresh / v9-template-timeout
                            --v9-template-refresh 20 --v9-template-timeout 30m
@@ -128,7 +131,7 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   port = 2055
   version = "ipfix"                    # 1, 5, 9 or ipfix; also src-address,
                                        # v9-template-refresh, v9-template-timeout,
-                                       # time, comment, disabled
+                                       # time, max-rate, comment, disabled
   [ipfix]                              # /ip traffic-flow ipfix
   nat-events = "yes"
   [interface-list]                     # /interface list (+ member)

@@ -34,6 +34,10 @@ class SettingError(ConfigError):
         self.key = key
 
 
+#: Paced export: flow records a second one target sends at most (``max-rate``), chosen by
+#: measurement so that nfcapd with its stock settings keeps every record of a 451k-flow
+#: burst on the benchmark machine (docs/benchmarks.md, "Scale").
+DEFAULT_MAX_RATE = 100_000
 MAX_COUNT = 2**31 - 1  # counts (sampling, template refresh): a signed 32-bit integer, as RouterOS's
 MAX_TIMEOUT_NS = 365 * 86400 * 10**9  # flow and template timeouts: at most 365d
 MAX_SWEEP_NS = 3600 * 10**9  # sweep-interval: at most 1h
@@ -105,6 +109,8 @@ class TargetSettings:
     # (22/21) plus systemInitTimeMilliseconds (160) in every record, as RouterOS sends
     time_mode: str = "absolute"
     comment: str = ""  # RouterOS's comment= (shown by check; not sent anywhere)
+    # pyflow's own: flow records a second at most (paced export; 0 = as fast as the socket takes them)
+    max_rate: int = DEFAULT_MAX_RATE
 
     def __post_init__(self) -> None:
         if self.time_mode not in TIME_MODES:
@@ -132,6 +138,7 @@ class TargetSettings:
             raise SettingError("version", f"target {exc}") from None
         _check_int("v9-template-refresh", self.v9_template_refresh, 1, MAX_COUNT)
         _check_duration("v9-template-timeout", self.v9_template_timeout_ns, MIN_TIMEOUT_NS, MAX_TIMEOUT_NS)
+        _check_int("max-rate", self.max_rate, 0, MAX_COUNT)
         if not isinstance(self.comment, str):
             raise SettingError("comment", f"target comment {self.comment!r} is not text")
 
@@ -154,7 +161,7 @@ def parse_target(text: str, default_version: str = DEFAULT_VERSION, **defaults: 
 
     Options use RouterOS's target property names: ``src-address``,
     ``v9-template-refresh``, ``v9-template-timeout``, and pyflow's ``time``
-    (absolute or routeros).  ``defaults`` are TargetSettings fields the
+    (absolute or routeros) and ``max-rate`` (records a second, 0 = unpaced).  ``defaults`` are TargetSettings fields the
     options override.
     """
     spec, *opts = text.strip().split(",")
@@ -200,6 +207,7 @@ _TARGET_OPTIONS = {
     "v9-template-refresh": ("v9_template_refresh", _int_option),
     "v9-template-timeout": ("v9_template_timeout_ns", lambda n, v: duration(n, v)),
     "time": ("time_mode", lambda _n, v: v),
+    "max-rate": ("max_rate", _int_option),
 }
 
 

@@ -317,6 +317,7 @@ TARGET_KEYS: dict[str, tuple[str, Convert]] = {
     "v9-template-refresh": ("v9_template_refresh", count),
     "v9-template-timeout": ("v9_template_timeout_ns", _duration),
     "time": ("time_mode", _text),
+    "max-rate": ("max_rate", count),
     "comment": ("comment", _text),
     "disabled": ("disabled", yes_no),
 }

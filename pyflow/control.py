@@ -364,7 +364,7 @@ class ControlServer:
                 "records": int(stats.records),
                 "deleted": int(stats.deleted),
                 "nat-events": int(getattr(stats, "nat_events", 0)),
-                "spill-events": int(getattr(stats, "spill_events", 0)),
+                "pending-sweeps": int(getattr(stats, "pending_commits", 0)),
                 "last-sweep-seconds": float(getattr(stats, "last_sweep_seconds", 0.0)),
             }
         now = self._wall()
@@ -399,6 +399,7 @@ class ControlServer:
             "v9-template-refresh": int(ts.v9_template_refresh),
             "v9-template-timeout": format_duration(int(ts.v9_template_timeout_ns)),
             "time": getattr(ts, "time_mode", "absolute"),
+            "max-rate": int(getattr(ts, "max_rate", 0)),
             "datagrams": int(st.datagrams),
             "records": int(st.records),
             "bytes": int(st.bytes),

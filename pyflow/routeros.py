@@ -615,9 +615,10 @@ def print_settings(s: Settings) -> str:
         if s.disabled_targets:
             out.append("Flags: X - DISABLED")
         out += _table(
-            ["DST-ADDRESS", "PORT", "VERSION", "SRC-ADDRESS", "V9-TEMPLATE-REFRESH", "V9-TEMPLATE-TIMEOUT", "TIME"],
+            ["DST-ADDRESS", "PORT", "VERSION", "SRC-ADDRESS", "V9-TEMPLATE-REFRESH", "V9-TEMPLATE-TIMEOUT", "TIME",
+             "MAX-RATE"],
             [(flags, [t.dst_address, str(t.port), t.version, t.src_address or "", str(t.v9_template_refresh),
-                      format_duration(t.v9_template_timeout_ns), t.time_mode], t.comment)
+                      format_duration(t.v9_template_timeout_ns), t.time_mode, str(t.max_rate)], t.comment)
              for flags, t in targets],
         )
     else:

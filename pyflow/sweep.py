@@ -1,29 +1,32 @@
-"""The sweep: RouterOS's timeout rules as one pure function of (entries, now).
+"""The sweep: RouterOS's timeout rules as pure functions of (entries, state, clock).
 
-Called once per sweep tick with a snapshot of the kernel flow cache.  It
-decides, for every entry, whether a record leaves now and why:
+Called once per sweep tick for each chunk of the kernel flow cache (both of
+its maps, ``flows`` and ``resumed``, read in chunks so memory stays bounded
+whatever cache-entries is).  It decides, for every entry, whether a record
+leaves now and why:
 
-* idle:   ``now - last_seen >= inactive-flow-timeout``  -> export the last
-  delta and delete the entry (end reason *idle*);
+* idle:   idle for ``inactive-flow-timeout`` -> export the last delta and
+  delete the entry (end reason *idle*);
 * end:    TCP FIN or RST seen and idle for ``end-idle`` -> export, delete
   (end reason *end of flow*);
+* lack of resources: last seen before the map's ``evict_before`` threshold
+  (the agent's early export of a nearly full map) -> export, delete;
 * active: open for ``active-flow-timeout`` since the record began -> export
   the delta since the last export and KEEP the entry (end reason *active*).
 
+An entry leaves (is exported and deleted) only once it is **final**: the
+kernel stopped writing it when it expired, and every program run that could
+still have written it has ended.  A tick starts with an RCU barrier; an entry
+whose expiry instant came before the barrier began is final in any read made
+after it (docs/architecture.md, "Exact deletes").  One expiring between the
+barrier and the read waits for the next tick.
+
 Kernel counters are cumulative and never reset; what was already exported is
 remembered here, per kernel flow id, in a ``Baseline`` (only for flows that
-were cut by the active timeout).  Everything is vectorised with numpy: a
-sweep of a million entries is a handful of array operations.
+were cut by the active timeout).  Everything is vectorised with numpy.
 
-A nearly full cache is relieved early (RouterOS exports flows early when
-the cache is full): when it holds ``HIGH_WATER`` of ``cache-entries`` or
-more, the entries idle the longest are taken out of it until it holds
-``LOW_WATER``, each exported with end reason *lack of resources*
-(``relief_victims`` picks them, ``final_records`` turns their last values
-into records; the agent takes them out of the kernel map).
-
-Clocks are arguments: ``now_ns`` is CLOCK_BOOTTIME (the kernel's
-``bpf_ktime_get_boot_ns``) and ``wall_offset_ns`` converts it to Unix time.
+Clocks are arguments: times are CLOCK_BOOTTIME (the kernel's
+``bpf_ktime_get_boot_ns``) and ``wall_offset_ns`` converts them to Unix time.
 """
 
 from __future__ import annotations
@@ -86,84 +89,121 @@ class Baseline:
         pos = np.minimum(pos, len(self.ids) - 1)
         return self.ids[pos] == flow_ids, pos
 
+    def updated(self, drop_ids: np.ndarray, cut_ids: np.ndarray, cut_packets: np.ndarray,
+                cut_bytes: np.ndarray, cut_start_ns: np.ndarray) -> Baseline:
+        """Without the flows ``drop_ids`` (gone from the cache), with the rows of flows just cut."""
+        if not len(drop_ids) and not len(cut_ids):
+            return self
+        gone = np.concatenate([np.asarray(drop_ids, dtype=np.uint64), np.asarray(cut_ids, dtype=np.uint64)])
+        keep = ~np.isin(self.ids, gone) if len(self.ids) else np.zeros(0, dtype=bool)
+        ids = np.concatenate([self.ids[keep], np.asarray(cut_ids, dtype=np.uint64)])
+        order = np.argsort(ids, kind="stable")
+        return Baseline(ids[order],
+                        np.concatenate([self.packets[keep], np.asarray(cut_packets, dtype=np.uint64)])[order],
+                        np.concatenate([self.bytes[keep], np.asarray(cut_bytes, dtype=np.uint64)])[order],
+                        np.concatenate([self.start_ns[keep], np.asarray(cut_start_ns, dtype=np.uint64)])[order])
+
+
+def member(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` that are in ``sorted_ids`` (sorted, unique): a binary search each, no sort of ``ids``."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
 
 @dataclass(frozen=True)
-class SweepResult:
+class Horizon:
+    """The instants one tick decides against (boot clock, ns).
+
+    ``final_ns``: when the tick's RCU barrier began; an entry that expired
+    before it is final.  ``now_ns``: after the barrier, before the read;
+    active-timeout cuts are due against it.  ``evict_ns``: the map's
+    ``evict_before`` threshold as it was before the barrier (0: none); an
+    entry last seen before it is final too (lack of resources).
+    """
+
+    final_ns: int
+    now_ns: int
+    evict_ns: int = 0
+
+
+NEVER = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class ChunkResult:
     records: np.ndarray  # RECORD_DTYPE
-    delete: np.ndarray  # bool mask over the swept entries: delete from the kernel map
-    baseline: Baseline
+    delete: np.ndarray  # indices into the chunk: final entries, to delete once exported
+    cuts: Baseline  # flows cut by the active timeout in this chunk: their new baseline rows
+    drop_ids: np.ndarray  # flow ids that leave the cache (their baseline rows go)
+    next_due_ns: int  # earliest instant an entry that stays falls due (NEVER: none)
 
 
-def expired(values: np.ndarray, now_ns: int, rules: SweepRules) -> np.ndarray:
-    """Entries the kernel will no longer write (idle, or ended and idle).
+def expiry_ns(values: np.ndarray, rules: SweepRules) -> np.ndarray:
+    """When each entry expires for the kernel: last seen + the inactive timeout (end-idle after FIN/RST).
 
     The kernel applies the same two thresholds (-DINACTIVE_NS, -DEND_IDLE_NS)
-    and sends packets of such entries to the spill ring instead, which is
-    what makes deleting them exact.
+    and never writes an entry past them: that is what makes deleting it exact.
     """
-    idle = np.int64(now_ns) - values["last_seen_ns"].astype(np.int64)
     ended = (values["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0
-    return (idle >= rules.inactive_ns) | (ended & (idle >= rules.end_idle_ns))
+    limit = np.where(ended, np.int64(rules.end_idle_ns), np.int64(rules.inactive_ns))
+    return values["last_seen_ns"].astype(np.int64) + limit
 
 
-def sweep(
-    keys: np.ndarray,
-    values: np.ndarray,
-    baseline: Baseline,
-    now_ns: int,
-    wall_offset_ns: int,
-    rules: SweepRules,
-    final: bool = False,
-) -> SweepResult:
-    """Apply the timeout rules to one snapshot of the cache.
-
-    ``final`` (agent shutdown) exports every entry's remaining delta with end
-    reason *forced* and deletes nothing.
-    """
-    n = len(values)
-    flow_id = values["flow_id"]
-    has, pos = baseline.join(flow_id)
+def _baseline_of(values: np.ndarray, baseline: Baseline) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per entry: packets and bytes already exported, and when its current record began."""
+    has, pos = baseline.join(values["flow_id"])
     base_pk = np.where(has, baseline.packets[pos] if len(baseline) else 0, 0).astype(np.uint64)
     base_by = np.where(has, baseline.bytes[pos] if len(baseline) else 0, 0).astype(np.uint64)
-    rec_start = np.where(has, baseline.start_ns[pos] if len(baseline) else 0, values["first_seen_ns"])
-    rec_start = rec_start.astype(np.uint64)
+    start = np.where(has, baseline.start_ns[pos] if len(baseline) else 0, values["first_seen_ns"])
+    return base_pk, base_by, start.astype(np.uint64)
 
+
+def sweep_chunk(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizon: Horizon,
+                wall_offset_ns: int, rules: SweepRules, skip_ids: np.ndarray | None = None,
+                final: bool = False) -> ChunkResult:
+    """Apply the timeout rules to one chunk of the cache.
+
+    ``skip_ids`` (sorted): flows already exported and waiting for their
+    delete (the agent commits after the records have left), ignored here.
+    ``final`` (agent shutdown) exports every other entry's remaining delta
+    with end reason *forced* and deletes nothing.
+    """
+    look = np.ones(len(values), dtype=bool)
+    if skip_ids is not None and len(skip_ids):
+        look = ~member(skip_ids, values["flow_id"])
+    base_pk, base_by, rec_start = _baseline_of(values, baseline)
     d_pk = values["packets"] - base_pk
     d_by = values["bytes"] - base_by
-    fresh = d_pk > 0
-
-    reason = np.zeros(n, dtype=np.uint8)
+    fresh = (d_pk > 0) & look
     if final:
-        delete = np.zeros(n, dtype=bool)
-        reason[:] = EndReason.FORCED
-        export = fresh
-    else:
-        gone = expired(values, now_ns, rules)
-        ended = (values["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0
-        age = np.int64(now_ns) - rec_start.astype(np.int64)
-        active_due = ~gone & (age >= rules.active_ns) & fresh
-        reason[gone] = EndReason.IDLE
-        reason[gone & ended] = EndReason.END_OF_FLOW
-        reason[active_due] = EndReason.ACTIVE
-        delete = gone
-        export = (gone & fresh) | active_due
-
-    idx = np.flatnonzero(export)
+        idx = np.flatnonzero(fresh)
+        out = _records(keys[idx], values[idx], d_pk[idx], d_by[idx], rec_start[idx], EndReason.FORCED,
+                       wall_offset_ns)
+        return ChunkResult(out, np.zeros(0, dtype=np.intp), Baseline(), np.zeros(0, dtype=np.uint64), NEVER)
+    expiry = expiry_ns(values, rules)
+    timed_out = look & (expiry <= horizon.final_ns)
+    evicted = look & (values["last_seen_ns"].astype(np.int64) < horizon.evict_ns)
+    gone = timed_out | evicted
+    waiting = look & ~gone & (expiry <= horizon.now_ns)  # expired after the barrier: next tick
+    active_at = rec_start.astype(np.int64) + rules.active_ns
+    cut = look & ~gone & ~waiting & fresh & (active_at <= horizon.now_ns)
+    reason = np.full(len(values), EndReason.ACTIVE, dtype=np.uint8)
+    reason[evicted] = EndReason.LACK_OF_RESOURCES
+    ended = (values["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0
+    reason[timed_out] = np.where(ended[timed_out], EndReason.END_OF_FLOW, EndReason.IDLE)
+    idx = np.flatnonzero((gone & fresh) | cut)
     out = _records(keys[idx], values[idx], d_pk[idx], d_by[idx], rec_start[idx], reason[idx], wall_offset_ns)
-
-    if final:
-        return SweepResult(out, delete, baseline)
-
-    # Baseline for the next sweep: flows that stay and were ever cut.
-    cut = active_due
-    keep = ~delete & (has | cut)
-    new_pk = np.where(cut, values["packets"], base_pk)[keep]
-    new_by = np.where(cut, values["bytes"], base_by)[keep]
-    new_start = np.where(cut, np.uint64(now_ns), rec_start)[keep]
-    ids = flow_id[keep]
-    order = np.argsort(ids, kind="stable")
-    nb = Baseline(ids[order], new_pk[order], new_by[order], new_start[order])
-    return SweepResult(out, delete, nb)
+    c = np.flatnonzero(cut)
+    cuts = Baseline(values["flow_id"][c].astype(np.uint64), values["packets"][c].astype(np.uint64),
+                    values["bytes"][c].astype(np.uint64), np.full(len(c), horizon.now_ns, dtype=np.uint64))
+    stay = look & ~gone
+    due = np.where(cut, np.int64(horizon.now_ns) + rules.active_ns, expiry)
+    # an entry with nothing new is due for a cut only once packets come (a later tick sees them)
+    due = np.where(fresh & ~cut, np.minimum(due, active_at), due)
+    next_due = int(due[stay].min()) if stay.any() else NEVER
+    return ChunkResult(out, np.flatnonzero(gone), cuts, values["flow_id"][gone].astype(np.uint64), next_due)
 
 
 def _records(k: np.ndarray, v: np.ndarray, d_pk: np.ndarray, d_by: np.ndarray, rec_start: np.ndarray,
@@ -188,51 +228,26 @@ def _records(k: np.ndarray, v: np.ndarray, d_pk: np.ndarray, d_by: np.ndarray, r
     return out
 
 
-def relief_victims(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH_WATER,
-                   low: float = LOW_WATER) -> np.ndarray:
-    """Which entries leave a nearly full cache early: indices into ``last_seen_ns``.
+def relief_threshold(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH_WATER,
+                     low: float = LOW_WATER) -> int | None:
+    """The ``evict_before`` instant that relieves a nearly full map, or None.
 
-    None while the cache holds fewer than ``high`` x ``capacity`` entries;
-    from there, the entries idle the longest (oldest ``last_seen_ns`` first),
-    as many as it takes to bring the cache down to ``low`` x ``capacity``.
+    None while the map holds fewer than ``high`` x ``capacity`` entries; from
+    there, an instant such that the entries last seen before it (the idle
+    longest) are enough to bring it down to ``low`` x ``capacity``: set as the
+    map's threshold, they become final for the next tick, which exports them
+    with end reason *lack of resources*.
     """
     n = len(last_seen_ns)
     if not 0 < low <= high <= 1:
         raise ValueError("need 0 < low <= high <= 1")
     if n == 0 or n < int(np.ceil(high * capacity)):
-        return np.zeros(0, dtype=np.intp)
-    keep = int(low * capacity)
-    take = n - keep
+        return None
+    take = n - int(low * capacity)
     if take <= 0:
-        return np.zeros(0, dtype=np.intp)
-    part = np.argpartition(last_seen_ns, take - 1)[:take] if take < n else np.arange(n)
-    return part[np.argsort(last_seen_ns[part], kind="stable")]
-
-
-def final_records(keys: np.ndarray, values: np.ndarray, baseline: Baseline, wall_offset_ns: int,
-                  reason: int) -> tuple[np.ndarray, Baseline]:
-    """The last records of entries that have left the cache (``values``: their final values).
-
-    Each exports what its entry holds beyond what was already exported (the
-    baseline of a flow cut by the active timeout), with end reason ``reason``;
-    an entry with nothing new gives no record.  Returns the records and the
-    baseline without those flows.
-    """
-    flow_id = values["flow_id"]
-    has, pos = baseline.join(flow_id)
-    base_pk = np.where(has, baseline.packets[pos] if len(baseline) else 0, 0).astype(np.uint64)
-    base_by = np.where(has, baseline.bytes[pos] if len(baseline) else 0, 0).astype(np.uint64)
-    rec_start = np.where(has, baseline.start_ns[pos] if len(baseline) else 0, values["first_seen_ns"])
-    d_pk = values["packets"] - base_pk
-    d_by = values["bytes"] - base_by
-    idx = np.flatnonzero(d_pk > 0)
-    out = _records(keys[idx], values[idx], d_pk[idx], d_by[idx], rec_start[idx].astype(np.uint64), reason,
-                   wall_offset_ns)
-    if not has.any():
-        return out, baseline
-    stay = ~np.isin(baseline.ids, flow_id[has])
-    nb = Baseline(baseline.ids[stay], baseline.packets[stay], baseline.bytes[stay], baseline.start_ns[stay])
-    return out, nb
+        return None
+    kth = np.partition(last_seen_ns, take - 1)[take - 1]
+    return int(kth) + 1
 
 
 _KEY_COLUMNS = ("src_addr", "dst_addr", "src_port", "dst_port", "protocol", "ip_version", "tos", "direction")
@@ -250,52 +265,3 @@ def _key_columns(out: np.ndarray, keys: np.ndarray) -> None:
     # ICMP type/code ride in the key's dst port (type * 256 + code)
     out["icmp_type"] = np.where(icmp, keys["dst_port"] >> 8, 0)
     out["icmp_code"] = np.where(icmp, keys["dst_port"] & 0xFF, 0)
-
-
-def spill_records(events: np.ndarray, wall_offset_ns: int) -> np.ndarray:
-    """Aggregate spill events (packets of expired entries) per flow key into records.
-
-    They are the first packets of a flow that resumed after an idle gap,
-    caught while its old entry was being expired; the flow goes on in a new
-    kernel entry, so the record's end reason is *active*.
-    """
-    if len(events) == 0:
-        return rec.empty(0)
-    keys = events["key"]
-    uniq, inverse = np.unique(keys.view(np.dtype((np.void, keys.dtype.itemsize))), return_inverse=True)
-    inverse = inverse.reshape(-1)
-    m = len(uniq)
-    out = rec.empty(m)
-    first_idx = np.full(m, len(events), dtype=np.intp)
-    np.minimum.at(first_idx, inverse, np.arange(len(events)))
-    k = keys[first_idx]
-    _key_columns(out, k)
-    # what a spill event does not carry (first-packet detail, the out-interface)
-    # stays zero; the in-interface of an ingress flow is the metered one
-    out["ifindex"] = np.where(k["direction"] == 0, k["ifindex"], 0)
-    out["egress_ifindex"] = np.where(k["direction"] == 1, k["ifindex"], 0)
-    out["packets"] = np.bincount(inverse, weights=events["packets"].astype(np.float64), minlength=m).astype(np.uint64)
-    lmin = np.full(m, 0xFFFF, dtype=np.uint16)
-    lmax = np.zeros(m, dtype=np.uint16)
-    tmin = np.full(m, 0xFF, dtype=np.uint8)
-    tmax = np.zeros(m, dtype=np.uint8)
-    np.minimum.at(lmin, inverse, events["length_min"])
-    np.maximum.at(lmax, inverse, events["length_max"])
-    np.minimum.at(tmin, inverse, events["ttl"])
-    np.maximum.at(tmax, inverse, events["ttl"])
-    out["length_min"], out["length_max"], out["ttl_min"], out["ttl_max"] = lmin, lmax, tmin, tmax
-    by = np.zeros(m, dtype=np.uint64)
-    np.add.at(by, inverse, events["bytes"])
-    out["bytes"] = by
-    flags = np.zeros(m, dtype=np.uint64)
-    np.bitwise_or.at(flags, inverse, events["tcp_flags"].astype(np.uint64))
-    out["tcp_flags"] = flags & 0xFF
-    first = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
-    last = np.zeros(m, dtype=np.int64)
-    ts = events["ts_ns"].astype(np.int64)
-    np.minimum.at(first, inverse, ts)
-    np.maximum.at(last, inverse, ts)
-    out["start_ms"] = (first + wall_offset_ns) // NS_PER_MS
-    out["end_ms"] = (last + wall_offset_ns) // NS_PER_MS
-    out["end_reason"] = EndReason.ACTIVE
-    return out

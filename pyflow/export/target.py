@@ -1,9 +1,16 @@
-"""A collector target: one socket, its own sequence numbers, template clock and stats.
+"""A collector target: one socket, its own sequence numbers, template clock, pace and stats.
 
 Each target encodes the same record batch independently, so a target that
 fails (collector down, ICMP port unreachable, no route) only counts its own
 errors: it never raises into the agent and never stalls the other targets
 (sockets are non-blocking; UDP has no back-pressure to wait on).
+
+Records reach a target through its queue (``enqueue``) and leave it at the
+target's pace (``pump``): at most ``max-rate`` records a second, in steps of
+``PACE_STEP_NS``, so that a sweep that expires half a million flows at once
+does not arrive at the collector as one burst bigger than its socket buffer.
+The queue holds at most ``QUEUE_LIMIT`` records; what does not fit is
+counted (``stats.queue_dropped``), never dropped silently.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import collections
 import errno
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -128,6 +136,44 @@ class TemplateClock:
             self.packets_since += datagrams
 
 
+#: Records one target holds waiting to be sent, at most (about 250 bytes each).
+QUEUE_LIMIT = 1 << 20
+#: The pace's step: a paced target sends what ``max-rate`` allows at most every this often, and
+#: never more than one step's worth at once.
+PACE_STEP_NS = 2_000_000
+
+
+@dataclass
+class Pace:
+    """A token bucket of records: ``rate`` a second, sent a step's worth at a time (no bigger bursts)."""
+
+    rate: int  # records a second; 0 = unpaced
+    tokens: float = 0.0
+    last_ns: int | None = None
+
+    @property
+    def step(self) -> int:
+        """Records one step carries: what the rate allows in PACE_STEP_NS, at least one."""
+        return max(1, int(self.rate * PACE_STEP_NS / 1e9))
+
+    def allowance(self, now_ns: int) -> int:
+        """Records that may go now."""
+        if self.last_ns is None:
+            self.tokens = self.step
+        else:
+            self.tokens = min(float(self.step), self.tokens + (now_ns - self.last_ns) * self.rate / 1e9)
+        self.last_ns = now_ns
+        return int(self.tokens)
+
+    def spend(self, records: int) -> None:
+        self.tokens -= records
+
+    def next_ns(self, now_ns: int, want: int) -> int:
+        """When ``want`` records (at most a step's worth) may go."""
+        need = min(want, self.step) - self.tokens
+        return now_ns + max(PACE_STEP_NS // 10, int(need * 1e9 / self.rate))
+
+
 @dataclass
 class TargetStats:
     records: int = 0
@@ -136,6 +182,7 @@ class TargetStats:
     templates: int = 0  # datagrams that carried templates
     send_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     not_representable: int = 0  # records the target cannot carry (IPv6 to v1/v5, NAT events)
+    queue_dropped: int = 0  # records that did not fit in the queue (QUEUE_LIMIT), never sent
 
 
 class Target:
@@ -149,6 +196,10 @@ class Target:
         self.stats = TargetStats()
         self.max_size = MAX_PAYLOAD_V6 if settings.family_is_v6 else MAX_PAYLOAD_V4
         self.sock: socket.socket | None = None
+        self.pace = Pace(settings.max_rate)
+        # (batch number, records, how many of them were sent)
+        self.queue: collections.deque[tuple[int, np.ndarray, int]] = collections.deque()
+        self.queued = 0
 
     @property
     def name(self) -> str:
@@ -182,8 +233,8 @@ class Target:
             self.sock.close()
             self.sock = None
 
-    def export(self, records: np.ndarray, clock: ExportClock, now_ns: int) -> None:
-        """Encode and send ``records``; never raises for network errors.
+    def export(self, records: np.ndarray, clock: ExportClock, now_ns: int) -> np.ndarray:
+        """Encode and send ``records``; returns those it carried.  Never raises for network errors.
 
         Records the target cannot carry are counted as not representable and
         left out: IPv6 for v1/v5, and NAT events (``nat_event`` != 0) unless
@@ -201,7 +252,7 @@ class Target:
                 records = records[~drop]
         templates = self.encoder.uses_templates and self.clock.due(now_ns)
         if len(records) == 0 and not templates:
-            return
+            return records
         datagrams, self.state = self.encoder.encode(records, self.state, clock, templates, self.max_size,
                                                      self.ctx)
         for dgram in datagrams:
@@ -211,6 +262,50 @@ class Target:
             self.clock.sent(now_ns, len(datagrams), templates)
             if templates and datagrams:
                 self.stats.templates += 1
+        return records
+
+    def enqueue(self, records: np.ndarray, batch: int) -> None:
+        """Queue one sweep's records (batch numbers rise); what does not fit is counted and dropped."""
+        room = QUEUE_LIMIT - self.queued
+        if len(records) > room:
+            self.stats.queue_dropped += len(records) - max(room, 0)
+            records = records[:max(room, 0)]
+        if len(records):
+            self.queue.append((batch, records, 0))
+            self.queued += len(records)
+
+    def sent_through(self) -> int | None:
+        """Every batch up to this number has left (None: all of them, the queue is empty)."""
+        return self.queue[0][0] - 1 if self.queue else None
+
+    def pump(self, clock: Callable[[], tuple[ExportClock, int]],
+             sent: Callable[[np.ndarray, int], None] | None = None, paced: bool = True) -> int | None:
+        """Send what the pace allows now; when to call again (boot ns), or None: the queue is empty.
+
+        ``clock`` gives the export instant (taken when the records leave);
+        ``sent(records, boot_ns)`` hears of the records of every slice sent (export lateness).
+        """
+        while self.queue:
+            export_clock, now_ns = clock()
+            batch, records, done = self.queue[0]
+            n = min(len(records) - done, 1 << 16)
+            if paced and self.pace.rate > 0:
+                want = min(n, self.pace.step)
+                allowed = self.pace.allowance(now_ns)
+                if allowed < want:  # a whole step's worth at a time: full datagrams, few wake-ups
+                    return self.pace.next_ns(now_ns, want)
+                n = min(n, allowed)
+                self.pace.spend(n)
+            part = records[done:done + n]
+            carried = self.export(part, export_clock, now_ns)
+            self.queued -= n
+            if sent is not None:
+                sent(carried, now_ns)
+            if done + n == len(records):
+                self.queue.popleft()
+            else:
+                self.queue[0] = (batch, records, done + n)
+        return None
 
     def _send(self, dgram: bytes) -> None:
         if self.sock is None:

@@ -58,15 +58,6 @@ FLOW_VALUE_DTYPE = np.dtype(
     }
 )
 
-SPILL_EVENT_DTYPE = np.dtype(
-    {
-        "names": ["key", "tcp_flags", "bytes", "ts_ns", "packets", "length_min", "length_max", "ttl", "pad"],
-        "formats": [FLOW_KEY_DTYPE, "<u4", "<u8", "<u8", "<u4", "<u2", "<u2", "u1", "V7"],
-        "offsets": [0, 44, 48, 56, 64, 68, 70, 72, 73],
-        "itemsize": 80,
-    }
-)
-
 OWN_KEY_DTYPE = np.dtype(
     {
         "names": ["src_addr", "dst_addr", "src_port", "dst_port"],
@@ -82,13 +73,14 @@ class Counter(enum.IntEnum):
 
     PACKETS_SEEN = 0
     METERED = 1
-    SPILLED = 2
+    RESUMED = 2
     NOT_IP = 3
     UNPARSABLE = 4
     CACHE_FULL = 5
-    SPILL_LOST = 6
+    RESUME_FULL = 6
     SAMPLED_OUT = 7
     OWN_EXPORT = 8
+    SWEEP_BEHIND = 9
 
 
 COUNTER_MAX = len(Counter)
@@ -120,7 +112,21 @@ NOT_METERED_REASONS = {
     Counter.NOT_IP: "not_ip",
     Counter.UNPARSABLE: "unparsable",
     Counter.CACHE_FULL: "cache_full",
-    Counter.SPILL_LOST: "spill_lost",
+    Counter.RESUME_FULL: "resume_full",
     Counter.SAMPLED_OUT: "sampled_out",
     Counter.OWN_EXPORT: "own_export",
+    Counter.SWEEP_BEHIND: "sweep_behind",
 }
+
+#: Counters of packets that are in a flow entry (the two maps of the cache).
+METERED_COUNTERS = (Counter.METERED, Counter.RESUMED)
+
+
+class CacheMap(enum.IntEnum):
+    """``enum pyflow_cache_map``: the maps that make up the flow cache, and their evict_before slots."""
+
+    FLOWS = 0
+    RESUMED = 1
+
+
+CACHE_MAP_NAMES = {CacheMap.FLOWS: "flows", CacheMap.RESUMED: "resumed"}

@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,6 +223,47 @@ class MapBatchReader:
             if done:
                 break
         return self._keys[:total], self._values[:total]
+
+
+class MapChunks:
+    """Reads a hash map in chunks of at most ``chunk`` entries with BPF_MAP_LOOKUP_BATCH.
+
+    Iterating yields (keys, values) views of two reused buffers, each valid
+    until the next step: memory stays at one chunk whatever the map's size.
+    One pass walks the map's buckets once; an entry added or deleted during
+    the pass may or may not be seen (the kernel's batch semantics).
+    """
+
+    def __init__(self, map_fd: int, key_dtype: np.dtype, value_dtype: np.dtype, chunk: int = 65536) -> None:
+        self.map_fd = map_fd
+        self.chunk = max(64, chunk)
+        self._keys = np.zeros(self.chunk, dtype=key_dtype)
+        self._values = np.zeros(self.chunk, dtype=value_dtype)
+        self._token_in = np.zeros(1, dtype=np.uint64)
+        self._token_out = np.zeros(1, dtype=np.uint64)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        first = True
+        attr = _BatchAttr(map_fd=self.map_fd)
+        while True:
+            attr.in_batch = 0 if first else _addr(self._token_in)
+            attr.out_batch = _addr(self._token_out)
+            attr.keys = int(self._keys.ctypes.data)
+            attr.values = int(self._values.ctypes.data)
+            attr.count = self.chunk
+            done = False
+            try:
+                _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+            except BpfError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                done = True
+            first = False
+            self._token_in[0] = self._token_out[0]
+            if attr.count:
+                yield self._keys[:attr.count], self._values[:attr.count]
+            if done:
+                return
 
 
 def map_update_batch(map_fd: int, keys: np.ndarray, values: np.ndarray) -> int:

@@ -18,7 +18,7 @@ import platform
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import numpy as np
 
 from pyflow.errors import KernelError
 from pyflow.kernel import abi, pin
-from pyflow.kernel.bpfsys import MapBatchReader, map_delete_batch, map_update_batch
+from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete_batch, map_lookup, map_update_batch
 from pyflow.sweep import Baseline
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = pin.XDP_FLAGS_UPDATE_IF_NOEXIST
@@ -46,6 +46,11 @@ TC_PRIORITY = 1
 TC_HANDLE = 0x1
 
 
+#: The resume map holds flows that go on past their inactive timeout before the agent has taken
+#: their expired entry out; sized from cache-entries, never below this.
+RESUME_MIN = 1024
+
+
 @dataclass(frozen=True)
 class KernelSettings:
     """What the program is compiled with (passed as -D flags)."""
@@ -54,7 +59,6 @@ class KernelSettings:
     inactive_timeout_ns: int = 15_000_000_000
     end_idle_ns: int = 2_000_000_000
     max_ipv6_ext: int = 6
-    spill_ring_pages: int = 64
     # per-flow detail the kernel keeps (off = no per-packet or first-packet cost)
     ttl: bool = True  # min/max TTL, per packet
     length: bool = True  # min/max IP total length, per packet
@@ -66,7 +70,7 @@ class KernelSettings:
 
     def __post_init__(self) -> None:
         # Only integers reach the compiler: a value that is not one cannot inject code.
-        for name in ("cache_entries", "inactive_timeout_ns", "end_idle_ns", "max_ipv6_ext", "spill_ring_pages"):
+        for name in ("cache_entries", "inactive_timeout_ns", "end_idle_ns", "max_ipv6_ext"):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise KernelError(f"kernel setting {name}={value!r} is not a positive integer")
@@ -80,13 +84,18 @@ class KernelSettings:
             if type(getattr(self, name)) is not bool:
                 raise KernelError(f"kernel setting {name}={getattr(self, name)!r} is not a boolean")
 
+    @property
+    def resume_entries(self) -> int:
+        """Size of the resume map: a quarter of the cache, at least RESUME_MIN (docs/architecture.md)."""
+        return max(RESUME_MIN, self.cache_entries // 4)
+
     def cflags(self) -> list[str]:
         return [
             f"-DCACHE_ENTRIES={self.cache_entries}",
             f"-DINACTIVE_NS={self.inactive_timeout_ns}ULL",
             f"-DEND_IDLE_NS={self.end_idle_ns}ULL",
             f"-DMAX_IPV6_EXT={self.max_ipv6_ext}",
-            f"-DSPILL_RING_PAGES={self.spill_ring_pages}",
+            f"-DRESUME_ENTRIES={self.resume_entries}",
             f"-DPF_F_TTL={int(self.ttl)}",
             f"-DPF_F_LENGTH={int(self.length)}",
             f"-DPF_F_FIB={int(self.fib)}",
@@ -161,7 +170,7 @@ class FlowMeter:
       (``pyflow run``: no bcc, no LLVM in the agent).
 
     Either way every map is used through its raw fd (batch reads, per-CPU
-    sums, the ring buffer's pages, the barrier), and attachments are made
+    sums, the barrier), and attachments are made
     through rtnetlink, so they outlive the process until ``detach``.
     """
 
@@ -178,10 +187,8 @@ class FlowMeter:
         self.maps: dict[str, int] = {}  # name -> fd
         self.instance: pin.Instance | None = None  # pinned: where, manifest
         self.attachments: dict[tuple[str, str], Attachment] = {}
-        self._reader: MapBatchReader | None = None
+        self._readers: dict[abi.CacheMap, MapBatchReader] = {}
         self._stats_readers: dict[str, pin.PerCpuReader] = {}
-        self._ring: pin.RingBuffer | None = None
-        self._spill_cb: Callable[[np.ndarray], None] | None = None
         self._own_exports: set[tuple[str, int, str, int]] = set()
         self._own_fds: list[int] = []
         self._cpus = pin.possible_cpus()
@@ -450,9 +457,6 @@ class FlowMeter:
         if self._closed:
             return
         self._closed = True
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
         for fd in self._own_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -520,13 +524,15 @@ class FlowMeter:
                 vals["start_ns"] = new.start_ns[changed]
                 map_update_batch(fd, np.ascontiguousarray(new.ids[changed], dtype=np.uint64), vals)
 
-    def commit(self, delete_keys: np.ndarray, old: Baseline, new: Baseline) -> int:
-        """After an export: the kernel forgets what was exported -- the expired entries are
-        deleted, the baseline saved, the spill events read handed back.  An agent killed
-        before this leaves it all for the next one to export; how many entries were deleted."""
-        deleted = map_delete_batch(self.flows_fd, delete_keys) if len(delete_keys) else 0
+    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], old: Baseline, new: Baseline) -> int:
+        """After an export: the kernel forgets what was exported -- the final entries of each
+        cache map are deleted, the baseline saved.  An agent killed before this leaves it all
+        for the next one to export; how many entries were deleted."""
+        deleted = 0
+        for which, keys in deletes.items():
+            if len(keys):
+                deleted += map_delete_batch(self.cache_fd(which), np.ascontiguousarray(keys))
         self.save_baseline(old, new)
-        self.commit_spill()
         return deleted
 
     # -- own exports -----------------------------------------------------------
@@ -562,12 +568,46 @@ class FlowMeter:
     def flows_fd(self) -> int:
         return self.maps["flows"]
 
+    def cache_fd(self, which: abi.CacheMap) -> int:
+        return self.maps[abi.CACHE_MAP_NAMES[which]]
+
+    def capacity(self, which: abi.CacheMap) -> int:
+        """Entries one cache map holds at most (cache-entries, resume entries)."""
+        if which == abi.CacheMap.FLOWS:
+            return self.settings.cache_entries
+        return pin.map_info(self.cache_fd(which)).max_entries
+
+    def read_chunks(self, chunk: int = 65536) -> Iterator[tuple[abi.CacheMap, np.ndarray, np.ndarray]]:
+        """Every entry of both cache maps, in chunks: (map, keys, values) views of reused buffers,
+        each valid until the next step (see MapChunks)."""
+        for which in abi.CacheMap:
+            for keys, values in MapChunks(self.cache_fd(which), abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE, chunk):
+                yield which, keys, values
+
+    def read_map(self, which: abi.CacheMap) -> tuple[np.ndarray, np.ndarray]:
+        """All entries of one cache map as (keys, values) views (see MapBatchReader)."""
+        reader = self._readers.get(which)
+        if reader is None:
+            reader = MapBatchReader(self.cache_fd(which), abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE,
+                                    self.capacity(which))
+            self._readers[which] = reader
+        return reader.read()
+
     def read_flows(self) -> tuple[np.ndarray, np.ndarray]:
-        """All entries of the flow cache as (keys, values) views (see MapBatchReader)."""
-        if self._reader is None:
-            self._reader = MapBatchReader(self.flows_fd, abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE,
-                                          self.settings.cache_entries)
-        return self._reader.read()
+        """All entries of the flow cache, both maps, as (keys, values) arrays."""
+        parts = [self.read_map(which) for which in abi.CacheMap]
+        if not len(parts[1][0]):
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def evict_threshold(self, which: abi.CacheMap) -> int:
+        """The kernel's ``evict_before`` instant for one cache map (0: none)."""
+        got = map_lookup(self.maps["evict_before"], struct.pack("=I", int(which)), 8)
+        return 0 if got is None else int.from_bytes(got, sys.byteorder)
+
+    def set_evict_threshold(self, which: abi.CacheMap, ns: int) -> None:
+        """Entries of this map last seen before ``ns`` are expired for the kernel from now on."""
+        pin.map_update(self.maps["evict_before"], struct.pack("=I", int(which)), struct.pack("=Q", ns))
 
     def _percpu(self, name: str, key_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         reader = self._stats_readers.get(name)
@@ -620,30 +660,6 @@ class FlowMeter:
         section; this is the barrier of the idle-delete protocol.
         """
         pin.map_update(self.maps["barrier"], b"\0\0\0\0", struct.pack("=I", self.maps["barrier_inner"]))
-
-    def open_spill(self, callback: Callable[[np.ndarray], None]) -> None:
-        """Deliver spill events (as SPILL_EVENT_DTYPE arrays of one) to ``callback`` on ``poll_spill``."""
-        if self._ring is None:
-            self._ring = pin.RingBuffer(self.maps["spill"])
-        self._spill_cb = callback
-
-    def poll_spill(self) -> None:
-        """Deliver the spill events that arrived since the last poll (``commit_spill`` frees their space)."""
-        ring, cb = self._ring, self._spill_cb
-        if ring is None or cb is None:
-            return
-        size = abi.SPILL_EVENT_DTYPE.itemsize
-
-        def deliver(record: memoryview) -> None:
-            if len(record) >= size:
-                cb(np.frombuffer(record[:size], dtype=abi.SPILL_EVENT_DTYPE, count=1).copy())
-
-        ring.poll(deliver)
-
-    def commit_spill(self) -> None:
-        """Hand the space of every spill event delivered so far back to the kernel (after their export)."""
-        if self._ring is not None:
-            self._ring.commit()
 
 
 def _own_key(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:

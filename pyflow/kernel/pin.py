@@ -7,8 +7,8 @@ network namespace's bpffs directory, and exits; LLVM's memory goes with it.
 The agent opens the pins by path and works on raw file descriptors:
 
     /sys/fs/bpf/pyflow/netns-<inode>/gen-<time>/
-        flows iface_slots iface_stats overflow_stats flow_seq spill own_export
-        barrier barrier_inner [sample_pos]        the program's maps (bcc's names)
+        flows resumed iface_slots iface_stats overflow_stats flow_seq own_export
+        barrier barrier_inner evict_before [sample_pos]   the program's maps (bcc's names)
         pf_exported                               the agent's baseline: flow id ->
                                                   packets, bytes, record start exported
         pf_manifest                               one JSON document: settings, source
@@ -28,8 +28,7 @@ takes over.  One agent per network namespace: ``InstanceLock`` (flock on
 /run/pyflow/netns-<inode>.lock).
 
 Also here: the bpf(2) commands the agent needs beyond bpfsys (pin/get, ids,
-info, map create/update, prog bind map), per-CPU reads, and a reader for the
-BPF ring buffer on its mmap'ed pages.
+info, map create/update, prog bind map) and per-CPU reads.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import socket
@@ -98,13 +96,14 @@ MANIFEST_SIZE = 64 * 1024
 #: What the agent remembers of a flow cut by the active timeout (sweep.Baseline, one row).
 EXPORTED_VALUE_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
 #: Every map of an instance, as bcc names them (sample_pos only exists with sampling on).
-PROGRAM_MAPS = ("flows", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "spill", "own_export",
+PROGRAM_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "own_export",
                 "barrier", "barrier_inner", "evict_before", "sample_pos")
-REQUIRED_MAPS = ("flows", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "spill", "own_export",
+REQUIRED_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "own_export",
                  "barrier", "barrier_inner", "evict_before", EXPORTED, MANIFEST)
 #: key and value sizes the agent reads them with (a pinned map that differs is not ours to read)
 MAP_SIZES = {
     "flows": (abi.FLOW_KEY_DTYPE.itemsize, abi.FLOW_VALUE_DTYPE.itemsize),
+    "resumed": (abi.FLOW_KEY_DTYPE.itemsize, abi.FLOW_VALUE_DTYPE.itemsize),
     "iface_slots": (4, abi.IFACE_STATS_DTYPE.itemsize),
     "iface_stats": (abi.IFACE_KEY_DTYPE.itemsize, abi.IFACE_STATS_DTYPE.itemsize),
     "overflow_stats": (4, abi.IFACE_STATS_DTYPE.itemsize),
@@ -120,9 +119,6 @@ PROG_PREFIX = "prog_"
 KERNEL_PROG_NAMES = {"pyflow_xdp": "xdp", "pyflow_tc_ingre": "tc_ingress", "pyflow_tc_egres": "tc_egress"}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
@@ -308,92 +304,6 @@ class PerCpuReader:
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         keys, values = self._reader.read()
         return keys, values["v"]
-
-
-# -- the spill ring buffer -----------------------------------------------------------
-
-RINGBUF_BUSY_BIT = 1 << 31
-RINGBUF_DISCARD_BIT = 1 << 30
-RINGBUF_HDR_SZ = 8
-PROT_READ, PROT_WRITE, MAP_SHARED = mmap.PROT_READ, mmap.PROT_WRITE, mmap.MAP_SHARED
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-class RingBuffer:
-    """A BPF_MAP_TYPE_RINGBUF read through its mmap'ed pages, as libbpf's ring_buffer does.
-
-    Page 0 (read-write): the consumer position.  From page 1 (read-only): the
-    producer position page, then the data pages mapped twice in a row, so a
-    record that wraps around the end reads as one piece.  Each record starts
-    with an 8-byte header: its length (bit 31 BUSY: still being written,
-    bit 30 DISCARD: skip it) and a page offset; records are 8-byte aligned.
-
-    ``poll`` delivers what is complete and remembers how far it read;
-    ``commit`` hands that space back to the kernel.  Until then the records
-    stay in the ring: a reader opened after a crash (a new agent) starts from
-    the last commit and delivers them again.
-    """
-
-    def __init__(self, fd: int, size: int | None = None) -> None:
-        self.fd = fd
-        self.size = size if size is not None else map_info(fd).max_entries
-        if self.size & (self.size - 1):
-            raise ValueError(f"ring buffer size {self.size} is not a power of two")
-        self.mask = self.size - 1
-        self.page = mmap.PAGESIZE
-        self._cons = self._map(self.page, PROT_READ | PROT_WRITE, 0)
-        try:
-            self._prod = self._map(self.page + 2 * self.size, PROT_READ, self.page)
-        except OSError:
-            _libc.munmap(self._cons, self.page)
-            raise
-        self._data = self._prod + self.page
-        self.read_pos = self.consumer_pos
-
-    def _map(self, length: int, prot: int, offset: int) -> int:
-        addr = _libc.mmap(None, length, prot, MAP_SHARED, self.fd, offset)
-        if addr in (None, _MAP_FAILED):
-            raise _errno_error("mmap of the spill ring buffer")
-        return int(addr)
-
-    @property
-    def consumer_pos(self) -> int:
-        return int(ctypes.c_uint64.from_address(self._cons).value)
-
-    @property
-    def producer_pos(self) -> int:
-        return int(ctypes.c_uint64.from_address(self._prod).value)
-
-    def poll(self, callback: Callable[[memoryview], object], limit: int = 1 << 20) -> int:
-        """Deliver every complete record after the last one read (at most ``limit``); how many."""
-        pos = self.read_pos
-        n = 0
-        prod = self.producer_pos
-        while pos < prod and n < limit:
-            hdr = ctypes.c_uint32.from_address(self._data + (pos & self.mask)).value
-            if hdr & RINGBUF_BUSY_BIT:
-                break  # still being written: the next poll gets it
-            length = hdr & ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)
-            if not hdr & RINGBUF_DISCARD_BIT:
-                start = self._data + (pos & self.mask) + RINGBUF_HDR_SZ
-                callback(memoryview((ctypes.c_char * length).from_address(start)).cast("B"))
-                n += 1
-            pos += (length + RINGBUF_HDR_SZ + 7) // 8 * 8
-            if pos >= prod:
-                prod = self.producer_pos
-        self.read_pos = pos
-        return n
-
-    def commit(self) -> None:
-        """Give the space of every record read so far back to the kernel."""
-        if self.read_pos != self.consumer_pos:
-            ctypes.c_uint64.from_address(self._cons).value = self.read_pos
-
-    def close(self) -> None:
-        if self._cons:
-            _libc.munmap(self._prod, self.page + 2 * self.size)
-            _libc.munmap(self._cons, self.page)
-            self._cons = self._prod = 0
 
 
 # -- rtnetlink: XDP and TC attachments -------------------------------------------------

@@ -65,12 +65,11 @@ def test_flow_dtypes_are_little_endian_unsigned() -> None:
 
 
 @pytest.fixture(scope="module")
-def spill_layout_prog(_require_root: None) -> Iterator[Any]:
-    """A tiny bcc program that only declares a map of struct spill_event."""
+def own_layout_prog(_require_root: None) -> Iterator[Any]:
+    """A tiny bcc program that only declares a map of struct own_key."""
     import bcc
 
-    text = (b'#include "flowmeter.h"\nBPF_ARRAY(spill_layout, struct spill_event, 1);\n'
-            b'BPF_ARRAY(own_layout, struct own_key, 1);\n')
+    text = b'#include "flowmeter.h"\nBPF_ARRAY(own_layout, struct own_key, 1);\n'
     prog = bcc.BPF(text=text, cflags=[f"-I{abi.BPF_DIR}"])
     try:
         yield prog
@@ -78,23 +77,16 @@ def spill_layout_prog(_require_root: None) -> Iterator[Any]:
         prog.cleanup()
 
 
-def test_spill_event_layout(spill_layout_prog: Any) -> None:
-    leaf = spill_layout_prog[b"spill_layout"].Leaf
-    dt = abi.SPILL_EVENT_DTYPE
-    assert dt.itemsize == 80 == ctypes.sizeof(leaf)
-    assert ctypes_layout(leaf) == [("key", 0, 44), ("tcp_flags", 44, 4), ("bytes", 48, 8), ("ts_ns", 56, 8),
-                                   ("packets", 64, 4), ("length_min", 68, 2), ("length_max", 70, 2),
-                                   ("ttl", 72, 1), ("pad", 73, 7)]
-    assert ctypes_layout(leaf) == dtype_layout(dt)
-    # the embedded key is the flow key, field for field
-    key_ctype = next(t for name, t in leaf._fields_ if name == "key")
-    assert dt.fields is not None
-    assert_same_layout(key_ctype, dt.fields["key"][0])
-    assert dt.fields["key"][0] == abi.FLOW_KEY_DTYPE
+def test_own_key_layout(own_layout_prog: Any) -> None:
+    assert_same_layout(own_layout_prog[b"own_layout"].Leaf, abi.OWN_KEY_DTYPE)
 
 
-def test_own_key_layout(spill_layout_prog: Any) -> None:
-    assert_same_layout(spill_layout_prog[b"own_layout"].Leaf, abi.OWN_KEY_DTYPE)
+def test_resume_map_has_the_flow_layout(meter: FlowMeter) -> None:
+    """The resume map holds the same entries as the flow cache (one sweep reads both)."""
+    for name in abi.CACHE_MAP_NAMES.values():
+        table = meter.table(name)
+        assert_same_layout(table.Key, abi.FLOW_KEY_DTYPE)
+        assert_same_layout(table.Leaf, abi.FLOW_VALUE_DTYPE)
 
 
 def header_counters() -> dict[str, int]:
@@ -131,6 +123,11 @@ def test_iface_stats_layout(meter: FlowMeter) -> None:
     assert_same_layout(table.sLeaf, abi.IFACE_STATS_DTYPE)
     assert abi.IFACE_STATS_DTYPE["counters"].shape == (abi.COUNTER_MAX,)
     assert ctypes.sizeof(meter.table("overflow_stats").sLeaf) == abi.IFACE_STATS_DTYPE.itemsize
+
+
+def test_cache_map_enum_matches_header() -> None:
+    found = dict(re.findall(r"PF_MAP_(\w+)\s*=\s*(\d+)", HEADER.read_text()))
+    assert {k: int(v) for k, v in found.items()} == {m.name: m.value for m in abi.CacheMap}
 
 
 def test_hook_enum_matches_header() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,142 +125,54 @@ def test_per_cpu_values_land_on_their_cpu(harness: Harness) -> None:
     assert per_cpu[row].tobytes() == after.tobytes()
 
 
-# -- the ring buffer ------------------------------------------------------------------------
-
-RING_SRC = rb"""
-#include <uapi/linux/bpf.h>
-BPF_RINGBUF_OUTPUT(rb, 1);   /* one page: wraps every few dozen records */
-struct rec { __u32 seq; __u32 len; __u8 body[120]; };
-int emit(struct xdp_md *ctx) {
-    void *data = (void *)(long)ctx->data;
-    void *end = (void *)(long)ctx->data_end;
-    __u32 *w = data;
-    if ((void *)(w + 3) > end)
-        return XDP_PASS;
-    __u32 seq = w[0], len = w[1], discard = w[2];
-    if (discard) {
-        struct rec *r = rb.ringbuf_reserve(sizeof(struct rec));
-        if (r) {
-            r->seq = seq;
-            rb.ringbuf_discard(r, 0);
-        }
-        return XDP_PASS;
-    }
-    struct rec r = {};
-    r.seq = seq;
-    r.len = len;
-    r.body[0] = (__u8)seq;
-    r.body[119] = (__u8)(seq >> 8);
-    len &= 127;
-    if (len < 8)
-        len = 8;
-    if (len > sizeof(r))
-        len = sizeof(r);
-    rb.ringbuf_output(&r, len, 0);
-    return XDP_PASS;
-}
-"""
+# -- the resume map -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def producer(_require_root: None) -> Iterator[tuple[Any, int]]:
-    import bcc
-
-    prog = bcc.BPF(text=RING_SRC)
-    fn = prog.load_func(b"emit", bcc.BPF.XDP)
-    try:
-        yield prog, int(fn.fd)
-    finally:
-        prog.cleanup()
-
-
-def emit(prog_fd: int, seq: int, length: int, discard: bool = False) -> None:
-    pkt = (seq.to_bytes(4, "little") + length.to_bytes(4, "little") + int(discard).to_bytes(4, "little")
-           + bytes(52))
-    assert bpfsys.prog_test_run(prog_fd, pkt, ctx=xdp_ctx(pkt)).retval == 2
-
-
-def test_ring_reader_delivers_every_record_in_order(producer: tuple[Any, int]) -> None:
-    prog, fd = producer
-    ring = pin.RingBuffer(int(prog[b"rb"].map_fd))
-    assert ring.size == 4096
-    rng = random.Random(7)
-    got: list[tuple[int, int, bytes]] = []
-    want: list[tuple[int, int]] = []
-
-    def take(rec: memoryview) -> None:
-        got.append((int.from_bytes(rec[0:4], "little"), len(rec), bytes(rec[8:9])))
-
-    try:
-        for seq in range(3000):  # ~100 times round a one-page ring
-            length = rng.choice([8, 12, 13, 64, 100, 128])
-            discard = rng.random() < 0.2
-            emit(fd, seq, length, discard)
-            if not discard:
-                want.append((seq, min(max(length & 127, 8), 128)))
-            if rng.random() < 0.1 or ring.producer_pos - ring.consumer_pos > 2048:
-                ring.poll(take)
-                ring.commit()
-        ring.poll(take)
-        ring.commit()
-    finally:
-        ring.close()
-    assert [(s, n) for s, n, _ in got] == want
-    assert all(b == bytes([s & 0xFF]) for s, n, b in got if n > 8)  # the record body came through
-
-
-def test_ring_reader_redelivers_what_was_not_committed(producer: tuple[Any, int]) -> None:
-    prog, fd = producer
-    map_fd = int(prog[b"rb"].map_fd)
-    first = pin.RingBuffer(map_fd)
-    seen: list[int] = []
-    try:
-        first.poll(lambda _r: None)
-        first.commit()  # an empty start
-        for seq in range(5):
-            emit(fd, 100 + seq, 16)
-        assert first.poll(lambda r: seen.append(int.from_bytes(r[0:4], "little"))) == 5
-    finally:
-        first.close()  # "killed" before its commit
-    again: list[int] = []
-    second = pin.RingBuffer(map_fd)
-    try:
-        assert second.poll(lambda r: again.append(int.from_bytes(r[0:4], "little"))) == 5
-        second.commit()
-    finally:
-        second.close()
-    assert seen == again == [100, 101, 102, 103, 104]
-    third = pin.RingBuffer(map_fd)
-    try:
-        assert third.poll(lambda _r: None) == 0  # committed: handed back
-    finally:
-        third.close()
-
-
-def test_spill_events_come_in_order(_require_root: None) -> None:
-    """The meter's own producer: with a 1 ns inactive timeout every packet after a flow's first
-    is spilled; a one-page ring wraps many times; every event arrives, in order, none lost."""
-    with FlowMeter(KernelSettings(cache_entries=64, inactive_timeout_ns=1, end_idle_ns=1,
-                                  spill_ring_pages=1)) as meter:
+def test_an_expired_entry_is_never_written_the_flow_goes_on_in_the_resume_map(_require_root: None) -> None:
+    """With a 1 ns inactive timeout every entry has expired by the next packet: the second packet
+    starts the flow's entry in the resume map, and with both expired (no agent here to take either
+    out) the rest are counted as sweep_behind, never added to an expired entry."""
+    with FlowMeter(KernelSettings(cache_entries=64, inactive_timeout_ns=1, end_idle_ns=1)) as meter:
         fd = meter.load()
-        events: list[np.ndarray] = []
-        meter.open_spill(events.append)
-        pkt0 = udp(9100, payload=0)
-        bpfsys.prog_test_run(fd, pkt0, ctx=xdp_ctx(pkt0))
-        sizes = [1 + (i % 200) for i in range(2000)]
-        for i, size in enumerate(sizes):
+        sizes = [1 + (i % 200) for i in range(50)]
+        for size in sizes:
             pkt = udp(9100, payload=size)
             bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))
-            if i % 20 == 19:
-                meter.poll_spill()
-                meter.commit_spill()
-        meter.poll_spill()
-        meter.commit_spill()
         counters = meter.read_counters()
-    got = np.concatenate(events)
-    assert got["bytes"].tolist() == [28 + s for s in sizes]
-    assert set(got["key"]["src_port"].tolist()) == {9100}
-    assert counters[C.SPILL_LOST] == 0 and counters[C.SPILLED] == len(sizes)
+        flows = meter.read_map(abi.CacheMap.FLOWS)[1]
+        resumed = meter.read_map(abi.CacheMap.RESUMED)[1]
+        assert flows["packets"].tolist() == [1] and flows["bytes"].tolist() == [28 + sizes[0]]
+        assert resumed["packets"].tolist() == [1] and resumed["bytes"].tolist() == [28 + sizes[1]]
+        assert resumed["first_seen_ns"][0] > flows["last_seen_ns"][0]  # a new flow from its first packet
+        assert resumed["flow_id"][0] != flows["flow_id"][0]
+        assert (counters[C.METERED], counters[C.RESUMED], counters[C.SWEEP_BEHIND]) == (1, 1, len(sizes) - 2)
+        # the agent takes the expired entry out of the cache: the next packet starts a new one there
+        bpfsys.map_delete(meter.flows_fd, meter.read_map(abi.CacheMap.FLOWS)[0][0].tobytes())
+        pkt = udp(9100, payload=7)
+        bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))
+        flows = meter.read_map(abi.CacheMap.FLOWS)[1]
+        assert flows["packets"].tolist() == [1] and flows["bytes"].tolist() == [35]
+        assert meter.read_counters()[C.METERED] == 2
+
+
+def test_evict_threshold_is_per_map(_require_root: None) -> None:
+    """The agent's early-export threshold of one map never freezes the other map's entries."""
+    with FlowMeter(KernelSettings(cache_entries=64)) as meter:
+        fd = meter.load()
+        pkt = udp(9200)
+        bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))
+        meter.set_evict_threshold(abi.CacheMap.RESUMED, 1 << 62)
+        assert meter.evict_threshold(abi.CacheMap.RESUMED) == 1 << 62
+        assert meter.evict_threshold(abi.CacheMap.FLOWS) == 0
+        bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))
+        assert meter.read_map(abi.CacheMap.FLOWS)[1]["packets"].tolist() == [2]
+        meter.set_evict_threshold(abi.CacheMap.FLOWS, 1 << 62)
+        bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))  # frozen in flows: a new entry in resumed
+        assert meter.read_map(abi.CacheMap.FLOWS)[1]["packets"].tolist() == [2]
+        assert meter.read_map(abi.CacheMap.RESUMED)[1]["packets"].tolist() == [1]
+        bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))  # both frozen, neither taken out: the agent is behind
+        assert meter.read_map(abi.CacheMap.RESUMED)[1]["packets"].tolist() == [1]
+        assert meter.read_counters()[C.SWEEP_BEHIND] == 1
 
 
 # -- pinned instances -------------------------------------------------------------------------

@@ -1,19 +1,19 @@
-"""Exact deletes under fire: the spill ring and the RCU barrier, provoked on purpose.
+"""Exact deletes under fire: the resume map and the RCU barrier, provoked on purpose.
 
 The real program and the real agent (pyflow.agent.Agent, with a target that
 keeps what it is given) on one kernel map, no interface attached: runner
 threads feed packets through BPF_PROG_TEST_RUN (ctypes drops the GIL for the
 syscall, so they run in parallel with each other and with the agent) and time
-every packet of a flow to land right at its inactive timeout (50 ms here) --
-just before, exactly at, or just after the instant the kernel starts spilling
-and the agent starts deleting -- while the agent sweeps every few
+every packet of a flow to land right at its inactive timeout (300 ms here) --
+just before, exactly at, or just after the instant the kernel stops writing
+the entry (the flow goes on in the resume map) and the agent starts deleting -- while the agent sweeps every few
 milliseconds.  Flows also carry FIN (the shorter end-idle rule) and outlive
 the active timeout (cuts with a baseline).
 
-Afterwards, for every flow: packets run == packets exported + still cached +
-spilled and not yet exported, and after the final flush, packets (and bytes)
-run == packets (and bytes) exported.  The test also checks the race was
-really met: spill events and deletes at the edge, thousands of times.
+Afterwards, for every flow: packets run == packets exported + still cached
+(both maps), and after the final flush, packets (and bytes) run == packets
+(and bytes) exported.  The test also checks the race was really met: packets
+in the resume map and deletes at the edge, thousands of times.
 
 ``PYFLOW_RACE_SECONDS`` makes it longer (``make soak``).
 """
@@ -44,26 +44,39 @@ from tests.bpf.conftest import _meter, xdp_ctx
 pytestmark = pytest.mark.root
 
 MS = 10**6
-INACTIVE_NS = 50 * MS
-END_IDLE_NS = 30 * MS
-ACTIVE_NS = 200 * MS
+# Timeouts far above the longest sweep (up to ~0.1 s here, the RCU barrier under load): a flow
+# whose entries in both maps expire before the agent took either out is "sweep_behind", not this test.
+INACTIVE_NS = 300 * MS
+END_IDLE_NS = 200 * MS
+ACTIVE_NS = 800 * MS
 SECONDS = float(os.environ.get("PYFLOW_RACE_SECONDS", "6"))
 RUNNERS = 3
 FLOWS_PER_RUNNER = 24
 
 
 class Keep:
-    """A target that keeps every record batch it is given."""
+    """A target that keeps every record batch it is given (and sends each at once)."""
 
     name = "keep"
 
     def __init__(self) -> None:
         self.batches: list[np.ndarray] = []
         self.stats = type("S", (), {"send_errors": collections.Counter()})()
+        self.queue: list[Any] = []
+        self.queued = 0
 
     def export(self, batch: np.ndarray, clock: Any, now_ns: int) -> None:
         if len(batch):
             self.batches.append(batch.copy())
+
+    def enqueue(self, batch: np.ndarray, number: int) -> None:
+        self.export(batch, None, 0)
+
+    def pump(self, clock: Any, sent: Any = None, paced: bool = True) -> int | None:
+        return None
+
+    def sent_through(self) -> int | None:
+        return None
 
     def records(self) -> np.ndarray:
         from pyflow import records as rec
@@ -86,9 +99,10 @@ def make_agent(meter: FlowMeter, target: Keep) -> Agent:
 
 
 def clear(meter: FlowMeter) -> None:
-    keys, _ = meter.read_flows()
-    for k in [k.tobytes() for k in keys]:
-        bpfsys.map_delete(meter.flows_fd, k)
+    for which in abi.CacheMap:
+        keys, _ = meter.read_map(which)
+        for k in [k.tobytes() for k in keys]:
+            bpfsys.map_delete(meter.cache_fd(which), k)
 
 
 def flow_frames(runner: int) -> list[tuple[int, bytes, bytes]]:
@@ -131,7 +145,7 @@ def test_packets_at_the_inactive_timeout_are_never_lost(fast_meter: FlowMeter) -
         pk: collections.Counter[int] = collections.Counter()
         by: collections.Counter[int] = collections.Counter()
         # when each flow's next packet is due: right around its timeout after the last one
-        due = [time.monotonic() + rng.uniform(0, 0.05) for _ in flows]
+        due = [time.monotonic() + rng.uniform(0, 0.3) for _ in flows]
         ended = [False] * len(flows)
         try:
             while not stop.is_set():
@@ -166,9 +180,11 @@ def test_packets_at_the_inactive_timeout_are_never_lost(fast_meter: FlowMeter) -
         t.start()
     deadline = time.monotonic() + SECONDS
     sweeps = 0
+    longest = 0.0
     try:
         while time.monotonic() < deadline and not errors:
             agent.tick()
+            longest = max(longest, agent.stats.last_sweep_seconds)
             sweeps += 1
             time.sleep(random.uniform(0, 0.004))
     finally:
@@ -178,8 +194,7 @@ def test_packets_at_the_inactive_timeout_are_never_lost(fast_meter: FlowMeter) -
     assert not errors, errors[0]
     assert not any(t.is_alive() for t in threads)
 
-    # packets run == exported + still cached + spilled and not yet exported, flow by flow
-    agent.meter.poll_spill()
+    # packets run == exported + still cached (both maps), flow by flow
     exported = target.records()
     got: collections.Counter[int] = collections.Counter()
     for port, n in zip(exported["src_port"].tolist(), exported["packets"].tolist(), strict=True):
@@ -189,12 +204,9 @@ def test_packets_at_the_inactive_timeout_are_never_lost(fast_meter: FlowMeter) -
     base = np.where(has, agent.baseline.packets[pos] if len(agent.baseline) else 0, 0).astype(np.uint64)
     for port, n in zip(keys["src_port"].tolist(), (values["packets"] - base).tolist(), strict=True):
         got[port] += n
-    for ev in agent._spilled:
-        got[int(ev["key"]["src_port"][0])] += int(ev["packets"][0])
     assert dict(got) == dict(run_pk)
 
     # the final flush exports the rest: then every packet and byte has been exported, once
-    agent.meter.barrier()
     agent.tick()
     agent.tick(final=True)
     exported = target.records()
@@ -207,19 +219,18 @@ def test_packets_at_the_inactive_timeout_are_never_lost(fast_meter: FlowMeter) -
     assert dict(pk_out) == dict(run_pk)
     assert dict(by_out) == dict(run_by)
 
-    # the kernel agrees: every packet run was metered or spilled, none lost or refused
+    # the kernel agrees: every packet run went into a flow entry, none lost or refused
     after = meter.read_counters()
     moved = {c: after[c] - counters_before[c] for c in abi.Counter if after[c] != counters_before[c]}
     total = sum(run_pk.values())
-    assert moved.get(abi.Counter.SPILL_LOST, 0) == 0 and moved.get(abi.Counter.CACHE_FULL, 0) == 0, moved
-    assert moved[abi.Counter.METERED] + moved.get(abi.Counter.SPILLED, 0) == total == moved[abi.Counter.PACKETS_SEEN]
+    assert all(moved.get(c, 0) == 0 for c in abi.NOT_METERED_REASONS), moved
+    assert moved[abi.Counter.METERED] + moved.get(abi.Counter.RESUMED, 0) == total == moved[abi.Counter.PACKETS_SEEN]
 
-    # and the race was really run: expiries at the edge, packets caught by the spill ring
+    # and the race was really run: expiries at the edge, flows going on in the resume map
     s = agent.stats
     reasons = collections.Counter(exported["end_reason"].tolist())
-    print(f"{total} packets in {s.sweeps} sweeps: {s.deleted} deletes, {s.spill_events} spill events, "
-          f"records by reason {dict(reasons)}, vanished {s.vanished}")
-    assert s.deleted >= 500 * SECONDS / 6, s
-    assert s.spill_events > 0, "no packet met an expired entry: the race was not provoked"
+    print(f"{total} packets in {s.sweeps} sweeps: {s.deleted} deletes, {moved.get(abi.Counter.RESUMED, 0)} packets "
+          f"in the resume map, records by reason {dict(reasons)}, longest sweep {longest * 1e3:.1f} ms")
+    assert s.deleted >= 400 * SECONDS / 6, s
+    assert moved.get(abi.Counter.RESUMED, 0) > 0, "no packet met an expired entry: the race was not provoked"
     assert reasons[EndReason.IDLE] > 0 and reasons[EndReason.END_OF_FLOW] > 0 and reasons[EndReason.ACTIVE] > 0
-    assert s.vanished == 0

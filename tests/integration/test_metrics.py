@@ -111,7 +111,8 @@ def test_metrics_tell_the_truth(pair: Pair, tmp_path: Path) -> None:
     assert total(m, "pyflow_export_send_errors_total", **ipfix) == 0
 
     assert value(m, "pyflow_sweep_duration_seconds_count") >= 1
-    assert value(m, "pyflow_export_lateness_seconds_count") == n_flows
+    assert value(m, "pyflow_export_lateness_seconds_count", target=ipfix["target"]) == n_flows
+    assert value(m, "pyflow_export_lateness_seconds_count", target=v5["target"]) == n_v4
     assert value(m, "pyflow_start_time_seconds") > 1.7e9
     assert total(m, "pyflow_build_info") == 1
     assert total(m, "process_resident_memory_bytes") > 0

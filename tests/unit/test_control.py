@@ -151,7 +151,7 @@ def test_status(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -
     assert s["sweep-interval"] == "1s" and s["ipfix"] == {}
     assert st["cache"] == {"entries": 3, "capacity": 4096}
     assert st["agent"] | {"pid": 0} == {"sweeps": 12, "records": 34, "deleted": 5, "nat-events": 0,
-                                        "spill-events": 0, "last-sweep-seconds": 0.0, "started": 1_000.0,
+                                        "pending-sweeps": 0, "last-sweep-seconds": 0.0, "started": 1_000.0,
                                         "uptime": 15.0, "pid": 0}
     t0, t1 = st["targets"]
     assert (t0["name"], t0["dst-address"], t0["port"], t0["version"]) == ("127.0.0.1:2055/ipfix", "127.0.0.1",

@@ -339,11 +339,12 @@ def test_print_like_routeros() -> None:
         "\n"
         "/ip traffic-flow target print\n"
         "Flags: X - DISABLED\n"
-        "Columns: DST-ADDRESS, PORT, VERSION, SRC-ADDRESS, V9-TEMPLATE-REFRESH, V9-TEMPLATE-TIMEOUT, TIME\n"
-        "#   DST-ADDRESS  PORT  VERSION  SRC-ADDRESS  V9-TEMPLATE-REFRESH  V9-TEMPLATE-TIMEOUT  TIME\n"
+        "Columns: DST-ADDRESS, PORT, VERSION, SRC-ADDRESS, V9-TEMPLATE-REFRESH, V9-TEMPLATE-TIMEOUT, TIME, "
+        "MAX-RATE\n"
+        "#   DST-ADDRESS  PORT  VERSION  SRC-ADDRESS  V9-TEMPLATE-REFRESH  V9-TEMPLATE-TIMEOUT  TIME      MAX-RATE\n"
         "  ;;; main\n"
-        "0   192.0.2.1    2055  ipfix                 20                   30m                  absolute\n"
-        "1 X 192.0.2.2    9995  5                     20                   30m                  absolute\n"
+        "0   192.0.2.1    2055  ipfix                 20                   30m                  absolute  100000\n"
+        "1 X 192.0.2.2    9995  5                     20                   30m                  absolute  100000\n"
         "\n"
         "/ip traffic-flow ipfix print\n")
     assert "\n             ttl: no\n" in text and "\n      nat-events: no\n" in text

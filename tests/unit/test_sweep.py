@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyflow.kernel import abi
 from pyflow.records import EndReason, addr_to_16
-from pyflow.sweep import Baseline, SweepRules, expired, spill_records, sweep
+from pyflow.sweep import NEVER, Baseline, Horizon, SweepRules, expiry_ns, sweep_chunk
 
 S = 10**9
 RULES = SweepRules(active_ns=30 * 60 * S, inactive_ns=15 * S, end_idle_ns=2 * S)
 WALL = 1_700_000_000 * S  # wall clock = boot clock + WALL
+
+
+@dataclass
+class Swept:
+    records: np.ndarray
+    delete: np.ndarray  # bool mask over the entries
+    baseline: Baseline
+    next_due_ns: int
+
+
+def sweep(keys: np.ndarray, values: np.ndarray, base: Baseline, now_ns: int, wall_offset_ns: int = WALL,
+          rules: SweepRules = RULES, final: bool = False, final_ns: int | None = None, evict_ns: int = 0,
+          skip: np.ndarray | None = None) -> Swept:
+    """One chunk swept as the agent does, its baseline changes applied (final_ns: the barrier's start)."""
+    horizon = Horizon(now_ns if final_ns is None else final_ns, now_ns, evict_ns)
+    r = sweep_chunk(keys, values, base, horizon, wall_offset_ns, rules, skip, final)
+    mask = np.zeros(len(values), dtype=bool)
+    mask[r.delete] = True
+    nb = base.updated(r.drop_ids, r.cuts.ids, r.cuts.packets, r.cuts.bytes, r.cuts.start_ns)
+    return Swept(r.records, mask, nb, r.next_due_ns)
 
 
 def cache(*flows: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -112,45 +134,62 @@ def test_final_sweep_forces_everything_out_without_deleting() -> None:
     assert res.records["packets"].tolist() == [7, 1]
 
 
-def test_expired_matches_sweep_deletes() -> None:
+def test_expiry_is_last_seen_plus_the_timeout_that_applies() -> None:
     _keys, values = cache(
-        {"pk": 1, "by": 1, "first": 0, "last": 0},
-        {"pk": 1, "by": 1, "first": 0, "last": 99 * S},
+        {"pk": 1, "by": 1, "first": 0, "last": 5 * S},
+        {"pk": 1, "by": 1, "first": 0, "last": 5 * S, "flags": 0x11},
     )
-    assert expired(values, 100 * S, RULES).tolist() == [True, False]
+    assert expiry_ns(values, RULES).tolist() == [20 * S, 7 * S]
 
 
-def test_spill_events_aggregate_per_flow() -> None:
-    ev = np.zeros(3, dtype=abi.SPILL_EVENT_DTYPE)
-    for i, (sport, by, ts) in enumerate([(1, 100, 5 * S), (2, 60, 6 * S), (1, 40, 7 * S)]):
-        ev[i]["key"]["src_port"] = sport
-        ev[i]["key"]["ip_version"] = 4
-        ev[i]["bytes"] = by
-        ev[i]["packets"] = 1
-        ev[i]["ts_ns"] = ts
-        ev[i]["tcp_flags"] = 0x02 if i == 0 else 0x10
-    recs = spill_records(ev, WALL)
-    got = {int(r["src_port"]): (int(r["packets"]), int(r["bytes"]), int(r["tcp_flags"]), int(r["start_ms"]),
-                                int(r["end_ms"])) for r in recs}
-    ms = lambda t: (WALL + t) // 10**6  # noqa: E731
-    assert got == {1: (2, 140, 0x12, ms(5 * S), ms(7 * S)), 2: (1, 60, 0x10, ms(6 * S), ms(6 * S))}
+def test_an_entry_that_expired_after_the_barrier_began_waits_for_the_next_sweep() -> None:
+    """Final only if it expired before the barrier: a run that began before may still have written it."""
+    keys, values = cache({"pk": 3, "by": 300, "first": 0, "last": 10 * S})
+    expires = 25 * S
+    late = sweep(keys, values, Baseline(), now_ns=expires + 5, final_ns=expires - 1)
+    assert len(late.records) == 0 and not late.delete.any()
+    assert late.next_due_ns == expires  # due already: the next sweep takes it
+    on_time = sweep(keys, values, Baseline(), now_ns=expires + 5, final_ns=expires)
+    assert on_time.delete.all() and int(on_time.records["packets"].sum()) == 3
 
 
-def test_spill_events_keep_segments_lengths_and_ttl() -> None:
-    """A spilled GSO skb counts as its segments; min/max length and TTL aggregate per flow."""
-    ev = np.zeros(2, dtype=abi.SPILL_EVENT_DTYPE)
-    ev["key"]["ip_version"] = 4
-    ev["key"]["ifindex"] = 7
-    ev["key"]["direction"] = 1
-    ev["packets"] = [3, 1]
-    ev["bytes"] = [3000, 60]
-    ev["length_min"], ev["length_max"] = [900, 60], [1100, 60]
-    ev["ttl"] = [64, 61]
-    (r,) = spill_records(ev, WALL)
-    assert (r["packets"], r["bytes"], r["length_min"], r["length_max"], r["ttl_min"], r["ttl_max"]) == (
-        4, 3060, 60, 1100, 61, 64)
-    # egress flow: the metered interface is the out-interface; the in-interface is unknown
-    assert (r["ifindex"], r["egress_ifindex"], r["meter_ifindex"]) == (0, 7, 7)
+def test_below_the_evict_threshold_is_final_with_lack_of_resources() -> None:
+    keys, values = cache({"pk": 2, "by": 200, "first": 0, "last": 3 * S},
+                         {"pk": 5, "by": 500, "first": 0, "last": 4 * S})
+    res = sweep(keys, values, Baseline(), now_ns=5 * S, evict_ns=4 * S)
+    assert res.delete.tolist() == [True, False]
+    (r,) = res.records
+    assert (r["packets"], r["end_reason"]) == (2, EndReason.LACK_OF_RESOURCES)
+
+
+def test_pending_entries_are_skipped() -> None:
+    """Entries exported by an earlier sweep and waiting for their delete are not exported again."""
+    keys, values = cache({"pk": 2, "by": 200, "first": 0, "last": S, "id": 7},
+                         {"pk": 1, "by": 100, "first": 0, "last": S, "id": 8})
+    res = sweep(keys, values, Baseline(), now_ns=100 * S, skip=np.array([7], dtype=np.uint64))
+    assert res.delete.tolist() == [False, True]
+    assert res.records["packets"].tolist() == [1]
+    forced = sweep(keys, values, Baseline(), now_ns=100 * S, final=True, skip=np.array([8], dtype=np.uint64))
+    assert forced.records["packets"].tolist() == [2]
+
+
+def test_next_due_is_the_earliest_idle_or_active_timeout() -> None:
+    rules = SweepRules(active_ns=60 * S, inactive_ns=15 * S, end_idle_ns=2 * S)
+    keys, values = cache({"pk": 1, "by": 1, "first": 0, "last": 10 * S},
+                         {"pk": 1, "by": 1, "first": 0, "last": 12 * S, "flags": 0x01})
+    assert sweep(keys, values, Baseline(), 11 * S, rules=rules).next_due_ns == 14 * S  # FIN + end-idle
+    keys, values = cache({"pk": 1, "by": 1, "first": 0, "last": 50 * S})
+    assert sweep(keys, values, Baseline(), 51 * S, rules=rules).next_due_ns == 60 * S  # active cut
+    assert sweep(keys[:0], values[:0], Baseline(), 51 * S, rules=rules).next_due_ns == NEVER
+
+
+def test_a_cut_flow_with_nothing_new_is_due_when_it_goes_idle() -> None:
+    rules = SweepRules(active_ns=10 * S, inactive_ns=15 * S, end_idle_ns=2 * S)
+    keys, values = cache({"pk": 4, "by": 40, "first": 0, "last": 9 * S})
+    cut = sweep(keys, values, Baseline(), 10 * S, rules=rules)
+    assert len(cut.records) == 1 and cut.next_due_ns == 20 * S
+    again = sweep(keys, values, cut.baseline, 21 * S, rules=rules)
+    assert len(again.records) == 0 and again.next_due_ns == 24 * S  # idle expiry, not a cut with nothing
 
 
 def test_detail_columns_and_interfaces_come_from_the_kernel_value() -> None:

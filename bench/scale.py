@@ -15,13 +15,18 @@ exporters and fprobe's pending queue 10,000 (so that capture is not what limits 
   just before the burst until its last export datagram was captured;
 * its peak RSS: the largest VmRSS sampled every 0.1 s from just before the burst to the end of
   the run, and VmHWM (the high-water mark since the process started, BPF compile included);
+* its RSS with N cached: VmRSS sampled once, after the burst's last packet reached b and at least
+  2.5 s after its first, before the idle timeout expired any flow (pyflow's cache is a BPF map:
+  kernel memory, not in any process's RSS; the libpcap exporters hold theirs in the heap); the
+  notes say when the sample was late (a long burst) and whether any flow had reached the capture by then;
 * export lateness p50/p99/max per flow: when the first record of the flow reached b's loopback
   (an AF_PACKET capture with kernel timestamps, decoded with ``pyflow.collect``) minus (when the
   burst's first packet reached b + the 5 s idle timeout).  Measured from the burst's start, so
   a flow sent later in the burst looks later by up to the burst's duration (shown): conservative.
 
 A run ends when every flow was seen in the capture, or 8 s after the last datagram (not before
-the idle timeout), and after 90 s at the latest.  The capture is decoded during the run only after
+the idle timeout), and after 120 s at the latest (1M records at pyflow's default max-rate of
+100,000 records/s take 10 s).  The capture is decoded during the run only after
 1 s without datagrams and with the exporter idle (the decoder would otherwise compete with the
 exporter for the CPUs, and, holding the GIL, slow the capturing thread down to a datagram per
 switch interval); the capture is read to its end before the last decode.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import shutil
 import signal
 import socket
@@ -59,7 +65,7 @@ PORT = 20955
 IDLE_S = 5
 ACTIVE_S = 1800
 QUIET_S = 8.0  # a run ends this long after the last export datagram ...
-CAP_S = 90.0  # ... or this long after the burst started, whichever is first
+CAP_S = 120.0  # ... or this long after the burst started, whichever is first
 CACHE = 1 << 20  # pyflow's 1M
 PCAP_BUFFER = 64 << 20
 FPROBE_QUEUE = 10_000  # its pending queue (capture thread -> flow thread); the default 100 drops most of a burst
@@ -79,6 +85,9 @@ TRAFGEN_CONF = """\
 """
 SOL_PACKET, PACKET_STATISTICS, PACKET_OUTGOING, ETH_P_IP = 263, 6, 4, 0x0800
 SO_TIMESTAMPNS, SO_RCVBUFFORCE = 35, 33
+STEADY_S = 2.5  # the RSS "with N cached" is sampled this long after the burst's first packet at b (or later) ...
+STEADY_GAP_S = 0.3  # ... and at least this long after its last
+NOTEWORTHY = re.compile(r"error|warn|fail|drop|lost|traceback|exception|full", re.IGNORECASE)
 
 
 def flow_key(src: str, sport: int) -> int:
@@ -318,7 +327,7 @@ def watch(pair: Pair, pid: int, n: int, conf: Path, cap: ExportCapture, arr: Arr
     samples = [first]
     clock = BurstClock(pair.b, pair.b_if, n)
     tg = trafgen(pair, conf, n)
-    start, checked = time.monotonic(), -1
+    start, checked, steady = time.monotonic(), -1, None
     try:
         while time.monotonic() - start < CAP_S:
             time.sleep(0.1)
@@ -328,6 +337,7 @@ def watch(pair: Pair, pid: int, n: int, conf: Path, cap: ExportCapture, arr: Arr
             samples.append(s)
             if tg.poll() is None:
                 continue
+            steady = steady or steady_sample(s, clock)
             if not clock.first:
                 if clock.done():
                     break  # nothing arrived at b at all
@@ -350,7 +360,18 @@ def watch(pair: Pair, pid: int, n: int, conf: Path, cap: ExportCapture, arr: Arr
         clock.wait(5)
     cap.drain()
     arr.feed(cap.datagrams)
-    return summarize(pid, n, samples, clock, arr, tg)
+    res = summarize(pid, n, samples, clock, arr, tg)
+    res["steady"] = steady and (steady[0] - clock.first, steady[1] / 1024,
+                                sum(1 for t in arr.first.values() if t <= steady[0]))
+    return res
+
+
+def steady_sample(s: tuple[float, float, int], clock: BurstClock) -> tuple[float, int] | None:
+    """(when, VmRSS KiB) of ``s`` if it is the moment for the "with N cached" figure: the burst is over
+    (trafgen exited, its last packet at b STEADY_GAP_S ago) and STEADY_S have passed since its first."""
+    if not clock.first or s[0] < max(clock.first + STEADY_S, clock.last + STEADY_GAP_S):
+        return None
+    return s[0], s[2]
 
 
 def summarize(pid: int, n: int, samples: list[tuple[float, float, int]], clock: BurstClock, arr: Arrivals,
@@ -405,6 +426,7 @@ def one_run(pair: Pair, kind: str, n: int, conf: Path, wanted: set[int], extra: 
         res["records"], res["flows"], res["packets"] = nfcapd_totals(col.flowdir, wanted)
         if not res["alive"]:
             res["output"] = exp.output()[-2000:]
+        res["said"] = run_output(exp)
     finally:
         if exp is not None:
             exp.stop(signal.SIGTERM, timeout=30)
@@ -412,6 +434,14 @@ def one_run(pair: Pair, kind: str, n: int, conf: Path, wanted: set[int], extra: 
         shutil.rmtree(tmp, ignore_errors=True)
     res["capture_drops"] = cap.drops
     return res
+
+
+def run_output(exp: Proc) -> tuple[int, list[str]]:
+    """(lines the exporter printed after its start-up, those of them that look like trouble)."""
+    lines = list(exp.lines)
+    ready = next((i for i, line in enumerate(lines) if "exporting to" in line), -1)
+    after = lines[ready + 1:]
+    return len(after), [line for line in after if NOTEWORTHY.search(line)]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -425,9 +455,10 @@ def row(n: int, kind: str, r: dict[str, Any], base: dict[str, Any] | None) -> st
     rss_x = f"{r['rss_mib'] / base['rss_mib']:.2f}x" if base and base["rss_mib"] > 0 else "-"
     hwm = f"{r['hwm_mib']:.0f}" if r["hwm_mib"] is not None else "-"
     export = f"{r['export_s']:.1f}" if r["export_s"] is not None else "-"
+    steady = f"{r['steady'][1]:.0f}" if r["steady"] else "-"
     return (f"| {n:,} | {kind} | {r['received']:,} | {r['records']:,} ({100 * r['records'] / n:.1f} %) | "
             f"{r['packets']:,} | {r['sock_drops']:,} | {r['captured']:,} | {r['cpu_s']:.2f} | {cpu_x} | "
-            f"{r['rss_mib']:.0f} | {rss_x} | {hwm} | {lat} | {export} |")
+            f"{steady} | {r['rss_mib']:.0f} | {rss_x} | {hwm} | {lat} | {export} |")
 
 
 def notes(n: int, kind: str, r: dict[str, Any]) -> list[str]:
@@ -447,6 +478,25 @@ def notes(n: int, kind: str, r: dict[str, Any]) -> list[str]:
         out.append(f"- {n:,} {kind}: its own counters: {r['own']}")
     if r["nfcapd"]:
         out.append(f"- {n:,} {kind}: nfcapd says: {r['nfcapd']}")
+    return out + steady_notes(n, kind, r)
+
+
+def steady_notes(n: int, kind: str, r: dict[str, Any]) -> list[str]:
+    out = []
+    steady = r.get("steady")
+    if not steady:
+        out.append(f"- {n:,} {kind}: no RSS with N cached (the burst never ended at b, or the exporter died)")
+    elif steady[0] >= IDLE_S or steady[2]:
+        out.append(f"- {n:,} {kind}: RSS with N cached sampled {steady[0]:.1f} s after the burst's first packet, "
+                   f"when {steady[2]:,} flows had already reached the capture: not all N were cached")
+    early = [x for x in r["late"] if x < 0]
+    if early:
+        out.append(f"- {n:,} {kind}: {len(early):,} flows reached the capture before the idle timeout had passed "
+                   f"(exported early), the earliest {-early[0]:.2f} s before it, the last {-early[-1]:.2f} s before")
+    printed, trouble = r.get("said", (0, []))
+    if trouble:
+        out.append(f"- {n:,} {kind}: {len(trouble)} of the {printed} lines it printed after start-up look like "
+                   "trouble; the first ones:\n" + "\n".join(f"      {line}" for line in trouble[:10]))
     return out
 
 
@@ -483,15 +533,18 @@ def print_table(results: dict[tuple[int, str], dict[str, Any]], extra: str, took
           f"-q {FPROBE_QUEUE} (pending queue; its default 100 loses most of a burst); "
           f"softflowd IPFIX, -m {CACHE}, expint=1; both libpcap ones with a {PCAP_BUFFER >> 20} MiB capture "
           "buffer. Collector: stock nfcapd on b's loopback, stopped before the exporter. CPU = the exporter "
-          "process's utime+stime from just before the burst to its last record captured; peak RSS = largest "
+          "process's utime+stime from just before the burst to its last record captured; RSS with N cached = "
+          f"VmRSS once the burst is over and >= {STEADY_S} s after its first packet, before the {IDLE_S} s idle "
+          "timeout (pyflow's flow cache is a BPF map, kernel memory outside its RSS); peak RSS = largest "
           "VmRSS sampled every 0.1 s over the same span (VmHWM: since process start, BPF compile included). "
           f"Lateness = first record of a flow captured on b's loopback - (burst's first packet at b + {IDLE_S} s), "
           "over the flows captured: a flow sent later in the burst looks later (conservative by up to the "
           "burst's duration). 'last' = the last record, seconds after the burst's first packet.\n")
     print("| flows sent | exporter | packets at b | records at nfcapd | packets at nfcapd | datagrams dropped "
-          "at nfcapd socket | flows in capture | CPU s | CPU vs fprobe | peak RSS MiB | RSS vs fprobe | "
+          "at nfcapd socket | flows in capture | CPU s | CPU vs fprobe | RSS with N cached, MiB | peak RSS MiB | "
+          "peak RSS vs fprobe | "
           "VmHWM MiB | lateness p50 s | p99 s | max s | last s |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     extra_notes: list[str] = []
     for (n, kind), r in results.items():
         print(row(n, kind, r, results.get((n, "fprobe"))))

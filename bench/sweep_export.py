@@ -12,13 +12,18 @@ import numpy as np
 from bench.fill import synthetic_cache
 from pyflow.export import ipfix
 from pyflow.export.target import ExportClock
-from pyflow.sweep import Baseline, SweepRules, sweep
+from pyflow.sweep import Baseline, Horizon, SweepRules, sweep_chunk
 
 S = 10**9
 RULES = SweepRules(active_ns=30 * 60 * S, inactive_ns=15 * S, end_idle_ns=2 * S)
 NOW = 10**6 * S
 WALL = 1_700_000_000 * S
 CLOCK = ExportClock(unix_ns=WALL, uptime_ms=NOW // 10**6)
+
+
+def sweep(keys: np.ndarray, values: np.ndarray, final: bool = False) -> np.ndarray:
+    """The pure sweep over a whole synthetic cache (one chunk): its records."""
+    return sweep_chunk(keys, values, Baseline(), Horizon(NOW, NOW), WALL, RULES, None, final).records
 
 
 def _struct_loop_encode(records: np.ndarray) -> int:
@@ -43,9 +48,8 @@ def run(sizes: list[int], repeat: int, median_time: Callable[[Callable[[], objec
     out.connect(sink.getsockname())
     for n in sizes:
         keys, values = synthetic_cache(n, NOW)
-        res = sweep(keys, values, Baseline(), NOW, WALL, RULES)
-        t_sweep = median_time(lambda k=keys, v=values: sweep(k, v, Baseline(), NOW, WALL, RULES), repeat)
-        recs = res.records
+        recs = sweep(keys, values)
+        t_sweep = median_time(lambda k=keys, v=values: sweep(k, v), repeat)
         msgs, _ = ipfix.encode(recs, ipfix.IpfixState(), CLOCK, True, 1472)
         t_enc = median_time(lambda r=recs: ipfix.encode(r, ipfix.IpfixState(), CLOCK, True, 1472), repeat)
 
@@ -76,7 +80,7 @@ def run_formats(n: int, repeat: int, median_time: Callable[[Callable[[], object]
     from pyflow.export.target import ExportContext
 
     keys, values = synthetic_cache(n, NOW)
-    recs = sweep(keys, values, Baseline(), NOW, WALL, RULES, final=True).records
+    recs = sweep(keys, values, final=True)
     v4 = recs[recs["ip_version"] == 4]
     sub = v4[: min(len(v4), 50_000)]
     t_loop = median_time(lambda: _struct_loop_encode(sub), max(1, repeat // 2)) * len(recs) / len(sub)

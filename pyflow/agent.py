@@ -17,7 +17,10 @@ Targets send at their own pace (``Target.pump``).  Only when every target has
 sent a batch does the kernel forget it (``FlowMeter.commit``: delete the final
 entries, save the baseline); until then its entries are skipped by later
 ticks.  An agent killed at any point leaves what was not committed for the
-next one, which exports it again: never lost, at worst sent twice.
+next one, which exports it again: never lost, at worst sent twice.  A batch
+still queued after half the shortest timeout (``hold_ns``) is committed all the
+same: its entries must leave the kernel before a flow that resumed meanwhile
+expires in the resume map too; a kill in that window loses what was queued.
 
 When a map is nearly full (``sweep.HIGH_WATER``), its ``evict_before``
 threshold is raised above its idlest entries, which the next tick (at once)
@@ -113,6 +116,7 @@ class Pending:
     ids: np.ndarray  # flow ids of the entries to delete (later sweeps skip them)
     old: Baseline
     new: Baseline
+    since_ns: int  # when the sweep queued it (boot clock)
 
 
 @dataclass
@@ -239,7 +243,9 @@ class Agent:
         batch = self._host_fields([r for r in t.records if len(r)])
         self._batch += 1
         deletes = {m: _cat(parts, FLOW_KEY_DTYPE) for m, parts in t.deletes.items() if parts}
-        self._pending.append(Pending(self._batch, meter, deletes, drops, self.baseline, new))
+        if deletes or new is not self.baseline:  # something for the kernel to forget
+            self._pending.append(Pending(self._batch, meter, deletes, drops, self.baseline, new,
+                                         self.clocks.boot_ns()))
         self.baseline = new
         if len(drops):  # flow ids are unique, and a skipped entry is never dropped again: no overlap
             self._skip = np.sort(np.concatenate([self._skip, drops]))
@@ -295,8 +301,7 @@ class Agent:
                 nxt = target.pump(self._export_clock, functools.partial(self._sent, target), paced)
             except Exception as exc:  # one broken target must not stop the others
                 target.stats.send_errors["internal"] += 1
-                target.queue.clear()
-                target.queued = 0
+                target.discard()
                 self.log(f"target {target.name}: export failed: {exc!r}")
                 continue
             if nxt is not None:
@@ -306,7 +311,7 @@ class Agent:
 
     def _drain(self, paced: bool, deadline_ns: int | None = None) -> None:
         """Send everything queued (at the targets' pace until ``deadline_ns``), and commit it."""
-        while any(t.queue for t in self.targets):
+        while any(t.waiting for t in self.targets):
             wake = self.pump(paced)
             if wake is None:
                 break
@@ -317,16 +322,26 @@ class Agent:
             time.sleep(max(0.0, (wake - now) / 1e9))
         self._commit_ready()
 
+    def hold_ns(self) -> int:
+        """How long a batch's entries wait in the kernel for its records to leave, at most: half the
+        shortest timeout.  Longer, and a flow that resumed meanwhile could see its entries in both
+        maps expire before either is taken out (sweep_behind)."""
+        return min(self.rules.inactive_ns, self.rules.end_idle_ns) // 2
+
     def _commit_ready(self) -> None:
-        """The kernel forgets the batches every target has sent (in order)."""
+        """The kernel forgets the batches every target has sent, or that have waited ``hold_ns``
+        (in order; their records still leave, from the queues)."""
         done = [s for t in self.targets if (s := t.sent_through()) is not None]
         upto = min(done) if done else self._batch
-        while self._pending and self._pending[0].batch <= upto:
+        oldest = self.clocks.boot_ns() - self.hold_ns()
+        while self._pending and (self._pending[0].batch <= upto or self._pending[0].since_ns <= oldest):
             p = self._pending.popleft()
             t0 = time.perf_counter()
             self.stats.deleted += p.meter.commit(p.deletes, p.old, p.new)
             self.stats.last_commit_seconds = time.perf_counter() - t0
-            if len(p.ids):
+            if not self._pending:
+                self._skip = self._skip[:0]  # every pending entry is gone
+            elif len(p.ids):
                 self._skip = self._skip[~member(np.sort(p.ids), self._skip)]
         self.stats.pending_commits = len(self._pending)
 
@@ -424,8 +439,14 @@ class Agent:
         return max(earliest, min(due_ns, now + self.sweep_interval_ns()))
 
     def sweep_interval_ns(self) -> int:
-        """The longest time between sweeps: sweep-interval, but at most half the inactive-flow-timeout."""
-        return min(self.settings.sweep_interval_ns, self.settings.inactive_flow_timeout_ns // 2)
+        """The longest time between sweeps: the shortest timeout, or sweep-interval if shorter.
+
+        An entry the last sweep did not see (created, or given FIN, since) falls due at the
+        earliest its timeout after that sweep; the entries it saw, at the due instant it
+        returned.  So sweeping at the earlier of the two is on time for every entry.
+        """
+        r = self.rules
+        return min(self.settings.sweep_interval_ns, r.end_idle_ns, r.inactive_ns, r.active_ns)
 
     def hand_over(self, new_meter: FlowMeter) -> np.ndarray:
         """Move to ``new_meter`` without losing a count (call with ``lock`` held).

@@ -95,7 +95,7 @@ settings (RouterOS name: flag; config file key):
                            ,time=routeros (IPFIX: flowStart/EndSysUpTime + systemInitTime,
                            as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
                            ,max-rate=N (pyflow's: flow records a second at most, paced in
-                           10 ms steps so a burst of expiring flows does not overrun the
+                           2 ms steps so a burst of expiring flows does not overrun the
                            collector's socket buffer; default 100000, 0 = unpaced);
                            --target replaces the file's targets
   target v9-template-refresh / v9-template-timeout
@@ -109,7 +109,7 @@ settings (RouterOS name: flag; config file key):
 {_TOGGLE_LINES}
                            all yes except nat-events=no (as in RouterOS), e.g.
                            --ipfix nat-events=yes,ttl=no
-  pyflow's own             --sweep-interval 1s --metrics-address 127.0.0.1:9796
+  pyflow's own             --sweep-interval 10s --metrics-address 127.0.0.1:9796
                            --xdp-mode auto --direction ingress --hook auto --as-file FILE;
                            in the file's [pyflow] table, same names
 
@@ -140,7 +140,7 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   name = "eth1"
   direction = "both"                   # ingress, egress, both; hook = auto, xdp, tc
   [pyflow]                             # sweep-interval, metrics-address, xdp-mode,
-  sweep-interval = "1s"                # direction, hook, as-file
+  sweep-interval = "10s"               # direction, hook, as-file
   Unknown keys, wrong types and bad values are errors naming the key and line.
   A full example: examples/pyflow.toml.
 """
@@ -332,7 +332,9 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                      help="receive-side hook: XDP, TC clsact ingress, or auto = XDP where it attaches, "
                           "else TC (default: auto)")
     own.add_argument("--sweep-interval", type=_duration_arg("sweep-interval"), metavar="DURATION",
-                     help="how often the cache is swept (default: 1s)")
+                     help="the longest time between two sweeps; they run when the earliest cached flow "
+                          "falls due, and never later than the shortest timeout (end-idle: 2s) after the "
+                          "last one (default: 10s)")
     own.add_argument("--xdp-mode", choices=("auto", "native", "generic"),
                      help="XDP attach mode; auto tries native, then generic (default: auto)")
     own.add_argument("--as-file", metavar="FILE",

@@ -323,7 +323,7 @@ class Settings:
     active_flow_timeout_ns: int = 30 * 60 * 10**9
     inactive_flow_timeout_ns: int = 15 * 10**9
     targets: tuple[TargetSettings, ...] = field(default_factory=tuple)
-    sweep_interval_ns: int = 10**9
+    sweep_interval_ns: int = 10 * 10**9
     end_idle_ns: int = 2 * 10**9
     xdp_mode: str = "auto"
     metrics_address: str = "127.0.0.1:9796"  # Prometheus endpoint; "" = off

@@ -30,7 +30,7 @@ The file (``pyflow run --config FILE``)::
     direction = "both"
 
     [pyflow]                  # pyflow's own knobs
-    sweep-interval = "1s"
+    sweep-interval = "10s"
 
 Values are written as RouterOS writes them (``64k``, ``30m``, ``1h30m``,
 ``00:30:00``, ``yes``/``no``); TOML integers and booleans are accepted too.

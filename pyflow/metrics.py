@@ -236,7 +236,7 @@ class PyflowCollector(Collector):
                 fam.add_metric(lbl, float(getattr(s, key)))
             for err, n in sorted(s.send_errors.items()):
                 errors.add_metric([*lbl, err], float(n))
-            queued.add_metric(lbl, float(t.queued))
+            queued.add_metric(lbl, float(t.backlog))
         yield from fams.values()
         yield errors
         yield queued

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ QUEUE_LIMIT = 1 << 20
 #: The pace's step: a paced target sends what ``max-rate`` allows at most every this often, and
 #: never more than one step's worth at once.
 PACE_STEP_NS = 2_000_000
+#: Records encoded at once (then sent datagram by datagram at the pace): big enough that encoding
+#: runs at full speed, small enough that the export time in their headers is at most tens of ms old.
+ENCODE_RECORDS = 2048
 
 
 @dataclass
@@ -156,22 +160,21 @@ class Pace:
         """Records one step carries: what the rate allows in PACE_STEP_NS, at least one."""
         return max(1, int(self.rate * PACE_STEP_NS / 1e9))
 
-    def allowance(self, now_ns: int) -> int:
-        """Records that may go now."""
+    def allowance(self, now_ns: int, cap: float) -> float:
+        """Records that may go now (tokens saved up to ``cap``: a step's worth, or one datagram's)."""
         if self.last_ns is None:
-            self.tokens = self.step
+            self.tokens = cap
         else:
-            self.tokens = min(float(self.step), self.tokens + (now_ns - self.last_ns) * self.rate / 1e9)
+            self.tokens = min(cap, self.tokens + (now_ns - self.last_ns) * self.rate / 1e9)
         self.last_ns = now_ns
-        return int(self.tokens)
+        return self.tokens
 
-    def spend(self, records: int) -> None:
+    def spend(self, records: float) -> None:
         self.tokens -= records
 
-    def next_ns(self, now_ns: int, want: int) -> int:
-        """When ``want`` records (at most a step's worth) may go."""
-        need = min(want, self.step) - self.tokens
-        return now_ns + max(PACE_STEP_NS // 10, int(need * 1e9 / self.rate))
+    def next_ns(self, now_ns: int, want: float) -> int:
+        """When ``want`` records may go."""
+        return now_ns + max(1, math.ceil((want - self.tokens) * 1e9 / self.rate))
 
 
 @dataclass
@@ -197,9 +200,13 @@ class Target:
         self.max_size = MAX_PAYLOAD_V6 if settings.family_is_v6 else MAX_PAYLOAD_V4
         self.sock: socket.socket | None = None
         self.pace = Pace(settings.max_rate)
-        # (batch number, records, how many of them were sent)
+        # (batch number, records, how many of them were taken); records not yet encoded
         self.queue: collections.deque[tuple[int, np.ndarray, int]] = collections.deque()
         self.queued = 0
+        # the slice being sent: its batch and the records it carries, its datagrams not yet sent
+        self._slice: tuple[int, np.ndarray] | None = None
+        self._out: collections.deque[bytes] = collections.deque()
+        self._cost = 1.0  # records per datagram of the slice (what one datagram spends of the pace)
 
     @property
     def name(self) -> str:
@@ -234,7 +241,14 @@ class Target:
             self.sock = None
 
     def export(self, records: np.ndarray, clock: ExportClock, now_ns: int) -> np.ndarray:
-        """Encode and send ``records``; returns those it carried.  Never raises for network errors.
+        """Encode and send ``records`` at once; returns those it carried.  Never raises for network errors."""
+        datagrams, carried = self.encode(records, clock, now_ns)
+        for dgram in datagrams:
+            self._send(dgram)
+        return carried
+
+    def encode(self, records: np.ndarray, clock: ExportClock, now_ns: int) -> tuple[list[bytes], np.ndarray]:
+        """The datagrams that carry ``records`` (templates first when due), and the records carried.
 
         Records the target cannot carry are counted as not representable and
         left out: IPv6 for v1/v5, and NAT events (``nat_event`` != 0) unless
@@ -252,17 +266,15 @@ class Target:
                 records = records[~drop]
         templates = self.encoder.uses_templates and self.clock.due(now_ns)
         if len(records) == 0 and not templates:
-            return records
+            return [], records
         datagrams, self.state = self.encoder.encode(records, self.state, clock, templates, self.max_size,
                                                      self.ctx)
-        for dgram in datagrams:
-            self._send(dgram)
         self.stats.records += len(records)
         if self.encoder.uses_templates:
             self.clock.sent(now_ns, len(datagrams), templates)
             if templates and datagrams:
                 self.stats.templates += 1
-        return records
+        return datagrams, records
 
     def enqueue(self, records: np.ndarray, batch: int) -> None:
         """Queue one sweep's records (batch numbers rise); what does not fit is counted and dropped."""
@@ -275,36 +287,73 @@ class Target:
             self.queued += len(records)
 
     def sent_through(self) -> int | None:
-        """Every batch up to this number has left (None: all of them, the queue is empty)."""
+        """Every batch up to this number has left (None: all of them, nothing is waiting)."""
+        if self._slice is not None:
+            return self._slice[0] - 1
         return self.queue[0][0] - 1 if self.queue else None
+
+    def discard(self) -> None:
+        """Forget everything waiting (after an internal error: the agent counts it)."""
+        self.queue.clear()
+        self.queued = 0
+        self._slice = None
+        self._out.clear()
+
+    @property
+    def backlog(self) -> int:
+        """Records waiting: queued, and in the datagrams of the slice not yet sent."""
+        return self.queued + round(len(self._out) * self._cost)
+
+    @property
+    def waiting(self) -> bool:
+        """Records or encoded datagrams wait to be sent."""
+        return bool(self.queue) or self._slice is not None
+
+    def _next_slice(self, clock: Callable[[], tuple[ExportClock, int]]) -> None:
+        """Encode the next ENCODE_RECORDS queued records (sent datagram by datagram at the pace)."""
+        batch, records, done = self.queue[0]
+        n = min(len(records) - done, ENCODE_RECORDS)
+        export_clock, now_ns = clock()
+        datagrams, carried = self.encode(records[done:done + n], export_clock, now_ns)
+        self.queued -= n
+        if done + n == len(records):
+            self.queue.popleft()
+        else:
+            self.queue[0] = (batch, records, done + n)
+        self._out = collections.deque(datagrams)
+        self._cost = n / max(1, len(datagrams))
+        self._slice = (batch, carried)
 
     def pump(self, clock: Callable[[], tuple[ExportClock, int]],
              sent: Callable[[np.ndarray, int], None] | None = None, paced: bool = True) -> int | None:
-        """Send what the pace allows now; when to call again (boot ns), or None: the queue is empty.
+        """Send what the pace allows now; when to call again (boot ns), or None: nothing waits.
 
-        ``clock`` gives the export instant (taken when the records leave);
-        ``sent(records, boot_ns)`` hears of the records of every slice sent (export lateness).
+        Records are encoded ENCODE_RECORDS at a time (``clock`` gives the
+        export instant) and their datagrams sent a step's worth at a time;
+        ``sent(records, boot_ns)`` hears of each slice once its last datagram
+        is out (export lateness).
         """
-        while self.queue:
-            export_clock, now_ns = clock()
-            batch, records, done = self.queue[0]
-            n = min(len(records) - done, 1 << 16)
+        while self.waiting:
+            if not self._out:
+                if self._slice is not None:
+                    if sent is not None:
+                        sent(self._slice[1], clock()[1])
+                    self._slice = None
+                if self.queue:
+                    self._next_slice(clock)
+                continue
             if paced and self.pace.rate > 0:
-                want = min(n, self.pace.step)
-                allowed = self.pace.allowance(now_ns)
-                if allowed < want:  # a whole step's worth at a time: full datagrams, few wake-ups
+                now_ns = clock()[1]
+                # a step's worth at a time (what is left of the slice, at least one datagram)
+                want = max(min(len(self._out) * self._cost, float(self.pace.step)), self._cost)
+                if self.pace.allowance(now_ns, max(float(self.pace.step), self._cost)) < want:
                     return self.pace.next_ns(now_ns, want)
-                n = min(n, allowed)
-                self.pace.spend(n)
-            part = records[done:done + n]
-            carried = self.export(part, export_clock, now_ns)
-            self.queued -= n
-            if sent is not None:
-                sent(carried, now_ns)
-            if done + n == len(records):
-                self.queue.popleft()
+                while self._out and self.pace.tokens >= self._cost - 1e-9:
+                    self._send(self._out.popleft())
+                    self.pace.spend(self._cost)
             else:
-                self.queue[0] = (batch, records, done + n)
+                while self._out:
+                    self._send(self._out.popleft())
         return None
 
     def _send(self, dgram: bytes) -> None:

@@ -4,9 +4,9 @@
   viewed as numpy arrays (bcc's ``items_lookup_batch`` allocates the whole
   map as ctypes objects on every call; see docs/benchmarks.md).
 * ``prog_test_run``: BPF_PROG_TEST_RUN, to run the meter on crafted packets.
-* single-element lookup/delete used by the exact idle-delete protocol, and
-  ``map_lookup_and_delete_many`` (BPF_MAP_LOOKUP_AND_DELETE_ELEM, hash maps
-  since Linux 5.14) for the early export of a nearly full cache.
+* ``MapChunks``: the same, a chunk at a time (the sweep: memory bounded by a
+  chunk whatever the map's size).
+* single-element lookup/update/delete and batch update/delete.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_DELETE_ELEM = 3
-BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
@@ -137,39 +136,6 @@ def map_delete(map_fd: int, key: bytes) -> bool:
             return False
         raise
     return True
-
-
-def map_lookup_and_delete_many(map_fd: int, keys: np.ndarray, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Take many elements out of a hash map, each with its value (BPF_MAP_LOOKUP_AND_DELETE_ELEM).
-
-    For each key the kernel copies the value and unlinks the element under the
-    bucket lock, in one step: a lookup after that finds nothing.  (A BPF
-    program that found the element before may still write into it after the
-    copy; see docs/reliability.md, "A full cache".)  Returns (found, values):
-    keys already gone are False in ``found`` and zero in ``values``.  Needs
-    Linux 5.14 for hash maps; older kernels answer EINVAL or ENOTSUPP, raised
-    as ``BpfError`` (the caller falls back to lookup + delete).
-    """
-    keys = np.ascontiguousarray(keys)
-    n = len(keys)
-    values = np.zeros(n, dtype=value_dtype)
-    found = np.zeros(n, dtype=bool)
-    ksize = keys.dtype.itemsize
-    vsize = value_dtype.itemsize
-    attr = _ElemAttr(map_fd=map_fd)
-    kbase = int(keys.ctypes.data)
-    vbase = int(values.ctypes.data)
-    for i in range(n):
-        attr.key = kbase + i * ksize
-        attr.value = vbase + i * vsize
-        try:
-            _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                continue
-            raise
-        found[i] = True
-    return found, values
 
 
 class MapBatchReader:

@@ -188,6 +188,7 @@ class FlowMeter:
         self.instance: pin.Instance | None = None  # pinned: where, manifest
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._readers: dict[abi.CacheMap, MapBatchReader] = {}
+        self._chunks: dict[tuple[abi.CacheMap, int], MapChunks] = {}
         self._stats_readers: dict[str, pin.PerCpuReader] = {}
         self._own_exports: set[tuple[str, int, str, int]] = set()
         self._own_fds: list[int] = []
@@ -581,7 +582,11 @@ class FlowMeter:
         """Every entry of both cache maps, in chunks: (map, keys, values) views of reused buffers,
         each valid until the next step (see MapChunks)."""
         for which in abi.CacheMap:
-            for keys, values in MapChunks(self.cache_fd(which), abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE, chunk):
+            reader = self._chunks.get((which, chunk))
+            if reader is None:  # buffers reused from one sweep to the next
+                reader = MapChunks(self.cache_fd(which), abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE, chunk)
+                self._chunks[(which, chunk)] = reader
+            for keys, values in reader:
                 yield which, keys, values
 
     def read_map(self, which: abi.CacheMap) -> tuple[np.ndarray, np.ndarray]:

@@ -62,8 +62,7 @@ class Keep:
     def __init__(self) -> None:
         self.batches: list[np.ndarray] = []
         self.stats = type("S", (), {"send_errors": collections.Counter()})()
-        self.queue: list[Any] = []
-        self.queued = 0
+        self.waiting = False
 
     def export(self, batch: np.ndarray, clock: Any, now_ns: int) -> None:
         if len(batch):

@@ -44,7 +44,8 @@ def test_example_file_means_what_it_says() -> None:
     assert s.ipfix.changes() == {"nat-events": True, "tcp-ack-num": False, "tcp-seq-num": False}
     assert s.interface_options == (InterfaceOptions("eth1", "both", "tc"),)
     assert s.options_for("eth2") == InterfaceOptions("eth2", "ingress", "auto")
-    assert (s.sweep_interval_ns, s.metrics_address, s.xdp_mode, s.as_file) == (S, "127.0.0.1:9796", "auto", None)
+    assert (s.sweep_interval_ns, s.metrics_address, s.xdp_mode, s.as_file) == (10 * S, "127.0.0.1:9796", "auto",
+                                                                                 None)
 
 
 def test_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:

@@ -148,7 +148,7 @@ def test_status(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -
     s = st["settings"]
     assert s["enabled"] is True and s["interfaces"] == ["eth0", "eth1"]
     assert (s["cache-entries"], s["active-flow-timeout"], s["inactive-flow-timeout"]) == (4096, "1m", "15s")
-    assert s["sweep-interval"] == "1s" and s["ipfix"] == {}
+    assert s["sweep-interval"] == "10s" and s["ipfix"] == {}
     assert st["cache"] == {"entries": 3, "capacity": 4096}
     assert st["agent"] | {"pid": 0} == {"sweeps": 12, "records": 34, "deleted": 5, "nat-events": 0,
                                         "pending-sweeps": 0, "last-sweep-seconds": 0.0, "started": 1_000.0,

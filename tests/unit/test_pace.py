@@ -1,0 +1,257 @@
+"""Paced export and the sweep's commit protocol, root-free: a fake clock, a fake meter, real targets.
+
+* a target never sends more than ``max-rate`` records a second (plus one step), in the order
+  queued, and its queue is bounded, what does not fit counted;
+* the agent's tick on an in-memory meter: final entries are exported once, deleted only after
+  every target has sent them (or after ``hold_ns``), skipped by the sweeps in between; an
+  entry that expired after the barrier began waits for the next sweep; relief raises the map's
+  threshold and the next sweep exports below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from pyflow.agent import Agent, Clocks
+from pyflow.config import Settings, TargetSettings
+from pyflow.export import target as target_mod
+from pyflow.export.registry import encoder_for
+from pyflow.export.target import ExportClock, Target
+from pyflow.kernel import abi
+from pyflow.records import EndReason
+from pyflow.sweep import Baseline
+from tests.unit.test_sweep import cache
+from tests.unit.test_target import batch
+
+S = 10**9
+MS = 10**6
+
+
+@dataclass
+class FakeClock:
+    now: int = 1000 * S
+
+    def boot(self) -> int:
+        return self.now
+
+    def wall(self) -> int:
+        return self.now + 1_700_000_000 * S
+
+    def export(self) -> tuple[ExportClock, int]:
+        return ExportClock(unix_ns=self.wall(), uptime_ms=self.now // MS), self.now
+
+
+class Sent(Target):
+    """A real target whose datagrams are kept instead of sent (no socket)."""
+
+    def __init__(self, rate: int) -> None:
+        super().__init__(TargetSettings("192.0.2.9", version="9", max_rate=rate), encoder_for("9"))
+        self.datagrams: list[bytes] = []
+
+    def _send(self, dgram: bytes) -> None:
+        self.datagrams.append(dgram)
+        self.stats.datagrams += 1
+
+
+def v9_count(msg: bytes) -> int:
+    """Records announced in a NetFlow v9 header (templates included: v9 counts all)."""
+    return int.from_bytes(msg[2:4], "big")
+
+
+def test_a_paced_target_keeps_to_its_rate() -> None:
+    clock = FakeClock()
+    t = Sent(rate=10_000)
+    t.enqueue(batch(30_000), 1)
+    sent_at: list[tuple[int, int]] = []
+    while t.waiting and clock.now < 1010 * S:
+        nxt = t.pump(clock.export, lambda recs, now: sent_at.append((now, len(recs))))
+        if nxt is not None:
+            assert nxt > clock.now
+            clock.now = nxt
+    elapsed = (clock.now - 1000 * S) / S
+    assert sum(n for _, n in sent_at) == 30_000 and t.stats.records == 30_000
+    # 30,000 records at 10,000 a second: about 3 s, never faster than the rate (plus one step)
+    assert 2.9 <= elapsed <= 3.2, elapsed
+    assert t.backlog == 0 and t.sent_through() is None
+
+
+def test_an_unpaced_target_sends_at_once() -> None:
+    clock = FakeClock()
+    t = Sent(rate=0)
+    t.enqueue(batch(5000), 1)
+    assert t.pump(clock.export) is None
+    assert t.stats.records == 5000 and not t.waiting
+
+
+def test_no_burst_bigger_than_a_step() -> None:
+    """Between two pumps at the same instant nothing more goes: tokens do not pile up."""
+    clock = FakeClock()
+    t = Sent(rate=100_000)
+    t.enqueue(batch(20_000), 1)
+    t.pump(clock.export)
+    first = t.stats.datagrams
+    t.pump(clock.export)
+    assert t.stats.datagrams == first
+    clock.now += 3600 * S  # an hour idle saves no more than one step
+    t.pump(clock.export)
+    step = target_mod.PACE_STEP_NS * 100_000 // S
+    assert t.stats.datagrams - first <= step // 10 + 2
+
+
+def test_sent_through_follows_the_batches() -> None:
+    clock = FakeClock()
+    t = Sent(rate=1000)
+    assert t.sent_through() is None
+    t.enqueue(batch(10), 1)
+    t.enqueue(batch(3000), 2)
+    assert t.sent_through() == 0
+    for _ in range(20):
+        nxt = t.pump(clock.export)
+        clock.now = nxt or clock.now
+    assert t.sent_through() == 1  # batch 1 out, batch 2 still going
+
+
+def test_the_queue_is_bounded_and_counts_what_it_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(target_mod, "QUEUE_LIMIT", 1000)
+    t = Sent(rate=10)
+    t.enqueue(batch(700), 1)
+    t.enqueue(batch(700), 2)
+    assert t.queued == 1000 and t.stats.queue_dropped == 400
+
+
+# -- the agent's tick on an in-memory meter -----------------------------------------------
+
+
+@dataclass
+class FakeMeter:
+    """The FlowMeter face the agent uses, over two in-memory maps."""
+
+    maps: dict[abi.CacheMap, tuple[np.ndarray, np.ndarray]]
+    capacity_: int = 1000
+    evict: dict[abi.CacheMap, int] = field(default_factory=lambda: {m: 0 for m in abi.CacheMap})
+    barriers: int = 0
+    commits: list[int] = field(default_factory=list)
+
+    @property
+    def settings(self) -> object:
+        return type("K", (), {"cache_entries": self.capacity_})()
+
+    def load_baseline(self) -> Baseline:
+        return Baseline()
+
+    def barrier(self) -> None:
+        self.barriers += 1
+
+    def read_chunks(self, chunk: int = 65536):  # type: ignore[no-untyped-def]
+        for which, (keys, values) in self.maps.items():
+            for lo in range(0, len(keys), chunk):
+                yield which, keys[lo:lo + chunk], values[lo:lo + chunk]
+
+    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], old: Baseline, new: Baseline) -> int:
+        n = 0
+        for which, keys in deletes.items():
+            k, v = self.maps[which]
+            gone = np.isin(k.view(np.dtype((np.void, 44))), keys.view(np.dtype((np.void, 44))))
+            self.maps[which] = (k[~gone], v[~gone])
+            n += int(np.count_nonzero(gone))
+        self.commits.append(n)
+        return n
+
+    def capacity(self, which: abi.CacheMap) -> int:
+        return self.capacity_
+
+    def evict_threshold(self, which: abi.CacheMap) -> int:
+        return self.evict[which]
+
+    def set_evict_threshold(self, which: abi.CacheMap, ns: int) -> None:
+        self.evict[which] = ns
+
+    def detach_all(self) -> None:
+        pass
+
+
+def agent_on(meter: FakeMeter, targets: list[Target], clock: FakeClock) -> Agent:
+    settings = Settings(interfaces=("lo",), inactive_flow_timeout_ns=15 * S)
+    agent = Agent(settings, meter, targets, clocks=Clocks(clock.boot, clock.wall),  # type: ignore[arg-type]
+                  log=lambda _m: None)
+    return agent
+
+
+def one_map(*flows: dict) -> dict[abi.CacheMap, tuple[np.ndarray, np.ndarray]]:
+    k, v = cache(*flows)
+    return {abi.CacheMap.FLOWS: (k, v), abi.CacheMap.RESUMED: (k[:0], v[:0])}
+
+
+def test_final_entries_leave_once_and_are_deleted_after_every_target_sent_them() -> None:
+    clock = FakeClock()
+    meter = FakeMeter(one_map({"pk": 3, "by": 300, "first": 0, "last": 100 * S},  # idle-expired
+                              {"pk": 1, "by": 100, "first": 0, "last": 999 * S}))  # still live
+    slow, fast = Sent(rate=100), Sent(rate=0)
+    slow.enqueue(batch(150), 0)  # a second and a half of records ahead of the sweep's
+    agent = agent_on(meter, [slow, fast], clock)
+    first = agent._sweep(False)
+    assert sum(len(p) for p in first) == 1 and meter.barriers == 1
+    agent.pump()
+    assert meter.commits == []  # the slow target has not sent it yet: the entry stays in the kernel
+    again = agent._sweep(False)  # and is not exported twice meanwhile
+    assert sum(len(p) for p in again) == 0
+    for _ in range(1000):
+        nxt = agent.pump()
+        if not slow.waiting:
+            break
+        clock.now = nxt or clock.now + MS
+    assert meter.commits == [1]
+    assert len(meter.maps[abi.CacheMap.FLOWS][0]) == 1
+    assert fast.stats.records == 1 and slow.stats.records == 151
+    assert 1.4 * S <= clock.now - 1000 * S <= 1.7 * S
+
+
+def test_a_batch_waits_at_most_hold_ns() -> None:
+    clock = FakeClock()
+    meter = FakeMeter(one_map({"pk": 3, "by": 300, "first": 0, "last": 100 * S}))
+    stuck = Sent(rate=1)
+    stuck.enqueue(batch(10_000), 0)  # far behind: hours of records at 1 a second
+    agent = agent_on(meter, [stuck], clock)
+    agent._sweep(False)
+    agent.pump()
+    assert meter.commits == []
+    clock.now += agent.hold_ns()
+    agent.pump()
+    assert meter.commits == [1]  # deleted; its record still leaves from the queue
+
+
+def test_an_entry_expiring_after_the_barrier_began_waits_for_the_next_sweep() -> None:
+    clock = FakeClock()
+    expires = clock.now + 5 * MS  # during the barrier
+    meter = FakeMeter(one_map({"pk": 2, "by": 200, "first": 0, "last": expires - 15 * S}))
+    t = Sent(rate=0)
+    agent = agent_on(meter, [t], clock)
+    real_barrier = meter.barrier
+
+    def slow_barrier() -> None:
+        real_barrier()
+        clock.now += 10 * MS  # the grace period takes 10 ms
+
+    meter.barrier = slow_barrier  # type: ignore[method-assign]
+    assert sum(len(p) for p in agent._sweep(False)) == 0
+    assert agent.next_due_ns == expires
+    assert sum(len(p) for p in agent._sweep(False)) == 1
+
+
+def test_relief_raises_the_threshold_and_the_next_sweep_exports_below_it() -> None:
+    clock = FakeClock()
+    flows = [{"pk": 1, "by": 10, "first": 0, "last": clock.now - (100 - i) * MS, "id": i + 1} for i in range(95)]
+    meter = FakeMeter(one_map(*flows), capacity_=100)
+    t = Sent(rate=0)
+    agent = agent_on(meter, [t], clock)
+    assert sum(len(p) for p in agent._sweep(False)) == 0
+    cut = meter.evict[abi.CacheMap.FLOWS]
+    assert cut > 0 and agent.next_due_ns <= clock.now  # due at once
+    assert agent.stats.cached == 75
+    out = np.concatenate(agent._sweep(False))
+    assert len(out) == 20 and set(out["end_reason"].tolist()) == {EndReason.LACK_OF_RESOURCES}
+    agent.pump()
+    assert len(meter.maps[abi.CacheMap.FLOWS][0]) == 75

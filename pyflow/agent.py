@@ -70,9 +70,11 @@ if TYPE_CHECKING:
 
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
                  EndReason.FORCED: "forced", EndReason.LACK_OF_RESOURCES: "lack_of_resources"}
-#: The shortest time between two sweeps (on top of the last one's own duration): a busy cache
-#: where something falls due all the time is swept at most this often.
+#: The shortest time between two sweeps, on top of SWEEP_GAP_FACTOR times the last one's own
+#: duration: a large cache where something falls due all the time (a burst expiring over a
+#: second or two) is swept with at most a third of one core.
 MIN_SWEEP_GAP_NS = 50_000_000
+SWEEP_GAP_FACTOR = 2
 #: How long a clean stop goes on sending at the targets' pace before it sends the rest at once.
 FLUSH_PACED_NS = 5_000_000_000
 
@@ -433,9 +435,9 @@ class Agent:
 
     def _next_sweep_ns(self, due_ns: int) -> int:
         """When to sweep next: when the earliest flow falls due, at least every sweep-interval, and not
-        sooner than MIN_SWEEP_GAP_NS plus the last sweep's own duration after it."""
+        sooner than MIN_SWEEP_GAP_NS plus SWEEP_GAP_FACTOR times the last sweep's own duration after it."""
         now = self.clocks.boot_ns()
-        earliest = now + MIN_SWEEP_GAP_NS + int(self.stats.last_sweep_seconds * 1e9)
+        earliest = now + MIN_SWEEP_GAP_NS + int(SWEEP_GAP_FACTOR * self.stats.last_sweep_seconds * 1e9)
         return max(earliest, min(due_ns, now + self.sweep_interval_ns()))
 
     def sweep_interval_ns(self) -> int:

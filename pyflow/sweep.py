@@ -153,6 +153,9 @@ def expiry_ns(values: np.ndarray, rules: SweepRules) -> np.ndarray:
 
 def _baseline_of(values: np.ndarray, baseline: Baseline) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per entry: packets and bytes already exported, and when its current record began."""
+    if not len(baseline):
+        zero = np.zeros(len(values), dtype=np.uint64)
+        return zero, zero, values["first_seen_ns"].astype(np.uint64)
     has, pos = baseline.join(values["flow_id"])
     base_pk = np.where(has, baseline.packets[pos] if len(baseline) else 0, 0).astype(np.uint64)
     base_by = np.where(has, baseline.bytes[pos] if len(baseline) else 0, 0).astype(np.uint64)
@@ -169,26 +172,54 @@ def sweep_chunk(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizo
     delete (the agent commits after the records have left), ignored here.
     ``final`` (agent shutdown) exports every other entry's remaining delta
     with end reason *forced* and deletes nothing.
+
+    Only *candidates* get the full work: entries that leave now, or that may
+    be due for an active-timeout cut (first seen an active timeout ago: an
+    entry cut before was first seen at least that long ago, so every other
+    one has no baseline and its record began at its first packet).
     """
     look = np.ones(len(values), dtype=bool)
     if skip_ids is not None and len(skip_ids):
         look = ~member(skip_ids, values["flow_id"])
+    if final:
+        idx = np.flatnonzero(look)
+        return _final(keys[idx], values[idx], baseline, wall_offset_ns)
+    expiry = expiry_ns(values, rules)
+    last = values["last_seen_ns"].astype(np.int64)
+    gone = look & ((expiry <= horizon.final_ns) | (last < horizon.evict_ns))
+    first_active = values["first_seen_ns"].astype(np.int64) + rules.active_ns
+    cand = np.flatnonzero(look & (gone | (first_active <= horizon.now_ns)))
+    r = _candidates(keys[cand], values[cand], baseline, horizon, wall_offset_ns, rules, expiry[cand])
+    stay = look & ~gone
+    stay[cand] = False  # the candidates' own due instants come from _candidates
+    others = np.minimum(expiry[stay], first_active[stay])
+    next_due = min(int(others.min()) if len(others) else NEVER, r.next_due_ns)
+    return ChunkResult(r.records, cand[r.delete], r.cuts, r.drop_ids, next_due)
+
+
+def _final(keys: np.ndarray, values: np.ndarray, baseline: Baseline, wall_offset_ns: int) -> ChunkResult:
+    """Every entry's remaining delta, as a forced end (shutdown, or the old maps of a reload)."""
+    base_pk, base_by, rec_start = _baseline_of(values, baseline)
+    d_pk = values["packets"] - base_pk
+    idx = np.flatnonzero(d_pk > 0)
+    out = _records(keys[idx], values[idx], d_pk[idx], (values["bytes"] - base_by)[idx], rec_start[idx],
+                   EndReason.FORCED, wall_offset_ns)
+    return ChunkResult(out, np.zeros(0, dtype=np.intp), Baseline(), np.zeros(0, dtype=np.uint64), NEVER)
+
+
+def _candidates(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizon: Horizon, wall_offset_ns: int,
+                rules: SweepRules, expiry: np.ndarray) -> ChunkResult:
+    """The rules on entries that may leave or be cut now (``expiry``: theirs)."""
     base_pk, base_by, rec_start = _baseline_of(values, baseline)
     d_pk = values["packets"] - base_pk
     d_by = values["bytes"] - base_by
-    fresh = (d_pk > 0) & look
-    if final:
-        idx = np.flatnonzero(fresh)
-        out = _records(keys[idx], values[idx], d_pk[idx], d_by[idx], rec_start[idx], EndReason.FORCED,
-                       wall_offset_ns)
-        return ChunkResult(out, np.zeros(0, dtype=np.intp), Baseline(), np.zeros(0, dtype=np.uint64), NEVER)
-    expiry = expiry_ns(values, rules)
-    timed_out = look & (expiry <= horizon.final_ns)
-    evicted = look & (values["last_seen_ns"].astype(np.int64) < horizon.evict_ns)
+    fresh = d_pk > 0
+    timed_out = expiry <= horizon.final_ns
+    evicted = values["last_seen_ns"].astype(np.int64) < horizon.evict_ns
     gone = timed_out | evicted
-    waiting = look & ~gone & (expiry <= horizon.now_ns)  # expired after the barrier: next tick
+    waiting = ~gone & (expiry <= horizon.now_ns)  # expired after the barrier: next tick
     active_at = rec_start.astype(np.int64) + rules.active_ns
-    cut = look & ~gone & ~waiting & fresh & (active_at <= horizon.now_ns)
+    cut = ~gone & ~waiting & fresh & (active_at <= horizon.now_ns)
     reason = np.full(len(values), EndReason.ACTIVE, dtype=np.uint8)
     reason[evicted] = EndReason.LACK_OF_RESOURCES
     ended = (values["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0
@@ -198,11 +229,10 @@ def sweep_chunk(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizo
     c = np.flatnonzero(cut)
     cuts = Baseline(values["flow_id"][c].astype(np.uint64), values["packets"][c].astype(np.uint64),
                     values["bytes"][c].astype(np.uint64), np.full(len(c), horizon.now_ns, dtype=np.uint64))
-    stay = look & ~gone
     due = np.where(cut, np.int64(horizon.now_ns) + rules.active_ns, expiry)
     # an entry with nothing new is due for a cut only once packets come (a later tick sees them)
     due = np.where(fresh & ~cut, np.minimum(due, active_at), due)
-    next_due = int(due[stay].min()) if stay.any() else NEVER
+    next_due = int(due[~gone].min()) if (~gone).any() else NEVER
     return ChunkResult(out, np.flatnonzero(gone), cuts, values["flow_id"][gone].astype(np.uint64), next_due)
 
 

@@ -4,8 +4,8 @@ Host a sends N one-packet UDP flows (distinct source port and source address) to
 trafgen burst at full speed; b runs one exporter at a time on its end of the veth (pyflow with
 TC, fprobe, softflowd: both libpcap) and a stock nfcapd (``-w DIR -p PORT -b 127.0.0.1``, its
 default socket buffer) on b's loopback.  Every exporter: inactive (idle) timeout 5 s, active
-timeout 30 min, a cache that holds N, expiry scan every second (pyflow's default sweep;
-fprobe ``-s 1``, softflowd ``expint=1``), libpcap capture buffer 64 MiB for the two libpcap
+timeout 30 min, a cache that holds N, expiry scan every second (fprobe ``-s 1``, softflowd
+``expint=1``; pyflow sweeps when flows fall due, at least every 2 s), libpcap capture buffer 64 MiB for the two libpcap
 exporters and fprobe's pending queue 10,000 (so that capture is not what limits them).  Figures per run:
 
 * records nfcapd stored / flows sent, and the packets in them (nfdump after nfcapd's SIGTERM;
@@ -528,7 +528,7 @@ def run(sizes: list[int], extra: str = "") -> None:
 def print_table(results: dict[tuple[int, str], dict[str, Any]], extra: str, took: float) -> None:
     target = f"/ipfix,{extra}" if extra else "/ipfix (default target options)"
     print(f"trafgen a -> b at full speed, one packet per flow; exporters on b: inactive timeout {IDLE_S} s, "
-          f"active {ACTIVE_S // 60} min, cache for N, 1 s expiry scan; pyflow --hook tc, target "
+          f"active {ACTIVE_S // 60} min, cache for N; pyflow --hook tc (sweeps when flows fall due), target "
           f"127.0.0.1:{PORT}{target}, --cache-entries 1M; fprobe NetFlow v5, -m 0 (no cache limit), -s 1, "
           f"-q {FPROBE_QUEUE} (pending queue; its default 100 loses most of a burst); "
           f"softflowd IPFIX, -m {CACHE}, expint=1; both libpcap ones with a {PCAP_BUFFER >> 20} MiB capture "

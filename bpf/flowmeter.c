@@ -112,6 +112,19 @@ BPF_PERCPU_ARRAY(iface_slots, struct iface_stats, IFACE_ARRAY_IFINDEX * 3);
 BPF_PERCPU_HASH(iface_stats, struct iface_key, struct iface_stats, MAX_IFACE_STATS);
 BPF_PERCPU_ARRAY(overflow_stats, struct iface_stats, 1);
 BPF_PERCPU_ARRAY(flow_seq, __u64, 1);
+/* Per-CPU count of flows that saw their first TCP FIN or RST (their end-idle
+ * timeout, shorter than the inactive one, starts then): the agent sweeps an
+ * end-idle timeout after it sees this move, and otherwise only as often as
+ * the inactive timeout needs (docs/architecture.md, "Sweeps on time"). */
+BPF_PERCPU_ARRAY(fin_seen, __u64, 1);
+
+static __always_inline void count_fin(void)
+{
+    __u32 zero = 0;
+    __u64 *n = fin_seen.lookup(&zero);
+    if (n)
+        *n += 1;
+}
 #if SAMPLING_INTERVAL > 0
 /* Position in the sampling pattern, per CPU (no atomics on the packet path). */
 BPF_PERCPU_ARRAY(sample_pos, __u64, 1);
@@ -343,8 +356,11 @@ static __always_inline void add_to_entry(struct iface_stats *st, struct flow_val
     __sync_fetch_and_add(&v->bytes, m->bytes);
     if ((__s64)(now - v->last_seen_ns) > 0)
         v->last_seen_ns = now;
-    if (m->tcp_flags & ~v->tcp_flags)
+    if (m->tcp_flags & ~v->tcp_flags) {
+        if ((m->tcp_flags & (PF_TCP_FIN | PF_TCP_RST)) && !(v->tcp_flags & (PF_TCP_FIN | PF_TCP_RST)))
+            count_fin();
         __sync_fetch_and_or(&v->tcp_flags, m->tcp_flags);
+    }
     /* min/max: plain stores, written only when they change.  Two CPUs racing
      * on one flow can at worst keep the less extreme of two new values. */
 #if PF_F_TTL
@@ -499,6 +515,8 @@ static __always_inline void create(void *ctx, void *data, void *data_end, struct
     new_entry(ctx, data, data_end, &nv, m, hook, in_ifindex, now, id);
     int err = in_flows ? flows.insert(&m->key, &nv) : resumed.insert(&m->key, &nv);
     if (err == 0) {
+        if (m->tcp_flags & (PF_TCP_FIN | PF_TCP_RST))
+            count_fin();
         st->counters[in_flows ? PF_CNT_METERED : PF_CNT_RESUMED] += m->packets;
         st->metered_bytes += m->bytes;
         return;

@@ -75,6 +75,8 @@ REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.E
 #: second or two) is swept with at most a third of one core.
 MIN_SWEEP_GAP_NS = 50_000_000
 SWEEP_GAP_FACTOR = 2
+#: How often the loop looks at the kernel's count of flows that saw their first FIN or RST.
+FIN_POLL_NS = 250_000_000
 #: How long a clean stop goes on sending at the targets' pace before it sends the rest at once.
 FLUSH_PACED_NS = 5_000_000_000
 
@@ -122,6 +124,15 @@ class Pending:
 
 
 @dataclass
+class _FinWatch:
+    """The kernel's count of flows that saw their first FIN/RST, as of the last sweep's barrier."""
+
+    count: int = 0
+    polled_ns: int = 0  # the last look that found it unchanged (at first: the barrier's start)
+    due_ns: int = NEVER  # once it moved: when such a flow may fall due at the earliest
+
+
+@dataclass
 class _Tick:
     """What one sweep gathers chunk by chunk."""
 
@@ -166,6 +177,8 @@ class Agent:
         self._pending: collections.deque[Pending] = collections.deque()
         self._skip = np.zeros(0, dtype=np.uint64)  # sorted flow ids of the pending deletes
         self.next_due_ns = 0  # when the next sweep is due (boot clock)
+        self._earliest_ns = 0  # no sweep before this (MIN_SWEEP_GAP_NS after the last one)
+        self._fin = _FinWatch()
         self.metrics = metrics
         # held during a tick, while targets send, and while a scrape computes the accounting
         self.lock = threading.Lock()
@@ -198,6 +211,7 @@ class Agent:
         meter = self.meter
         evict = dict(self._evict)  # thresholds in force before this barrier
         final_ns = self.clocks.boot_ns()
+        self._fin = _FinWatch(meter.fin_events(), final_ns)
         tb = time.perf_counter()
         meter.barrier()
         self.stats.last_barrier_seconds = time.perf_counter() - tb
@@ -300,6 +314,9 @@ class Agent:
         wake: int | None = None
         for target in self.targets:
             try:
+                if not target.waiting:  # templates on their timer (v9-template-timeout) with nothing to send
+                    clock, now = self._export_clock()
+                    target.export(rec.empty(0), clock, now)
                 nxt = target.pump(self._export_clock, functools.partial(self._sent, target), paced)
             except Exception as exc:  # one broken target must not stop the others
                 target.stats.send_errors["internal"] += 1
@@ -421,34 +438,53 @@ class Agent:
         wake: int | None = None
         while not stop.is_set():
             now = self.clocks.boot_ns()
-            if now >= self.next_due_ns:
+            due = min(self.next_due_ns, max(self._fin_due(now), self._earliest_ns))
+            if now >= due:
                 if between is not None:
                     between()
                 with self.lock:
                     self._sweep(False)
                 self.next_due_ns = self._next_sweep_ns(self.next_due_ns)
+                due = self.next_due_ns
             with self.lock:
                 wake = self.pump()
-            until = self.next_due_ns if wake is None else min(wake, self.next_due_ns)
+            until = min(due, self.clocks.boot_ns() + FIN_POLL_NS, NEVER if wake is None else wake)
             stop.wait(max(0.0, (until - self.clocks.boot_ns()) / 1e9))
         self.flush()
+
+    def _fin_due(self, now_ns: int) -> int:
+        """When a flow that saw its first FIN or RST after the last sweep may fall due at the
+        earliest (NEVER: none did).  Its end-idle timeout starts at that packet, after the last
+        look that found the kernel's count unchanged."""
+        watch = self._fin
+        if watch.due_ns != NEVER or now_ns - watch.polled_ns < FIN_POLL_NS:
+            return watch.due_ns
+        with self.lock:
+            count = self.meter.fin_events()
+        if count == watch.count:
+            watch.polled_ns = now_ns
+        else:
+            watch.due_ns = watch.polled_ns + self.rules.end_idle_ns
+        return watch.due_ns
 
     def _next_sweep_ns(self, due_ns: int) -> int:
         """When to sweep next: when the earliest flow falls due, at least every sweep-interval, and not
         sooner than MIN_SWEEP_GAP_NS plus SWEEP_GAP_FACTOR times the last sweep's own duration after it."""
         now = self.clocks.boot_ns()
-        earliest = now + MIN_SWEEP_GAP_NS + int(SWEEP_GAP_FACTOR * self.stats.last_sweep_seconds * 1e9)
-        return max(earliest, min(due_ns, now + self.sweep_interval_ns()))
+        self._earliest_ns = now + MIN_SWEEP_GAP_NS + int(SWEEP_GAP_FACTOR * self.stats.last_sweep_seconds * 1e9)
+        return max(self._earliest_ns, min(due_ns, now + self.sweep_interval_ns()))
 
     def sweep_interval_ns(self) -> int:
-        """The longest time between sweeps: the shortest timeout, or sweep-interval if shorter.
+        """The longest time between sweeps: the inactive or active timeout, or sweep-interval if shorter.
 
-        An entry the last sweep did not see (created, or given FIN, since) falls due at the
-        earliest its timeout after that sweep; the entries it saw, at the due instant it
-        returned.  So sweeping at the earlier of the two is on time for every entry.
+        An entry the last sweep did not see (created since) falls due at the earliest its
+        inactive or active timeout after that sweep; one that saw its first FIN or RST since, its
+        end-idle timeout after it, which the kernel's count tells (``_fin_due``); the entries
+        the sweep saw, at the due instant it returned.  So the loop is on time for every entry
+        without reading the whole cache every end-idle timeout.
         """
         r = self.rules
-        return min(self.settings.sweep_interval_ns, r.end_idle_ns, r.inactive_ns, r.active_ns)
+        return min(self.settings.sweep_interval_ns, r.inactive_ns, r.active_ns)
 
     def hand_over(self, new_meter: FlowMeter) -> np.ndarray:
         """Move to ``new_meter`` without losing a count (call with ``lock`` held).

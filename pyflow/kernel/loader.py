@@ -645,6 +645,11 @@ class FlowMeter:
                 out[(0, 0)] = total
         return out
 
+    def fin_events(self) -> int:
+        """Flows that saw their first TCP FIN or RST since the program was loaded (all CPUs)."""
+        n = pin.percpu_lookup(self.maps["fin_seen"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)
+        return 0 if n is None else int(n.sum())
+
     def flows_created(self) -> int:
         """Entries the kernel has created since the program was loaded (all CPUs)."""
         seq = pin.percpu_lookup(self.maps["flow_seq"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)

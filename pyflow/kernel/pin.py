@@ -7,7 +7,7 @@ network namespace's bpffs directory, and exits; LLVM's memory goes with it.
 The agent opens the pins by path and works on raw file descriptors:
 
     /sys/fs/bpf/pyflow/netns-<inode>/gen-<time>/
-        flows resumed iface_slots iface_stats overflow_stats flow_seq own_export
+        flows resumed iface_slots iface_stats overflow_stats flow_seq fin_seen own_export
         barrier barrier_inner evict_before [sample_pos]   the program's maps (bcc's names)
         pf_exported                               the agent's baseline: flow id ->
                                                   packets, bytes, record start exported
@@ -96,10 +96,10 @@ MANIFEST_SIZE = 64 * 1024
 #: What the agent remembers of a flow cut by the active timeout (sweep.Baseline, one row).
 EXPORTED_VALUE_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
 #: Every map of an instance, as bcc names them (sample_pos only exists with sampling on).
-PROGRAM_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "own_export",
-                "barrier", "barrier_inner", "evict_before", "sample_pos")
-REQUIRED_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "own_export",
-                 "barrier", "barrier_inner", "evict_before", EXPORTED, MANIFEST)
+PROGRAM_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "fin_seen",
+                "own_export", "barrier", "barrier_inner", "evict_before", "sample_pos")
+REQUIRED_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "fin_seen",
+                 "own_export", "barrier", "barrier_inner", "evict_before", EXPORTED, MANIFEST)
 #: key and value sizes the agent reads them with (a pinned map that differs is not ours to read)
 MAP_SIZES = {
     "flows": (abi.FLOW_KEY_DTYPE.itemsize, abi.FLOW_VALUE_DTYPE.itemsize),
@@ -108,6 +108,7 @@ MAP_SIZES = {
     "iface_stats": (abi.IFACE_KEY_DTYPE.itemsize, abi.IFACE_STATS_DTYPE.itemsize),
     "overflow_stats": (4, abi.IFACE_STATS_DTYPE.itemsize),
     "flow_seq": (4, 8),
+    "fin_seen": (4, 8),
     "own_export": (abi.OWN_KEY_DTYPE.itemsize, 1),
     "evict_before": (4, 8),
     EXPORTED: (8, EXPORTED_VALUE_DTYPE.itemsize),

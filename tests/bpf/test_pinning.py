@@ -292,3 +292,20 @@ def test_one_agent_per_network_namespace(bpffs: pin.NetnsPins) -> None:
     second = pin.NetnsPins(root=bpffs.root, run_dir=bpffs.lock.path.parent)
     with pytest.raises(PyflowError, match=rf"another pyflow agent \(pid {os.getpid()}\) is running"):
         second.open(lambda _m: None)
+
+
+def test_fin_seen_counts_each_flows_first_fin_or_rst(_require_root: None) -> None:
+    """The agent's cue to sweep an end-idle timeout later: once per flow, at its first FIN or RST
+    (a flow that starts with one counts at once), never for later ones or for other packets."""
+    from scapy.layers.inet import TCP
+
+    def tcp(sport: int, flags: str) -> bytes:
+        return bytes(Ether() / IP(src="192.0.2.1", dst="198.51.100.1") / TCP(sport=sport, dport=443, flags=flags))
+
+    with FlowMeter(KernelSettings(cache_entries=64)) as meter:
+        fd = meter.load()
+        for pkt in (tcp(1, "S"), tcp(1, "A"), tcp(1, "FA"), tcp(1, "FA"), tcp(1, "RA"),  # flow 1: one
+                    tcp(2, "R"), tcp(2, "A"),  # flow 2 starts with RST: one
+                    udp(9300), tcp(3, "A")):  # no FIN, no RST: none
+            bpfsys.prog_test_run(fd, pkt, ctx=xdp_ctx(pkt))
+        assert meter.fin_events() == 2

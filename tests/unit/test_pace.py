@@ -134,6 +134,7 @@ class FakeMeter:
     evict: dict[abi.CacheMap, int] = field(default_factory=lambda: {m: 0 for m in abi.CacheMap})
     barriers: int = 0
     commits: list[int] = field(default_factory=list)
+    fins: int = 0
 
     @property
     def settings(self) -> object:
@@ -171,6 +172,11 @@ class FakeMeter:
 
     def detach_all(self) -> None:
         pass
+
+    def fin_events(self) -> int:
+        return self.fins
+
+
 
 
 def agent_on(meter: FakeMeter, targets: list[Target], clock: FakeClock) -> Agent:
@@ -255,3 +261,27 @@ def test_relief_raises_the_threshold_and_the_next_sweep_exports_below_it() -> No
     assert len(out) == 20 and set(out["end_reason"].tolist()) == {EndReason.LACK_OF_RESOURCES}
     agent.pump()
     assert len(meter.maps[abi.CacheMap.FLOWS][0]) == 75
+
+
+def test_a_flow_that_saw_fin_since_the_sweep_brings_the_next_one_forward() -> None:
+    """Without FIN events the loop sweeps an inactive timeout apart; a first FIN or RST seen since the
+    last sweep (the kernel's count moved) makes the next sweep come an end-idle timeout after the
+    last look that found the count unchanged."""
+    from pyflow.agent import FIN_POLL_NS
+    from pyflow.sweep import NEVER
+
+    clock = FakeClock()
+    meter = FakeMeter(one_map({"pk": 1, "by": 10, "first": clock.now, "last": clock.now}))
+    agent = agent_on(meter, [Sent(rate=0)], clock)
+    agent._sweep(False)
+    assert agent.sweep_interval_ns() == 10 * S  # min(sweep-interval 10s, inactive 15s, active 30m)
+    swept_at = clock.now
+    clock.now += FIN_POLL_NS
+    assert agent._fin_due(clock.now) == NEVER  # nothing moved: this look is the new mark
+    looked = clock.now
+    meter.fins += 1
+    clock.now += FIN_POLL_NS
+    assert agent._fin_due(clock.now) == looked + agent.rules.end_idle_ns
+    assert looked > swept_at
+    agent._sweep(False)
+    assert agent._fin_due(clock.now + FIN_POLL_NS) == NEVER  # the sweep saw it

@@ -333,8 +333,8 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                           "else TC (default: auto)")
     own.add_argument("--sweep-interval", type=_duration_arg("sweep-interval"), metavar="DURATION",
                      help="the longest time between two sweeps; they run when the earliest cached flow "
-                          "falls due, and never later than the shortest timeout (end-idle: 2s) after the "
-                          "last one (default: 10s)")
+                          "falls due, and never later than its timeout allows: an inactive timeout after "
+                          "the last sweep, or end-idle (2s) after a new FIN/RST (default: 10s)")
     own.add_argument("--xdp-mode", choices=("auto", "native", "generic"),
                      help="XDP attach mode; auto tries native, then generic (default: auto)")
     own.add_argument("--as-file", metavar="FILE",

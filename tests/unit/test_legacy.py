@@ -687,11 +687,17 @@ def test_nfcapd_stores_exact_totals(tmp_path: Path, version: int) -> None:
 def test_nfacctd_stores_exact_totals(tmp_path: Path) -> None:
     batch, clock = collector_batch(), collector_clock()
     datagrams = collector_datagrams(5, batch, clock)
-    port = free_udp_port()
-    with nfacctd_in(None, tmp_path, port) as nfacctd:
-        send_all(datagrams, port)
-        nfacctd.wait_received(len(datagrams))
-    assert nfacctd.proc.p.returncode == 0, nfacctd.proc.output()
+    # nfacctd 1.7.1 now and then exits cleanly on SIGINT without its print plugin's last purge (no
+    # CSV at all, ~1 run in 10 under CI): that collector-side race gets one more run, a fresh
+    # collector on a fresh port; any CSV it writes must hold exactly the totals sent.
+    for attempt in (1, 2):
+        port = free_udp_port()
+        with nfacctd_in(None, tmp_path, port) as nfacctd:
+            send_all(datagrams, port)
+            nfacctd.wait_received(len(datagrams))
+        assert nfacctd.proc.p.returncode == 0, nfacctd.proc.output()
+        if nfacctd.csv_path.exists() or attempt == 2:
+            break
     assert nfacctd.totals() == expected_totals(batch)
 
 

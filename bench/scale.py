@@ -54,7 +54,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.footprint import proc_cpu_s  # noqa: E402
+from bench.footprint import proc_cpu_s, proc_status  # noqa: E402
 from pyflow.collect import TemplateCache, decode  # noqa: E402
 from tests.integration.netns import Pair, in_netns, veth_pair  # noqa: E402
 from tests.integration.procs import Proc, nfcapd_in, nfdump_records  # noqa: E402
@@ -97,14 +97,6 @@ def flow_key(src: str, sport: int) -> int:
 def sent_keys(n: int) -> set[int]:
     base = int(ipaddress.IPv4Address(SRC_NET))
     return {((base + 1 + i % SRC_COUNT) << 16) | (SPORT_LO + i % SPORT_COUNT) for i in range(n)}
-
-
-def proc_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def netns_read(ns: str, name: str) -> str:
@@ -306,7 +298,7 @@ def exporter_stats(kind: str, pair: Pair, tmp: Path) -> str:
 def sample(pid: int) -> tuple[float, float, int] | None:
     """(wall time, CPU seconds, VmRSS KiB) of ``pid``; None once it is gone."""
     try:
-        return time.time(), proc_cpu_s(pid), proc_kib(pid, "VmRSS")
+        return time.time(), proc_cpu_s(pid), proc_status(pid, "VmRSS")
     except (OSError, KeyError, ValueError):
         return None
 
@@ -380,7 +372,7 @@ def summarize(pid: int, n: int, samples: list[tuple[float, float, int]], clock: 
     after = [s for s in samples if s[0] >= end]
     cpu_end = after[0][1] if after else samples[-1][1]
     try:
-        hwm: int | None = proc_kib(pid, "VmHWM")
+        hwm: int | None = proc_status(pid, "VmHWM")
     except (OSError, KeyError, ValueError):
         hwm = None
     zero = clock.first + IDLE_S

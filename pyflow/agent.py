@@ -226,12 +226,8 @@ class Agent:
                 t.drops.append(r.drop_ids)
             t.cuts.append(r.cuts)
             t.next_due_ns = min(t.next_due_ns, r.next_due_ns)
-            if not final:
-                stay = np.ones(len(values), dtype=bool)
-                stay[r.delete] = False
-                if len(self._skip):
-                    stay &= ~member(self._skip, values["flow_id"])
-                t.staying[which].append(values["last_seen_ns"][stay].copy())
+            if r.stay is not None:  # the skip list was looked up once, in sweep_chunk
+                t.staying[which].append(values["last_seen_ns"][r.stay].copy())
         batch = self._queue(t, meter)
         cached = {m: sum(len(a) for a in t.staying[m]) for m in CacheMap}
         if not final:

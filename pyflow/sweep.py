@@ -138,6 +138,7 @@ class ChunkResult:
     cuts: Baseline  # flows cut by the active timeout in this chunk: their new baseline rows
     drop_ids: np.ndarray  # flow ids that leave the cache (their baseline rows go)
     next_due_ns: int  # earliest instant an entry that stays falls due (NEVER: none)
+    stay: np.ndarray | None = None  # bool mask over the chunk: entries that stay (not leaving, not skipped)
 
 
 def expiry_ns(values: np.ndarray, rules: SweepRules) -> np.ndarray:
@@ -191,10 +192,11 @@ def sweep_chunk(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizo
     cand = np.flatnonzero(look & (gone | (first_active <= horizon.now_ns)))
     r = _candidates(keys[cand], values[cand], baseline, horizon, wall_offset_ns, rules, expiry[cand])
     stay = look & ~gone
-    stay[cand] = False  # the candidates' own due instants come from _candidates
-    others = np.minimum(expiry[stay], first_active[stay])
-    next_due = min(int(others.min()) if len(others) else NEVER, r.next_due_ns)
-    return ChunkResult(r.records, cand[r.delete], r.cuts, r.drop_ids, next_due)
+    others = stay.copy()
+    others[cand] = False  # the candidates' own due instants come from _candidates
+    due = np.minimum(expiry[others], first_active[others])
+    next_due = min(int(due.min()) if len(due) else NEVER, r.next_due_ns)
+    return ChunkResult(r.records, cand[r.delete], r.cuts, r.drop_ids, next_due, stay)
 
 
 def _final(keys: np.ndarray, values: np.ndarray, baseline: Baseline, wall_offset_ns: int) -> ChunkResult:

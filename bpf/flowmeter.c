@@ -171,7 +171,6 @@ struct pkt_meta {
     __u32 flow_label;
     __u16 length_min;     /* IP total length (GSO: smallest / largest segment) */
     __u16 length_max;
-    __u16 vlan_tci;       /* outer tag, 0 = untagged */
     __u32 l3_off;         /* offsets from the start of the frame */
     __u32 l4_off;         /* valid when has_l4 */
     __u8  ttl;
@@ -228,17 +227,27 @@ static __always_inline int parse_l4(void *data, void *l4, void *data_end, __u8 p
     return PARSE_OK;
 }
 
+/* hw_vlan: the tag the stack already took out of the frame (TC: the skb's
+ * vlan_tci, PF_HW_VLAN set when there is one; XDP: 0).  It is the outer tag;
+ * the tags still in the frame follow it, outer first.  Only two count: a
+ * third tag leaves an ethertype that is not IP (counted as not IP). */
+#define PF_HW_VLAN 0x10000
 static __always_inline int parse_packet(void *data, void *data_end,
-                                        struct pkt_meta *m)
+                                        struct pkt_meta *m, __u32 hw_vlan)
 {
     struct ethhdr *eth = data;
     void *cur;
     __u16 proto;
+    int tags = 0;
 
     if ((void *)(eth + 1) > data_end)
         return PARSE_BAD;
     proto = bpf_ntohs(eth->h_proto);
     cur = eth + 1;
+    if (hw_vlan & PF_HW_VLAN) {
+        m->key.vlan_id = hw_vlan & 0x0FFF;
+        tags = 1;
+    }
 
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -247,8 +256,12 @@ static __always_inline int parse_packet(void *data, void *data_end,
         struct vlan_hdr_pf *vh = cur;
         if ((void *)(vh + 1) > data_end)
             return PARSE_BAD;
-        if (i == 0)
-            m->vlan_tci = bpf_ntohs(vh->tci);
+        __u16 vid = bpf_ntohs(vh->tci) & 0x0FFF;
+        if (tags == 0)
+            m->key.vlan_id = vid;
+        else if (tags == 1)
+            m->key.inner_vlan_id = vid;
+        tags++;
         proto = bpf_ntohs(vh->proto);
         cur = vh + 1;
     }
@@ -437,7 +450,6 @@ static __always_inline void fill_first(void *data, void *data_end, struct flow_v
         __builtin_memcpy(nv->dst_mac, eth, 6);
         __builtin_memcpy(nv->src_mac, eth + 6, 6);
     }
-    nv->vlan_id = m->vlan_tci & 0x0FFF;
     nv->ttl_min = m->ttl;
     nv->ttl_max = m->ttl;
     nv->length_min = m->length_min;
@@ -600,14 +612,15 @@ static __always_inline int is_own_export(struct pkt_meta *m)
  * IP bytes are the payload plus one set of headers per segment. */
 static __always_inline void process(void *ctx, void *data, void *data_end, __u32 ifindex,
                                     __u32 hook, __u8 direction, __u32 in_ifindex,
-                                    __u32 gso_segs, __u32 gso_size, __u32 frame_len)
+                                    __u32 gso_segs, __u32 gso_size, __u32 frame_len,
+                                    __u32 hw_vlan)
 {
     struct iface_stats *st = stats_for(ifindex, hook);
     if (!st)
         return;   /* cannot happen: the overflow array always has its element */
     struct pkt_meta m = {};
     m.packets = 1;
-    int r = parse_packet(data, data_end, &m);
+    int r = parse_packet(data, data_end, &m, hw_vlan);
     __u32 l3_len = frame_len > m.l3_off ? frame_len - m.l3_off : 0;
     if (gso_segs > 1 && r == PARSE_OK && gso_size > 0 && l3_len > 0) {
         __u32 hdr = m.ip_header_length + m.l4_header_length;
@@ -651,12 +664,21 @@ int pyflow_xdp(struct xdp_md *ctx)
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     process(ctx, data, data_end, ctx->ingress_ifindex, PF_HOOK_XDP, 0, ctx->ingress_ifindex,
-            0, 0, 0);
+            0, 0, 0, 0);
     return XDP_PASS;
 }
 
 static __always_inline void process_skb(struct __sk_buff *skb, __u32 hook, __u8 direction)
 {
+#ifdef PF_TEST_VLAN_FROM_MARK
+    /* tests/bpf only (KernelSettings.test_vlan_from_mark): a test run cannot
+     * set the skb's VLAN tag through its context, so the test passes it in
+     * the mark (bit 16: 802.1ad) and it is put where the stack puts the tag
+     * of every frame it receives, before TC sees it. */
+    if (skb->mark)
+        bpf_skb_vlan_push(skb, bpf_htons(skb->mark & 0x10000 ? PF_ETH_P_8021AD : PF_ETH_P_8021Q),
+                          skb->mark & 0xFFFF);
+#endif
     __u32 len = skb->len;
     if ((__u32)(skb->data_end - skb->data) < len &&
         (__u32)(skb->data_end - skb->data) < PF_PULL_LEN)
@@ -664,8 +686,12 @@ static __always_inline void process_skb(struct __sk_buff *skb, __u32 hook, __u8 
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     __u32 in = hook == PF_HOOK_TC_EGRESS ? skb->ingress_ifindex : skb->ifindex;
+    /* The stack has moved the outer tag out of the frame into the skb by now
+     * (on receive before TC ingress; a VLAN device's tag at egress until the
+     * driver or validate_xmit puts it back): read it from there. */
+    __u32 hw_vlan = skb->vlan_present ? PF_HW_VLAN | skb->vlan_tci : 0;
     process(skb, data, data_end, skb->ifindex, hook, direction, in, skb->gso_segs,
-            skb->gso_size, len);
+            skb->gso_size, len, hw_vlan);
 }
 
 int pyflow_tc_ingress(struct __sk_buff *skb)

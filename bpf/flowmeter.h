@@ -25,7 +25,11 @@ struct flow_key {
     __u8  ip_version;   /* 4 or 6 */
     __u8  tos;          /* IPv4 TOS byte / IPv6 traffic class */
     __u8  direction;    /* 0 ingress, 1 egress (IPFIX flowDirection) */
-};                      /* 44 bytes */
+    __u16 vlan_id;      /* outer 802.1Q/802.1ad VLAN id (12 bits), 0 = untagged:
+                         * the skb's tag at TC (the stack has moved it out of
+                         * the frame by then), else the frame's first tag */
+    __u16 inner_vlan_id;/* QinQ: the tag inside the outer one, 0 = none */
+};                      /* 48 bytes */
 
 /* Flow value: cumulative since the entry was created. The agent exports
  * deltas against what it last exported; the kernel never resets it.
@@ -42,7 +46,7 @@ struct flow_value {
                            * because bcc's LLVM only has 64-bit atomic OR) */
     __u8  src_mac[6];     /* 48: Ethernet source / destination */
     __u8  dst_mac[6];     /* 54 */
-    __u16 vlan_id;        /* 60: outer VLAN id (12 bits), 0 = untagged */
+    __u16 reserved;       /* 60: zero (the VLAN ids are in the key) */
     __u16 length_min;     /* 62: IP total length, min / max over packets */
     __u16 length_max;     /* 64 */
     __u8  ttl_min;        /* 66: IPv4 TTL / IPv6 hop limit, min / max */

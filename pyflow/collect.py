@@ -136,6 +136,7 @@ IES: dict[int, tuple[str, Kind]] = {
     229: ("natOriginatingAddressRealm", _U), 230: ("natEvent", _U), 231: ("initiatorOctets", _U),
     232: ("responderOctets", _U), 233: ("firewallEvent", _U), 234: ("ingressVRFID", _U),
     235: ("egressVRFID", _U), 236: ("VRFname", _S), 238: ("tcpWindowScale", _U), 239: ("biflowDirection", _U),
+    243: ("dot1qVlanId", _U), 245: ("dot1qCustomerVlanId", _U),
     256: ("ethernetType", _U), 281: ("postNATSourceIPv6Address", _6), 282: ("postNATDestinationIPv6Address", _6),
     283: ("natPoolId", _U), 284: ("natPoolName", _S), 302: ("selectorId", _U),
     303: ("informationElementId", _U), 304: ("selectorAlgorithm", _U), 305: ("samplingPacketInterval", _U),

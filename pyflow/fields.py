@@ -112,8 +112,11 @@ FIELDS: tuple[Field, ...] = (
     _both("as", "bgpSourceAsNumber", "bgpDestinationAsNumber", kind=Kind.PYFLOW),
     _both("src-mac-address", "sourceMacAddress"),
     _both("dst-mac-address", "destinationMacAddress"),
-    # pyflow: the outer 802.1Q/802.1ad VLAN id the kernel parses anyway (0 = untagged).
+    # pyflow: the outer 802.1Q/802.1ad VLAN id the kernel parses anyway (0 = untagged), and
+    # for QinQ the inner (customer) one (off by default: most hosts see no QinQ; both ids are
+    # part of the flow key either way).
     _both("vlan-id", "vlanId", kind=Kind.PYFLOW),
+    _both("inner-vlan-id", "dot1qCustomerVlanId", kind=Kind.PYFLOW, default=False),
     _both("ttl", "minimumTTL", "maximumTTL"),
     _both("ip-total-length", "minimumIpTotalLength", "maximumIpTotalLength"),
     _both("ip-header-length", "ipHeaderLength"),

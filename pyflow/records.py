@@ -45,7 +45,8 @@ RECORD_DTYPE = np.dtype(
         # -- detail of the flow's packets, from the kernel (first packet unless said) --
         ("src_mac", "V6"),
         ("dst_mac", "V6"),
-        ("vlan_id", "<u2"),  # outer 802.1Q/802.1ad VLAN id, 0 = untagged
+        ("vlan_id", "<u2"),  # outer 802.1Q/802.1ad VLAN id, 0 = untagged (part of the flow key)
+        ("inner_vlan_id", "<u2"),  # QinQ: the VLAN id inside the outer tag, 0 = none (flow key too)
         ("ttl_min", "u1"),  # IPv4 TTL / IPv6 hop limit, minimum and maximum over all packets
         ("ttl_max", "u1"),
         ("length_min", "<u2"),  # IP total length, minimum and maximum over all packets

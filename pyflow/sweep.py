@@ -282,9 +282,10 @@ def relief_threshold(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH
     return int(kth) + 1
 
 
-_KEY_COLUMNS = ("src_addr", "dst_addr", "src_port", "dst_port", "protocol", "ip_version", "tos", "direction")
+_KEY_COLUMNS = ("src_addr", "dst_addr", "src_port", "dst_port", "protocol", "ip_version", "tos", "direction",
+                "vlan_id", "inner_vlan_id")
 # first-packet detail and min/max pairs, same names in the kernel value and the record
-_DETAIL_COLUMNS = ("src_mac", "dst_mac", "vlan_id", "ttl_min", "ttl_max", "length_min", "length_max",
+_DETAIL_COLUMNS = ("src_mac", "dst_mac", "ttl_min", "ttl_max", "length_min", "length_max",
                    "ip_header_length", "tcp_seq", "tcp_ack", "tcp_window", "udp_length", "igmp_type",
                    "flow_label", "next_hop")
 

@@ -187,6 +187,8 @@ INFORMATION_ELEMENTS: tuple[InformationElement, ...] = (
     # natEvent values (flow-protocols.md §3.12): 4/5 NAT44 session create/delete.  0 (reserved)
     # marks an ordinary flow record; only NAT event records carry this IE (templates.py).
     InformationElement(230, "natEvent", _U8, 1, 230, "nat_event"),
+    # QinQ: the customer (inner) tag's VLAN id, 0 = none; outer stays in vlanId (docs/architecture.md).
+    InformationElement(245, "dot1qCustomerVlanId", _U16, 2, 245, "inner_vlan_id"),
     InformationElement(281, "postNATSourceIPv6Address", _V6, 16, 281, "nat_src_addr"),
     InformationElement(282, "postNATDestinationIPv6Address", _V6, 16, 282, "nat_dst_addr"),
     InformationElement(304, "selectorAlgorithm", _U16, 2, 304),

@@ -33,17 +33,17 @@ BPF_DIR = find_bpf_dir()
 FLOW_KEY_DTYPE = np.dtype(
     {
         "names": ["src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",
-                  "tos", "direction"],
-        "formats": ["V16", "V16", "<u4", "<u2", "<u2", "u1", "u1", "u1", "u1"],
-        "offsets": [0, 16, 32, 36, 38, 40, 41, 42, 43],
-        "itemsize": 44,
+                  "tos", "direction", "vlan_id", "inner_vlan_id"],
+        "formats": ["V16", "V16", "<u4", "<u2", "<u2", "u1", "u1", "u1", "u1", "<u2", "<u2"],
+        "offsets": [0, 16, 32, 36, 38, 40, 41, 42, 43, 44, 46],
+        "itemsize": 48,
     }
 )
 
 FLOW_VALUE_DTYPE = np.dtype(
     {
         "names": ["packets", "bytes", "first_seen_ns", "last_seen_ns", "flow_id", "tcp_flags",
-                  "src_mac", "dst_mac", "vlan_id", "length_min", "length_max", "ttl_min", "ttl_max",
+                  "src_mac", "dst_mac", "reserved", "length_min", "length_max", "ttl_min", "ttl_max",
                   "tcp_seq", "tcp_ack", "tcp_window", "udp_length", "flow_label", "in_ifindex",
                   "out_ifindex", "ip_header_length", "igmp_type", "pad", "next_hop"],
         "formats": ["<u8", "<u8", "<u8", "<u8", "<u8", "<u8",

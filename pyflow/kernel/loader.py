@@ -67,6 +67,8 @@ class KernelSettings:
     # RouterOS packet sampling: interval packets sampled, then space skipped (space 0: 1 in interval); 0 = off
     sampling_interval: int = 0
     sampling_space: int = 0
+    # tests/bpf only: TC takes a VLAN tag from the skb mark into the skb (a test run cannot set one)
+    test_vlan_from_mark: bool = False
 
     def __post_init__(self) -> None:
         # Only integers reach the compiler: a value that is not one cannot inject code.
@@ -80,7 +82,7 @@ class KernelSettings:
                 raise KernelError(f"kernel setting {name}={value!r} is not an integer in 0..2^31-1")
         if self.sampling_space and not self.sampling_interval:
             raise KernelError("sampling-space needs a sampling-interval")
-        for name in ("ttl", "length", "fib", "own_export"):
+        for name in ("ttl", "length", "fib", "own_export", "test_vlan_from_mark"):
             if type(getattr(self, name)) is not bool:
                 raise KernelError(f"kernel setting {name}={getattr(self, name)!r} is not a boolean")
 
@@ -102,7 +104,7 @@ class KernelSettings:
             f"-DPF_OWN_EXPORT={int(self.own_export)}",
             f"-DSAMPLING_INTERVAL={self.sampling_interval}",
             f"-DSAMPLING_SPACE={self.sampling_space}",
-        ]
+        ] + (["-DPF_TEST_VLAN_FROM_MARK=1"] if self.test_vlan_from_mark else [])
 
 
 @dataclass

@@ -40,7 +40,7 @@ def assert_same_layout(ctype: Any, dtype: np.dtype) -> None:
 
 def test_flow_key_layout(meter: FlowMeter) -> None:
     assert_same_layout(meter.table("flows").Key, abi.FLOW_KEY_DTYPE)
-    assert abi.FLOW_KEY_DTYPE.itemsize == 44
+    assert abi.FLOW_KEY_DTYPE.itemsize == 48
 
 
 def test_flow_value_layout(meter: FlowMeter) -> None:

@@ -76,7 +76,7 @@ CASES: list[tuple[str, list[Packet], dict[str, Any]]] = [
         ],
         {"ttl_min": 37, "ttl_max": 64, "tcp_flags": 0x12, "tcp_seq": 1000, "tcp_ack": 0, "tcp_window": 29200,
          "length_min": 40, "length_max": 140, "ip_header_length": 20, "packets": 2, "bytes": 180,
-         "src_mac": mac(MAC_A), "dst_mac": mac(MAC_B), "vlan_id": 0, "udp_length": 0, "igmp_type": 0},
+         "src_mac": mac(MAC_A), "dst_mac": mac(MAC_B), "key.vlan_id": 0, "udp_length": 0, "igmp_type": 0},
     ),
     (
         "icmp echo: type 8 code 0 in the key's dst port",
@@ -87,7 +87,7 @@ CASES: list[tuple[str, list[Packet], dict[str, Any]]] = [
         "vlan 42 tag: the id, not the priority bits",
         [Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=42, prio=5) / IP(src=A4, dst=B4) / UDP(sport=5, dport=53)
          / Raw(b"q" * 12)],
-        {"vlan_id": 42, "udp_length": 20, "length_min": 40},
+        {"key.vlan_id": 42, "key.inner_vlan_id": 0, "udp_length": 20, "length_min": 40},
     ),
     (
         "ipv6 flow label 0xabcde, hop limit, header length 40",

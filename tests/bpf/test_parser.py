@@ -84,6 +84,8 @@ class Flow:
     tos: int
     bytes: int  # IP total length: IPv4 tot_len, IPv6 payload_len + 40
     tcp_flags: int = 0
+    vlan_id: int = 0  # outer tag
+    inner_vlan_id: int = 0  # QinQ: the tag inside it
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,9 @@ class Case:
     expect: Flow | abi.Counter
 
 
-def F4(sport: int, dport: int, proto: int, nbytes: int, tos: int = 0, flags: int = 0) -> Flow:
-    return Flow(v4(A4), v4(B4), sport, dport, proto, 4, tos, nbytes, flags)
+def F4(sport: int, dport: int, proto: int, nbytes: int, tos: int = 0, flags: int = 0,
+       vlans: tuple[int, int] = (0, 0)) -> Flow:
+    return Flow(v4(A4), v4(B4), sport, dport, proto, 4, tos, nbytes, flags, *vlans)
 
 
 def F6(sport: int, dport: int, proto: int, nbytes: int, tos: int = 0, flags: int = 0) -> Flow:
@@ -142,11 +145,11 @@ CASES = [
          F4(36412, 38412, SCTP_P, 32)),
     Case("vlan_8021q",
          frame(eth() / Dot1Q(vlan=100) / ip4 / UDP(sport=4789, dport=4790) / (b"v" * 8)),
-         F4(4789, 4790, UDP_P, 36)),
+         F4(4789, 4790, UDP_P, 36, vlans=(100, 0))),
     Case("qinq_8021ad_8021q",
          frame(eth() / Dot1AD(vlan=200) / Dot1Q(vlan=100) / ip4 / TCP(sport=22, dport=50000, flags="PA")
                / b"data"),
-         F4(22, 50000, TCP_P, 44, flags=PSH | ACK)),
+         F4(22, 50000, TCP_P, 44, flags=PSH | ACK, vlans=(200, 100))),
     # --- IPv6 ------------------------------------------------------------------
     Case("ipv6_tcp",
          frame(eth() / ip6 / TCP(sport=40001, dport=80, flags="SA")),
@@ -276,6 +279,8 @@ def test_parser(harness: Harness, case: Case) -> None:
         "ip_version": e.ip_version,
         "tos": e.tos,
         "direction": 0,
+        "vlan_id": e.vlan_id,
+        "inner_vlan_id": e.inner_vlan_id,
     }
     v = values[0]
     assert (int(v["packets"]), int(v["bytes"]), int(v["tcp_flags"])) == (1, e.bytes, e.tcp_flags)

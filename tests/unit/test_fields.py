@@ -65,7 +65,7 @@ EXPECTED_IES: dict[str, tuple[set[int], set[int]]] = {
     "igmp-type": ({33}, set()), "ipv6-flow-label": (set(), {31}), "is-multicast": ({206}, {206}),
     "nat-src-address": ({225}, {281}), "nat-dst-address": ({226}, {282}), "nat-src-port": ({227}, {227}),
     "nat-dst-port": ({228}, {228}), "nat-events": (set(), set()),
-    "as": ({16, 17}, {16, 17}), "vlan-id": ({58}, {58}),  # pyflow's own toggles
+    "as": ({16, 17}, {16, 17}), "vlan-id": ({58}, {58}), "inner-vlan-id": ({245}, {245}),  # pyflow's own
 }  # fmt: skip
 TIME_IES: dict[str, dict[str, set[int]]] = {
     "absolute": {"first-forwarded": {152}, "last-forwarded": {153}, "sys-init-time": set()},
@@ -101,14 +101,14 @@ def template_ies(fields: FieldSet, mode: str, version: int) -> list[int]:
 
 def test_toggle_table_covers_exactly_the_routeros_names() -> None:
     assert tuple(sorted(ROUTEROS_NAMES)) == ROUTEROS_TOGGLES
-    assert set(TOGGLES) == set(ROUTEROS_NAMES) | {"as", "vlan-id"}
+    assert set(TOGGLES) == set(ROUTEROS_NAMES) | {"as", "vlan-id", "inner-vlan-id"}
     assert set(TOGGLES) == set(EXPECTED_IES) | set(TIME_IES["absolute"])
     assert [f.name for f in FIELDS if f.kind is Kind.ALWAYS] == ["ip-version", "flow-direction", "flow-end-reason"]
 
 
 def test_defaults_are_routeros_defaults() -> None:
     assert FieldSet() == ROUTEROS_DEFAULTS == Settings().ipfix == ExportContext().fields
-    assert ROUTEROS_DEFAULTS.enabled == frozenset(TOGGLES) - {"nat-events"}
+    assert ROUTEROS_DEFAULTS.enabled == frozenset(TOGGLES) - {"nat-events", "inner-vlan-id"}
     assert "nat-events" not in ROUTEROS_DEFAULTS and "ttl" in ROUTEROS_DEFAULTS
     assert "flow-end-reason" in FieldSet(frozenset())  # always sent
     assert ROUTEROS_DEFAULTS.changes() == {}
@@ -172,7 +172,8 @@ def test_settings_and_cli() -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_default_templates_carry_every_routeros_field(mode: str) -> None:
     for version in (4, 6):
-        wanted = ALWAYS_IES.union(*(expected_ies(t, version, mode) for t in TOGGLES if t != "nat-events"))
+        wanted = ALWAYS_IES.union(*(expected_ies(t, version, mode) for t in TOGGLES
+                                    if t not in ("nat-events", "inner-vlan-id")))  # the two off by default
         ies = template_ies(ROUTEROS_DEFAULTS, mode, version)
         assert sorted(ies) == sorted(wanted)
     assert not export_templates(ROUTEROS_DEFAULTS, mode).nat_events
@@ -181,7 +182,7 @@ def test_default_templates_carry_every_routeros_field(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("toggle", TOGGLES)
 def test_turning_a_toggle_off_removes_exactly_its_ies(mode: str, toggle: str) -> None:
-    base = EVERYTHING
+    base = EVERYTHING.with_values({"inner-vlan-id": True})
     off = base.with_values({toggle: False})
     for version in (4, 6):
         before, after = template_ies(base, mode, version), template_ies(off, mode, version)

@@ -153,10 +153,11 @@ def by_version(batch: np.ndarray) -> np.ndarray:
 def on_the_wire(batch: np.ndarray) -> np.ndarray:
     """What the default flow templates carry of a batch of flow records, in encoder order:
     every column an IE of this file's table feeds (not natEvent: NAT events have their own
-    template), but not the IGMP type of IPv6 flows nor the flow label of IPv4 ones (fields.py).
+    template; not the inner VLAN id, off by default), but not the IGMP type of IPv6 flows nor
+    the flow label of IPv4 ones (fields.py).
     Other columns (the agent's own bookkeeping) are zeroed, as a decoder finds them."""
     wire = by_version(batch).copy()
-    for name in set(RECORD_DTYPE.names or ()) - (set(IE_COLUMNS.values()) - {"nat_event"}):
+    for name in set(RECORD_DTYPE.names or ()) - (set(IE_COLUMNS.values()) - {"nat_event", "inner_vlan_id"}):
         wire[name] = np.zeros(1, RECORD_DTYPE)[name][0]
     wire["igmp_type"][wire["ip_version"] == 6] = 0
     wire["flow_label"][wire["ip_version"] == 4] = 0
@@ -172,7 +173,8 @@ IE_COLUMNS = {
     8: "src_addr", 9: "src_mask", 10: "ifindex", 11: "dst_port", 12: "dst_addr", 13: "dst_mask",
     14: "egress_ifindex", 15: "next_hop", 16: "src_as", 17: "dst_as", 25: "length_min", 26: "length_max",
     27: "src_addr", 28: "dst_addr", 29: "src_mask", 30: "dst_mask", 31: "flow_label", 33: "igmp_type",
-    52: "ttl_min", 53: "ttl_max", 56: "src_mac", 58: "vlan_id", 60: "ip_version", 61: "direction",
+    52: "ttl_min", 53: "ttl_max", 56: "src_mac", 58: "vlan_id", 245: "inner_vlan_id", 60: "ip_version",
+    61: "direction",
     62: "next_hop", 80: "dst_mac", 136: "end_reason", 152: "start_ms", 153: "end_ms",
     176: "icmp_type", 177: "icmp_code", 178: "icmp_type", 179: "icmp_code", 184: "tcp_seq",
     185: "tcp_ack", 186: "tcp_window", 189: "ip_header_length", 205: "udp_length", 206: "is_multicast",
@@ -623,6 +625,7 @@ TSHARK_COLUMNS = {
     "cflow.srcmask": "src_mask", "cflow.srcmaskv6": "src_mask", "cflow.dstmask": "dst_mask",
     "cflow.dstmaskv6": "dst_mask", "cflow.srcas": "src_as", "cflow.dstas": "dst_as",
     "cflow.srcmac": "src_mac", "cflow.dstmac": "dst_mac", "cflow.vlanid": "vlan_id",
+    "cflow.dot1q_customer_vlan_id": "inner_vlan_id",
     "cflow.ttl_min": "ttl_min", "cflow.ttl_max": "ttl_max", "cflow.length_min": "length_min",
     "cflow.length_max": "length_max", "cflow.ip_header_length": "ip_header_length",
     "cflow.tcp_seq_num": "tcp_seq", "cflow.tcp_ack_num": "tcp_ack", "cflow.tcp_windows_size": "tcp_window",

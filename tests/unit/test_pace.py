@@ -155,7 +155,8 @@ class FakeMeter:
         n = 0
         for which, keys in deletes.items():
             k, v = self.maps[which]
-            gone = np.isin(k.view(np.dtype((np.void, 44))), keys.view(np.dtype((np.void, 44))))
+            raw = np.dtype((np.void, abi.FLOW_KEY_DTYPE.itemsize))
+            gone = np.isin(k.view(raw), keys.view(raw))
             self.maps[which] = (k[~gone], v[~gone])
             n += int(np.count_nonzero(gone))
         self.commits.append(n)

@@ -200,13 +200,14 @@ def test_detail_columns_and_interfaces_come_from_the_kernel_value() -> None:
     values["ttl_min"], values["ttl_max"] = 37, 64
     values["length_min"], values["length_max"] = 52, 1500
     values["tcp_seq"], values["tcp_ack"], values["tcp_window"] = 0xDEADBEEF, 7, 29200
-    values["vlan_id"] = 42
+    keys["vlan_id"], keys["inner_vlan_id"] = 42, 7  # QinQ: the tags are part of the key
     values["next_hop"] = addr_to_16("192.0.2.254")
     (r,) = sweep(keys, values, Baseline(), now_ns=125 * S, wall_offset_ns=WALL, rules=RULES).records
     assert (r["ifindex"], r["egress_ifindex"], r["meter_ifindex"], r["direction"]) == (9, 3, 3, 1)
     assert bytes(r["src_mac"]) == bytes.fromhex("020000000001")
     assert (r["ttl_min"], r["ttl_max"], r["length_min"], r["length_max"]) == (37, 64, 52, 1500)
-    assert (r["tcp_seq"], r["tcp_ack"], r["tcp_window"], r["vlan_id"]) == (0xDEADBEEF, 7, 29200, 42)
+    assert (r["tcp_seq"], r["tcp_ack"], r["tcp_window"]) == (0xDEADBEEF, 7, 29200)
+    assert (r["vlan_id"], r["inner_vlan_id"]) == (42, 7)
     assert bytes(r["next_hop"]) == addr_to_16("192.0.2.254")
 
 

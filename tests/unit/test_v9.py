@@ -77,7 +77,7 @@ TYPE_COLUMNS = {
     9: "src_mask", 10: "ifindex", 11: "dst_port", 12: "dst_addr", 13: "dst_mask", 14: "egress_ifindex",
     15: "next_hop", 16: "src_as", 17: "dst_as", 21: "end_ms", 22: "start_ms", 25: "length_min",
     26: "length_max", 27: "src_addr", 28: "dst_addr", 29: "src_mask", 30: "dst_mask", 31: "flow_label",
-    33: "igmp_type", 52: "ttl_min", 53: "ttl_max", 56: "src_mac", 58: "vlan_id", 60: "ip_version",
+    33: "igmp_type", 52: "ttl_min", 53: "ttl_max", 56: "src_mac", 58: "vlan_id", 245: "inner_vlan_id", 60: "ip_version",
     61: "direction", 62: "next_hop", 80: "dst_mac", 136: "end_reason", 160: "system_init_ms",
     176: "icmp_type", 177: "icmp_code", 178: "icmp_type", 179: "icmp_code", 184: "tcp_seq", 185: "tcp_ack",
     186: "tcp_window", 189: "ip_header_length", 205: "udp_length", 206: "is_multicast", 225: "nat_src_addr",

@@ -1,0 +1,119 @@
+"""VLAN ids that are true at every hook, and part of the flow key.
+
+By the time TC runs, the stack has moved a received frame's outer tag out of
+the frame into the skb (``skb->vlan_tci``; NICs with VLAN offload do it in
+hardware), so the TC path must read the tag from the skb and the tags still
+in the frame after it.  A test run cannot set ``vlan_tci`` through its
+context, so these tests build the program with ``test_vlan_from_mark``: the
+TC entry points first push the tag given in the skb mark (bit 16: 802.1ad)
+into the skb, exactly where the receive path leaves it, and then meter the
+packet as usual.  XDP still sees every tag in the frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+from scapy.packet import Packet, Raw
+
+from pyflow.kernel import abi, bpfsys
+from pyflow.kernel.loader import FlowMeter, KernelSettings
+from tests.bpf.conftest import TEST_IFINDEX, Harness, xdp_ctx
+
+pytestmark = pytest.mark.root
+
+TC_ACT_UNSPEC = 0xFFFFFFFF
+AD = 0x10000  # mark bit: the skb's tag is 802.1ad (an S-tag)
+
+
+@pytest.fixture(scope="module")
+def vlan_meter(_require_root: None) -> Iterator[FlowMeter]:
+    with FlowMeter(KernelSettings(cache_entries=256, test_vlan_from_mark=True)) as meter:
+        meter.load()
+        yield meter
+
+
+@pytest.fixture
+def h(vlan_meter: FlowMeter) -> Iterator[Harness]:
+    harness = Harness(vlan_meter)
+    harness.clear()
+    yield harness
+    harness.clear()
+
+
+def frame(*tags: Packet) -> bytes:
+    pkt: Packet = Ether(src="02:00:00:00:00:0a", dst="02:00:00:00:00:0b")
+    for tag in tags:
+        pkt = pkt / tag
+    raw = bytes(pkt / IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=4000, dport=53) / Raw(b"v" * 20))
+    return raw + bytes(max(0, 60 - len(raw)))
+
+
+def tc(h: Harness, hook: str, pkt: bytes, mark: int = 0) -> None:
+    ctx = bytearray(192)
+    struct.pack_into("<I", ctx, 8, mark)  # __sk_buff.mark
+    struct.pack_into("<I", ctx, 40, TEST_IFINDEX)
+    res = bpfsys.prog_test_run(h.meter.prog_fd_of(hook), pkt, ctx=bytes(ctx))
+    assert res.retval == TC_ACT_UNSPEC
+
+
+def xdp(h: Harness, pkt: bytes) -> None:
+    res = bpfsys.prog_test_run(h.meter.prog_fd_of("xdp"), pkt, ctx=xdp_ctx(pkt))
+    assert res.retval == h.XDP_PASS and res.data_out == pkt
+
+
+def vlans(h: Harness) -> list[tuple[int, int, int]]:
+    """(outer, inner, packets) of every flow, sorted."""
+    keys, values = h.flows()
+    return sorted((int(k["vlan_id"]), int(k["inner_vlan_id"]), int(v["packets"])) for k, v in zip(keys, values))
+
+
+@pytest.mark.parametrize("hook", ["tc_ingress", "tc_egress"])
+def test_tc_reports_the_skbs_tag(h: Harness, hook: str) -> None:
+    """The frame itself is untagged: the tag is only in the skb, as the stack leaves it."""
+    before = h.counters()
+    tc(h, hook, frame(), mark=100)
+    assert vlans(h) == [(100, 0, 1)]
+    assert h.delta(before, h.counters()) == {abi.Counter.PACKETS_SEEN: 1, abi.Counter.METERED: 1}
+
+
+def test_tc_qinq_outer_from_the_skb_inner_from_the_frame(h: Harness) -> None:
+    tc(h, "tc_ingress", frame(Dot1Q(vlan=30)), mark=AD | 20)
+    assert vlans(h) == [(20, 30, 1)]
+
+
+def test_tc_without_a_skb_tag_reads_both_tags_from_the_frame(h: Harness) -> None:
+    tc(h, "tc_ingress", frame(Dot1AD(vlan=200), Dot1Q(vlan=100)))
+    assert vlans(h) == [(200, 100, 1)]
+
+
+def test_xdp_reads_both_tags_from_the_frame(h: Harness) -> None:
+    xdp(h, frame(Dot1AD(vlan=200), Dot1Q(vlan=100)))
+    xdp(h, frame(Dot1Q(vlan=7)))
+    assert vlans(h) == [(7, 0, 1), (200, 100, 1)]
+
+
+def test_priority_bits_are_not_the_vlan_id(h: Harness) -> None:
+    tc(h, "tc_ingress", frame(), mark=(5 << 13) | 42)  # PCP 5, VID 42
+    assert vlans(h) == [(42, 0, 1)]
+
+
+def test_same_five_tuple_on_two_vlans_is_two_flows(h: Harness) -> None:
+    """A trunk: the same conversation on VLAN 10 and 11 (and untagged) stays three flows, at
+    XDP and at TC, each with its own packets."""
+    for _ in range(3):
+        xdp(h, frame(Dot1Q(vlan=10)))
+    xdp(h, frame(Dot1Q(vlan=11)))
+    tc(h, "tc_ingress", frame(), mark=10)
+    tc(h, "tc_ingress", frame(), mark=10)
+    tc(h, "tc_ingress", frame())
+    keys, values = h.flows()
+    assert len(keys) == 3
+    # one key per (vlan, inner): XDP and TC of one VLAN share the flow (same ifindex, direction)
+    assert vlans(h) == [(0, 0, 1), (10, 0, 5), (11, 0, 1)]
+    assert int(np.sum(values["packets"])) == 7

@@ -70,7 +70,7 @@ def xdp(h: Harness, pkt: bytes) -> None:
 def vlans(h: Harness) -> list[tuple[int, int, int]]:
     """(outer, inner, packets) of every flow, sorted."""
     keys, values = h.flows()
-    return sorted((int(k["vlan_id"]), int(k["inner_vlan_id"]), int(v["packets"])) for k, v in zip(keys, values))
+    return sorted((int(k["vlan_id"]), int(k["inner_vlan_id"]), int(v["packets"])) for k, v in zip(keys, values, strict=True))
 
 
 @pytest.mark.parametrize("hook", ["tc_ingress", "tc_egress"])

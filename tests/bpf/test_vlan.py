@@ -70,7 +70,8 @@ def xdp(h: Harness, pkt: bytes) -> None:
 def vlans(h: Harness) -> list[tuple[int, int, int]]:
     """(outer, inner, packets) of every flow, sorted."""
     keys, values = h.flows()
-    return sorted((int(k["vlan_id"]), int(k["inner_vlan_id"]), int(v["packets"])) for k, v in zip(keys, values, strict=True))
+    rows = zip(keys["vlan_id"], keys["inner_vlan_id"], values["packets"], strict=True)
+    return sorted((int(a), int(b), int(n)) for a, b, n in rows)
 
 
 @pytest.mark.parametrize("hook", ["tc_ingress", "tc_egress"])

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from pyflow import __version__
-from pyflow.commands import add_commands
+from pyflow.commands import add_commands, table
 from pyflow.config import (
     DEFAULT_VERSION,
     SettingError,
@@ -37,6 +37,7 @@ from pyflow.config import (
 from pyflow.configfile import Layer, dump_toml, load_toml, read_document
 from pyflow.errors import ConfigError, PyflowError
 from pyflow.fields import TOGGLES, parse_fields
+from pyflow.links import Link, double_counts, plan
 from pyflow.units import format_duration, format_size
 
 DESCRIPTION = """\
@@ -657,10 +658,42 @@ def cmd_check(args: argparse.Namespace) -> int:
             warnings.append(f"this host has no interface {', '.join(missing)} (fine if the settings are for "
                             "another host; --map-interface maps RouterOS names)")
     sys.stdout.write(print_settings(s))
+    links = host_links()
+    if links is not None:
+        sys.stdout.write("\n".join(check_link_lines(s, links)) + "\n")
+        if s.interfaces != ("all",):
+            warnings += double_counts(links, s.interfaces)
     sys.stdout.flush()
     for w in warnings:
         log(f"warning: {w}")
     return 0
+
+
+def host_links() -> list[Link] | None:
+    """This host's links (rtnetlink, no root needed), or None where they cannot be read."""
+    from pyflow.interfaces import list_links
+
+    try:
+        return list_links()
+    except OSError:
+        return None
+
+
+def check_link_lines(s: Settings, links: list[Link]) -> list[str]:
+    """Every link of this host: would it be metered with these settings, and how, or why not."""
+    decisions = plan(links, s.interfaces)
+    rows = []
+    for link in sorted(links, key=lambda item: item.ifindex):
+        d = decisions[link.ifindex]
+        if d.metered:
+            o = s.options_for(link.name)
+            sides = "+".join(side for side, on in (("ingress", o.ingress), ("egress", o.egress)) if on)
+            how = f"hook {o.hook}, {sides}" + (f" ({d.reason})" if d.reason and d.reason != "named" else "")
+        else:
+            how = d.reason
+        rows.append([str(link.ifindex), link.name, "yes" if d.metered else "no", how])
+    return ["", "this host's links (what `pyflow run` would meter here):",
+            *table(("IFINDEX", "INTERFACE", "METERED", "HOW / WHY NOT"), rows, frozenset({0}))]
 
 
 def cmd_import_routeros(args: argparse.Namespace) -> int:

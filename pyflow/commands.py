@@ -261,6 +261,7 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
     headers = ("#", "SRC-ADDRESS", "DST-ADDRESS", "PORT", "VERSION", "DATAGRAMS", "RECORDS", "BYTES", "ERRORS",
                "LAST-SENT")
     lines += table(headers, rows, frozenset({0, 3, 5, 6, 7, 8}))
+    lines += link_lines(answer.get("links", []))
     for t in answer["targets"]:
         if t["send-errors-by-errno"]:
             detail = ", ".join(f"{k}={v}" for k, v in t["send-errors-by-errno"].items())
@@ -269,6 +270,15 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
             lines.append(f"  target {t['index']}: {t['not-representable']} records it cannot carry "
                          "(IPv6 or NAT events for v1/v5)")
     return lines
+
+
+def link_lines(links: list[dict[str, Any]]) -> list[str]:
+    """The links table of `pyflow status`: every link, metered (hooks) or skipped (why)."""
+    if not links:
+        return []
+    rows = [[str(x["ifindex"]), str(x["name"]), "yes" if x["metered"] else "no",
+             ", ".join(x.get("hooks", ())) if x["metered"] else str(x.get("reason", ""))] for x in links]
+    return ["", *table(("IFINDEX", "INTERFACE", "METERED", "HOOKS / WHY NOT"), rows, frozenset({0}))]
 
 
 # --------------------------------------------------------------------------

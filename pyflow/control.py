@@ -162,8 +162,10 @@ class ControlServer:
     """
 
     def __init__(self, agent: Agent, path: str = DEFAULT_SOCKET, *,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 links: Callable[[], list[dict[str, object]]] | None = None) -> None:
         self.agent = agent
+        self._links = links  # every link, metered or skipped and why (InterfaceSet.listing)
         self.path = str(path)
         self._wall = wall
         self._listener: socket.socket | None = None
@@ -382,6 +384,7 @@ class ControlServer:
             "cache": {"entries": cached, "capacity": capacity},
             "targets": targets,
             "agent": agent_stats,
+            "links": self._links() if self._links is not None else [],
         }
 
     def _target_view(self, index: int, target: Any) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """Interfaces that follow the host: attach to new ones, let go of removed ones, keep renamed ones.
 
-``interfaces=all`` means every non-loopback interface that is up, now and
-later: a link event (rtnetlink RTMGRP_LINK) wakes a thread that reconciles
-the attachments within a fraction of a second.  A named list is checked at
+``interfaces=all`` means every interface that is up and carries packets into
+IP, now and later (pyflow.links decides: not loopback, not bridge ports or
+bond slaves, not a VLAN whose parent is metered, ...): a link event
+(rtnetlink RTMGRP_LINK) wakes a thread that reconciles the attachments within
+a fraction of a second, so a port that joins a bridge stops being metered and
+is metered again when it leaves.  A named list is checked at
 start (a missing name is an error there); a named interface that disappears
 later is a warning, and it is metered again if it comes back.
 
@@ -23,8 +26,9 @@ from dataclasses import dataclass, field
 from pyflow.config import Settings
 from pyflow.errors import KernelError
 from pyflow.host._netns import WakePipe, stop_reader
-from pyflow.interfaces import IFF_LOOPBACK, IFF_UP, list_links, rx_packets
+from pyflow.interfaces import list_links, rx_packets
 from pyflow.kernel.loader import Attachment, FlowMeter
+from pyflow.links import Decision, Link, double_counts, plan
 
 RTMGRP_LINK = 0x1
 NETLINK_ROUTE = 0
@@ -32,12 +36,18 @@ HOOK_WORDS = {"xdp": "with XDP", "tc_ingress": "with TC on ingress", "tc_egress"
 
 
 def attach_interface(meter: FlowMeter, settings: Settings, name: str,
-                     log: Callable[[str], None]) -> list[Attachment]:
-    """Attach what the interface's options ask for; hook auto takes TC ingress where XDP cannot attach."""
+                     log: Callable[[str], None], has_vlans: bool = False) -> list[Attachment]:
+    """Attach what the interface's options ask for; hook auto takes TC ingress where XDP cannot attach,
+    and on a parent of VLAN devices (NICs with VLAN offload strip the tag before XDP sees the frame;
+    TC reads it from the skb)."""
     opts = settings.options_for(name)
     out = []
     if opts.ingress:
-        if opts.hook == "tc":
+        if opts.hook == "auto" and has_vlans:
+            log(f"{name} carries VLANs: metering its ingress with TC, which sees their tags whatever the NIC "
+                "offloads (hook=xdp forces XDP)")
+            out.append(meter.attach(name, hook="tc_ingress"))
+        elif opts.hook == "tc":
             out.append(meter.attach(name, hook="tc_ingress"))
         elif opts.hook == "xdp":
             out.append(meter.attach(name, settings.xdp_mode, hook="xdp"))
@@ -72,6 +82,8 @@ class InterfaceSet:
         self.follow_all = tuple(settings.interfaces) == ("all",)
         self.metered: dict[int, Metered] = {}  # ifindex -> name and attachments
         self.rx_at_attach: dict[int, int] = {}  # the gap metric's zero point per ingress-metered ifindex
+        self.decisions: dict[int, Decision] = {}  # every link's decision at the last reconcile
+        self.links: dict[int, Link] = {}
         self.lock = threading.Lock()
 
     # -- views for the exporters and the metrics ---------------------------------------
@@ -86,11 +98,27 @@ class InterfaceSet:
 
     # -- reconciling -----------------------------------------------------------------
 
-    def wanted(self, links: list[tuple[int, str, int]]) -> dict[int, str]:
-        if self.follow_all:
-            return {idx: name for idx, name, flags in links if flags & IFF_UP and not flags & IFF_LOOPBACK}
-        named = set(self.settings.interfaces)
-        return {idx: name for idx, name, _ in links if name in named}
+    def wanted(self, links: list[Link]) -> dict[int, str]:
+        """ifindex -> name of the links to meter now; keeps every link's decision for the listings."""
+        self.decisions = plan(links, self.settings.interfaces)
+        self.links = {link.ifindex: link for link in links}
+        return {link.ifindex: link.name for link in links if self.decisions[link.ifindex].metered}
+
+    def listing(self) -> list[dict[str, object]]:
+        """Every link: metered (its hooks and modes) or skipped (why), for `pyflow status`."""
+        with self.lock:
+            out: list[dict[str, object]] = []
+            for idx, link in sorted(self.links.items()):
+                d = self.decisions.get(idx)
+                m = self.metered.get(idx)
+                row: dict[str, object] = {"name": link.name, "ifindex": idx, "metered": m is not None,
+                                          "reason": d.reason if d else ""}
+                if m is not None:
+                    row["hooks"] = [f"{a.hook} {a.mode}" for a in m.attachments]
+                elif d is not None and d.metered:
+                    row["reason"] = "not attached (see the log)"
+                out.append(row)
+            return out
 
     def start(self) -> None:
         """The first reconcile: every named interface must exist; ``all`` must find one."""
@@ -101,6 +129,9 @@ class InterfaceSet:
         missing = sorted(set(self.settings.interfaces) - set(wanted.values())) if not self.follow_all else []
         if missing:
             raise KernelError(f"no such interface: {', '.join(missing)} (see `ip link`)")
+        if not self.follow_all:
+            for warning in double_counts(links, self.settings.interfaces):
+                self.log(f"warning: {warning}")
         self.reconcile(links)
 
     def apply(self, settings: Settings, meter: FlowMeter) -> None:
@@ -115,53 +146,72 @@ class InterfaceSet:
             for idx in list(self.metered):
                 m = self.metered[idx]
                 if idx not in wanted or old.options_for(m.name) != settings.options_for(m.name):
-                    meter.detach(m.name)
-                    del self.metered[idx]
-                    self.rx_at_attach.pop(idx, None)
-                    self.log(f"{m.name} (ifindex {idx}): no longer metered as before (settings reloaded)")
+                    self._let_go(idx, "no longer metered as before (settings reloaded)")
                 else:
                     m.attachments = [a for (name, _), a in meter.attachments.items() if name == m.name]
         self.reconcile()
 
-    def reconcile(self, links: list[tuple[int, str, int]] | None = None) -> bool:
-        """Attach new interfaces, forget removed ones, rename renamed ones; True if anything changed."""
+    def _let_go(self, idx: int, why: str) -> None:
+        m = self.metered.pop(idx)
+        self.meter.detach(m.name)
+        self.rx_at_attach.pop(idx, None)
+        self.log(f"{m.name} (ifindex {idx}): {why}; its cached flows leave by the usual timeouts")
+
+    def reconcile(self, links: list[Link] | None = None) -> bool:
+        """Attach new interfaces, let go of removed and no longer wanted ones, rename renamed ones;
+        True if anything changed."""
         with self.lock:
             links = list_links() if links is None else links
-            present = {idx: name for idx, name, _ in links}
+            present = {link.ifindex: link.name for link in links}
             wanted = self.wanted(links)
-            changed = False
-            for idx in [i for i in self.metered if i not in present]:
-                m = self.metered.pop(idx)
-                self.meter.forget(m.name)
-                self.rx_at_attach.pop(idx, None)
-                self.log(f"{m.name} (ifindex {idx}) is gone: no longer metered; its cached flows leave by "
-                         "the usual timeouts" + ("" if self.follow_all else " (a warning: it is in the interface "
-                                                 "list, and will be metered again if it comes back)"))
+            changed = self._forget_gone(present)
+            # a metered link that goes down keeps its program (no churn when a link flaps)
+            for idx in [i for i in self.metered if i not in wanted and self.decisions[i].reason != "down"]:
+                self._let_go(idx, f"no longer metered ({self.decisions[idx].reason})")
                 changed = True
-            for idx, m in self.metered.items():
-                if present[idx] != m.name:
-                    self.log(f"{m.name} (ifindex {idx}) is now called {present[idx]}: its flows carry on")
-                    self.meter.rename(m.name, present[idx])
-                    m.name = present[idx]
-                    changed = True
+            changed = self._rename(present) or changed
             for idx, name in sorted(wanted.items()):
-                if idx in self.metered:
-                    continue
-                try:
-                    atts = attach_interface(self.meter, self.settings, name, self.log)
-                except KernelError as exc:
-                    if "no such interface" in str(exc):  # gone again meanwhile
-                        continue
-                    raise
-                self.metered[idx] = Metered(name, atts)
-                if self.settings.options_for(name).ingress:
-                    self.rx_at_attach.update(rx_packets([idx]))
-                for a in atts:
-                    self.log(f"metering {name} (ifindex {a.ifindex}) {HOOK_WORDS[a.hook]} in {a.mode} mode")
-                changed = True
+                if idx not in self.metered:
+                    changed = self._attach(idx, name) or changed
         if changed and self.on_change is not None:
             self.on_change(self)
         return changed
+
+    def _forget_gone(self, present: dict[int, str]) -> bool:
+        gone = [i for i in self.metered if i not in present]
+        for idx in gone:
+            m = self.metered.pop(idx)
+            self.meter.forget(m.name)
+            self.rx_at_attach.pop(idx, None)
+            self.log(f"{m.name} (ifindex {idx}) is gone: no longer metered; its cached flows leave by "
+                     "the usual timeouts" + ("" if self.follow_all else " (a warning: it is in the interface "
+                                             "list, and will be metered again if it comes back)"))
+        return bool(gone)
+
+    def _rename(self, present: dict[int, str]) -> bool:
+        changed = False
+        for idx, m in self.metered.items():
+            if present[idx] != m.name:
+                self.log(f"{m.name} (ifindex {idx}) is now called {present[idx]}: its flows carry on")
+                self.meter.rename(m.name, present[idx])
+                m.name = present[idx]
+                changed = True
+        return changed
+
+    def _attach(self, idx: int, name: str) -> bool:
+        try:
+            has_vlans = any(link.kind == "vlan" and link.lower == idx for link in self.links.values())
+            atts = attach_interface(self.meter, self.settings, name, self.log, has_vlans)
+        except KernelError as exc:
+            if "no such interface" in str(exc):  # gone again meanwhile
+                return False
+            raise
+        self.metered[idx] = Metered(name, atts)
+        if self.settings.options_for(name).ingress:
+            self.rx_at_attach.update(rx_packets([idx]))
+        for a in atts:
+            self.log(f"metering {name} (ifindex {a.ifindex}) {HOOK_WORDS[a.hook]} in {a.mode} mode")
+        return True
 
 
 class LinkWatcher:

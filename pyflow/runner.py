@@ -362,7 +362,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         watcher = LinkWatcher(follow, log)
         stack.callback(watcher.close)
         if settings.control_socket:
-            control = ControlServer(agent, settings.control_socket)
+            control = ControlServer(agent, settings.control_socket, links=ifs.listing)
             control.start()
             stack.callback(control.close)
 

@@ -116,6 +116,27 @@ class Attachment:
     created_qdisc: bool = False  # TC: we added the clsact qdisc (and remove it if it is left empty)
 
 
+def upper_with_xdp(ifindex: int) -> str | None:
+    """The name of a device stacked on ``ifindex`` (its master, a VLAN or macvlan on it) that has an XDP
+    program: the kernel then refuses XDP on ``ifindex`` with EEXIST."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.get_links()
+    uppers = []
+    for link in links:
+        index = int(link["index"])
+        if index == ifindex:
+            uppers.append(int(link.get_attr("IFLA_MASTER") or 0))
+        elif link.get_attr("IFLA_LINK_NETNSID") is None and int(link.get_attr("IFLA_LINK") or 0) == ifindex:
+            uppers.append(index)
+    names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in links}
+    for index in uppers:
+        if index and pin.xdp_prog_ids(index):
+            return names.get(index, f"ifindex {index}")
+    return None
+
+
 def _import_bcc() -> Any:
     try:
         import bcc
@@ -321,8 +342,16 @@ class FlowMeter:
                 pin.xdp_set(ifindex, fd, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
             except pin.NetlinkError as exc:
                 if exc.errno in (errno.EBUSY, errno.EEXIST):
-                    if pin.xdp_prog_ids(ifindex).get(m) == self.prog_id("xdp"):
+                    there = pin.xdp_prog_ids(ifindex)
+                    if there.get(m) == self.prog_id("xdp"):
                         return Attachment(ifname=ifname, ifindex=ifindex, hook="xdp", mode=m)  # ours already
+                    upper = upper_with_xdp(ifindex) if not there else None
+                    if upper is not None:
+                        raise KernelError(
+                            f"XDP cannot attach to {ifname}: its upper device {upper} has an XDP program, and the "
+                            f"kernel allows none on a device under one (meter {ifname} with hook=tc, or meter "
+                            f"{upper} only: it sees what {ifname} passes up)"
+                        ) from exc
                     raise KernelError(
                         f"{ifname} already has an XDP program attached ({exc}); pyflow does not replace "
                         f"another program. Remove it with `ip link set dev {ifname} xdp off` if it is stale, "

@@ -28,7 +28,7 @@ from pyflow.errors import KernelError
 from pyflow.host._netns import WakePipe, stop_reader
 from pyflow.interfaces import list_links, rx_packets
 from pyflow.kernel.loader import Attachment, FlowMeter
-from pyflow.links import Decision, Link, double_counts, plan
+from pyflow.links import AGGREGATE_KINDS, BRIDGE_KINDS, Decision, Link, double_counts, plan
 
 RTMGRP_LINK = 0x1
 NETLINK_ROUTE = 0
@@ -36,16 +36,14 @@ HOOK_WORDS = {"xdp": "with XDP", "tc_ingress": "with TC on ingress", "tc_egress"
 
 
 def attach_interface(meter: FlowMeter, settings: Settings, name: str,
-                     log: Callable[[str], None], has_vlans: bool = False) -> list[Attachment]:
+                     log: Callable[[str], None], prefer_tc: str = "") -> list[Attachment]:
     """Attach what the interface's options ask for; hook auto takes TC ingress where XDP cannot attach,
-    and on a parent of VLAN devices (NICs with VLAN offload strip the tag before XDP sees the frame;
-    TC reads it from the skb)."""
+    and where ``prefer_tc`` says why TC is better (:func:`tc_reason`)."""
     opts = settings.options_for(name)
     out = []
     if opts.ingress:
-        if opts.hook == "auto" and has_vlans:
-            log(f"{name} carries VLANs: metering its ingress with TC, which sees their tags whatever the NIC "
-                "offloads (hook=xdp forces XDP)")
+        if opts.hook == "auto" and prefer_tc:
+            log(f"{name}: {prefer_tc}: metering its ingress with TC (hook=xdp forces XDP)")
             out.append(meter.attach(name, hook="tc_ingress"))
         elif opts.hook == "tc":
             out.append(meter.attach(name, hook="tc_ingress"))
@@ -62,6 +60,17 @@ def attach_interface(meter: FlowMeter, settings: Settings, name: str,
     if opts.egress:
         out.append(meter.attach(name, hook="tc_egress"))
     return out
+
+
+def tc_reason(link: Link, links: dict[int, Link]) -> str:
+    """Why hook auto should meter ``link`` with TC rather than XDP ("" = no reason)."""
+    if link.kind in BRIDGE_KINDS | AGGREGATE_KINDS or any(o.master == link.ifindex for o in links.values()):
+        # XDP there runs in generic mode anyway, and while it is attached the kernel refuses any
+        # XDP change on the ports (attach or detach): a port that joins later could never be let go
+        return f"a {link.kind or 'master'} device (XDP on it would lock XDP on its ports)"
+    if any(o.kind == "vlan" and o.lower == link.ifindex for o in links.values()):
+        return "it carries VLANs (TC reads their tags from the skb whatever the NIC offloads)"
+    return ""
 
 
 @dataclass
@@ -200,8 +209,9 @@ class InterfaceSet:
 
     def _attach(self, idx: int, name: str) -> bool:
         try:
-            has_vlans = any(link.kind == "vlan" and link.lower == idx for link in self.links.values())
-            atts = attach_interface(self.meter, self.settings, name, self.log, has_vlans)
+            link = self.links.get(idx)
+            why = tc_reason(link, self.links) if link is not None else ""
+            atts = attach_interface(self.meter, self.settings, name, self.log, why)
         except KernelError as exc:
             if "no such interface" in str(exc):  # gone again meanwhile
                 return False

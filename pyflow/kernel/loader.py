@@ -116,6 +116,10 @@ class Attachment:
     created_qdisc: bool = False  # TC: we added the clsact qdisc (and remove it if it is left empty)
 
 
+def _errno(exc: BaseException) -> int | None:
+    return getattr(exc, "errno", None) or getattr(exc, "code", None)
+
+
 def upper_with_xdp(ifindex: int) -> str | None:
     """The name of a device stacked on ``ifindex`` (its master, a VLAN or macvlan on it) that has an XDP
     program: the kernel then refuses XDP on ``ifindex`` with EEXIST."""
@@ -404,7 +408,11 @@ class FlowMeter:
                 else:
                     self._detach_tc(att)
             except Exception as exc:  # the interface may be gone already
-                print(f"pyflow: detaching {att.hook} from {ifname}: {exc}", file=sys.stderr)
+                upper = upper_with_xdp(att.ifindex) if att.hook == "xdp" and _errno(exc) == errno.EEXIST else None
+                why = (f"the kernel refuses any XDP change on it while its upper device {upper} has an XDP "
+                       f"program, so {ifname} goes on counting what it passes to {upper} (meter {upper} "
+                       "with hook=tc to avoid this)") if upper else str(exc)
+                print(f"pyflow: error: detaching {att.hook} from {ifname}: {why}", file=sys.stderr)
         if keys:
             self._attachments_changed()
 

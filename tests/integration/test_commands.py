@@ -166,7 +166,12 @@ def test_status_flows_and_top(pair: Pair, tmp_path: Path) -> None:
             assert target["bytes"] == sum(len(d) for d in tap.datagrams)
             assert target["last-sent"] is not None and target["send-errors"] == 0
             assert st["agent"]["sweeps"] >= 1 and st["agent"]["uptime"] > 0
+            # every link of the namespace: metered with its hooks, or skipped and why
+            links = {x["name"]: x for x in st["links"]}
+            assert (links["lo"]["metered"], links["lo"]["reason"]) == (False, "not named")
+            assert links[pair.b_if]["metered"] and links[pair.b_if]["hooks"], links
             text = run_cmd("status", "--socket", sock).stdout
+            assert re.search(r"^\s*1\s+lo\s+no\s+not named$", text, re.M), text
             assert re.search(r"^\s*cache-entries: 4k\s+\(in use: \d+, ", text, re.M), text
             assert re.search(r"^\s*inactive-flow-timeout: 10m$", text, re.M), text
             assert re.search(rf"^0\s+127\.0\.0\.1\s+{tap.port}\s+ipfix\s+{target['datagrams']}\s+0\s+.*\sago$",

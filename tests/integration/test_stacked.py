@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netns import ip
-from tests.integration.procs import nfcapd_in, pyflow_in
+from tests.integration.netns import Pair, ip
+from tests.integration.procs import REPO, nfcapd_in, pyflow_in, tshark_capture_in, tshark_cflow
 
 PINGS = 20
 NFCAPD_PORT = 20611
@@ -182,3 +183,105 @@ def test_a_port_leaving_and_rejoining_the_bridge(tmp_path: Path) -> None:
     assert got[("10.87.0.2", "10.87.0.1", port)] == PINGS, (got, log)
     assert got[("10.88.0.2", "10.88.0.1", br)] == PINGS, (got, log)
     assert got[("10.88.0.2", "10.88.0.1", port)] == 0, (got, log)
+
+
+# -- a trunk: VLAN ids that are true at TC and XDP -------------------------------------------
+
+TRUNK_PORT = 20612
+TRUNK = [((10, 0), 3), ((11, 0), 4), ((100, 7), 5), ((0, 0), 2)]  # (outer, inner) tags -> frames
+
+
+def trunk_frames(pair: Pair) -> list[bytes]:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+
+    out = []
+    for (outer, inner), n in TRUNK:
+        pkt = Ether(src=pair.macs["a"], dst=pair.macs["b"])
+        if inner:
+            pkt = pkt / Dot1AD(vlan=outer) / Dot1Q(vlan=inner)
+        elif outer:
+            pkt = pkt / Dot1Q(vlan=outer)
+        out += [bytes(pkt / IP(src="10.30.0.1", dst="10.30.0.2") / UDP(sport=5000, dport=6000) / (b"t" * 40))] * n
+    return out
+
+
+@pytest.mark.parametrize("hook", ["tc", "xdp"])
+def test_trunk_same_five_tuple_on_each_vlan_is_its_own_flow(pair: Pair, tmp_path: Path, hook: str) -> None:
+    """Tagged frames into a metered veth: the receive path moves the outer tag into the skb before TC
+    (XDP still sees it in the frame). Each (outer, inner) pair is one flow with its own packets, and
+    IPFIX carries the ids as vlanId and dot1qCustomerVlanId (as tshark decodes them)."""
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    pcap = tmp_path / "export.pcap"
+    frames = tmp_path / "trunk.pcap"
+    wrpcap(str(frames), [Ether(f) for f in trunk_frames(pair)])
+    with tshark_capture_in(pair.b, pcap, [TRUNK_PORT]) as capture:
+        with pyflow_in(pair.b, "--interface", pair.b_if, "--hook", hook, "--ipfix", "inner-vlan-id=yes",
+                       "--target", f"127.0.0.1:{TRUNK_PORT}/ipfix") as flow:
+            flow.wait_for_line(f"metering {pair.b_if}")
+            res = pair.run(pair.a, sys.executable, "-m", "tests.integration.sendpkts", pair.a_if, str(frames),
+                           cwd=str(REPO), timeout=60)
+            assert res.returncode == 0, res.stderr
+            assert flow.stop() == 0, flow.output()
+        capture.wait_captured(2)
+    fields = ["cflow.srcaddr", "cflow.vlanid", "cflow.dot1q_customer_vlan_id", "cflow.packets"]
+    got: Counter[tuple[int, int]] = Counter()
+    for row in tshark_cflow(pcap, [TRUNK_PORT], fields):
+        cols = [c.split(";") if c else [] for c in row]
+        for src, outer, inner, packets in zip(*cols, strict=True):
+            if src == "10.30.0.1":
+                got[(int(outer), int(inner))] += int(packets)
+    assert got == Counter(dict(TRUNK)), flow.output()
+
+
+# -- links this kernel may lack: VLAN devices, bonds, macvlan --------------------------------
+
+
+def _needs(kind: str, module: str) -> None:
+    probe = f"pfprobe{os.getpid() % 100000}"
+    ip("netns", "add", probe)
+    try:
+        args = {"vlan": ["link", "add", "link", "lo", "name", "v0", "type", "vlan", "id", "5"],
+                "bond": ["link", "add", "b0", "type", "bond"],
+                "macvlan": ["link", "add", "mv0", "link", "lo", "type", "macvlan"]}[kind]
+        if ip("-n", probe, *args, check=False).returncode != 0:
+            pytest.skip(f"this kernel cannot make a {kind} device (no {module} module here): the test runs in "
+                        "the Vagrant VM (`make vm-test`)")
+    finally:
+        ip("netns", "del", probe, check=False)
+
+
+@pytest.mark.parametrize(("kind", "module"), [("vlan", "8021q"), ("bond", "bonding"), ("macvlan", "macvlan")])
+def test_stacked_device_and_its_lower_count_once(pair: Pair, tmp_path: Path, kind: str, module: str) -> None:
+    """A VLAN device on the veth (frames tagged 42), a bond enslaving it, or a macvlan on it: with
+    interfaces=all the packets to the stacked device's address are counted once."""
+    _needs(kind, module)
+    b, dev = pair.b, "pfstk0"
+    if kind == "vlan":
+        ip("-n", b, "link", "add", "link", pair.b_if, "name", dev, "type", "vlan", "id", "42")
+        ip("-n", pair.a, "link", "add", "link", pair.a_if, "name", dev, "type", "vlan", "id", "42")
+        ip("-n", pair.a, "addr", "add", "10.42.0.1/24", "dev", dev)
+        ip("-n", pair.a, "link", "set", dev, "up")
+    elif kind == "bond":
+        ip("-n", b, "link", "add", dev, "type", "bond")
+        ip("-n", b, "link", "set", pair.b_if, "down")
+        ip("-n", b, "link", "set", pair.b_if, "master", dev)
+        ip("-n", pair.a, "addr", "add", "10.42.0.1/24", "dev", pair.a_if)
+    else:
+        ip("-n", b, "link", "add", dev, "link", pair.b_if, "type", "macvlan", "mode", "bridge")
+        ip("-n", pair.a, "addr", "add", "10.42.0.1/24", "dev", pair.a_if)
+    ip("-n", b, "addr", "add", "10.42.0.2/24", "dev", dev)
+    ip("-n", b, "link", "set", dev, "up")
+    ip("-n", b, "link", "set", pair.b_if, "up")
+    with nfcapd_in(b, tmp_path, NFCAPD_PORT) as nfcapd, \
+            pyflow_in(b, "--interface", "all", "--target", f"127.0.0.1:{NFCAPD_PORT}/ipfix") as flow:
+        res = pair.run(pair.a, "ping", "-q", "-n", "-c", str(PINGS), "-i", "0.01", "-W", "2", "10.42.0.2")
+        assert f"{PINGS} received" in res.stdout, res.stdout + res.stderr
+        assert flow.stop() == 0, flow.output()
+    out = subprocess.run(["nfdump", "-R", str(nfcapd.flowdir), "-q", "-N", "-o", "fmt:%sa|%da|%pkt"],
+                         capture_output=True, text=True, check=True).stdout
+    got = sum(int(c[2]) for c in (ln.split("|") for ln in out.splitlines() if ln.count("|") == 2)
+              if c[0].strip() == "10.42.0.1" and c[2].strip().isdigit())
+    assert got == PINGS, (out, flow.output())

@@ -72,7 +72,10 @@ settings (RouterOS name: flag; config file key):
                            run needs enabled=yes there (or --enabled yes); with
                            flags alone, running pyflow is the switch
   interfaces               --interface IF (repeat it), or 'all' (default); a name may be
-                           an interface list ([interface-list], /interface list)
+                           an interface list ([interface-list], /interface list).
+                           all: each packet counted once, where it enters IP (bridge
+                           ports, bond slaves and VLANs of a metered parent are left
+                           to the bridge, bond or parent); `pyflow check` lists why
                            per interface: --interface eth1,direction=both,hook=tc
                            direction: ingress (what the interface receives, as RouterOS
                            meters; XDP), egress (what it sends; TC clsact egress) or both;

@@ -19,6 +19,7 @@ watchers got (requests answered, their latency).  The agent does not flush at th
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,24 @@ def fill(meter: Any, n: int, seconds: float) -> None:
         map_update_batch(meter.flows_fd, keys[lo:lo + 65536], values[lo:lo + 65536])
 
 
+def recording(metrics: Any, figures: RunFigures) -> Any:
+    """``metrics``, every sweep duration and lateness it observes also kept in ``figures``."""
+    sweep_observe = metrics.sweep_duration.observe
+    lateness_observe = metrics.export_lateness.observe_many
+
+    def on_sweep(seconds_: float, exemplar: dict[str, str] | None = None) -> None:
+        figures.sweeps.append(seconds_)
+        sweep_observe(seconds_, exemplar)
+
+    def on_sent(values: np.ndarray, label: str) -> None:
+        figures.lateness.append(values.copy())
+        lateness_observe(values, label)
+
+    setattr(metrics.sweep_duration, "observe", on_sweep)  # noqa: B010
+    setattr(metrics.export_lateness, "observe_many", on_sent)  # noqa: B010
+    return metrics
+
+
 def one_run(meter: Any, n: int, seconds: float, watched: bool) -> RunFigures:
     from prometheus_client import CollectorRegistry
 
@@ -84,8 +103,6 @@ def one_run(meter: Any, n: int, seconds: float, watched: bool) -> RunFigures:
         def flush(self) -> None:  # the flows still cached stay there (see the module docstring)
             pass
 
-    import socket
-
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     settings = Settings(interfaces=("lo",), cache_entries=meter.settings.cache_entries,
@@ -93,20 +110,7 @@ def one_run(meter: Any, n: int, seconds: float, watched: bool) -> RunFigures:
     target = Target(TargetSettings("127.0.0.1", sink.getsockname()[1], "ipfix"), encoder_for("ipfix"))
     target.open()
     figures = RunFigures()
-    metrics = Metrics(CollectorRegistry())
-    sweep_observe = metrics.sweep_duration.observe
-    lateness_observe = metrics.export_lateness.observe_many
-
-    def on_sweep(seconds_: float, exemplar: dict[str, str] | None = None) -> None:
-        figures.sweeps.append(seconds_)
-        sweep_observe(seconds_, exemplar)
-
-    def on_sent(values: np.ndarray, label: str) -> None:
-        figures.lateness.append(values.copy())
-        lateness_observe(values, label)
-
-    setattr(metrics.sweep_duration, "observe", on_sweep)  # noqa: B010  (every value kept, as observed)
-    setattr(metrics.export_lateness, "observe_many", on_sent)  # noqa: B010
+    metrics = recording(Metrics(CollectorRegistry()), figures)
     fill(meter, n, seconds)
     agent = Unflushed(settings, meter, [target], log=lambda _m: None, metrics=metrics)
     metrics.attach(agent, interfaces=lambda: [("bench0", 2, "xdp", "native")], rx_packets=lambda: {2: 0})

@@ -186,6 +186,12 @@ class PyflowCollector(Collector):
                 not_metered.add_metric([*lbl, reason], float(c[cid]))
         yield from (seen, metered, resumed, metered_bytes, not_metered)
 
+        yield from self._cache(meter)
+        yield from self._targets()
+        yield from self._gap(stats, label)
+
+    def _cache(self, meter: Any) -> Iterator[Metric]:
+        """Cache use (as the last sweep counted it), flows created and expired, records, NAT events."""
         a = self.agent.stats
         swept = self.agent.observed
         yield GaugeMetricFamily("pyflow_flows_cached", "Flow entries in the kernel cache at the last sweep "
@@ -199,7 +205,7 @@ class PyflowCollector(Collector):
                                   value=meter.flows_created())
         expired = CounterMetricFamily("pyflow_flow_records", "Flow records exported, by end reason.",
                                       labels=["reason"])
-        for reason, n in sorted(a.records_by_reason.items()):
+        for reason, n in sorted(dict(a.records_by_reason).items()):  # one-step copy: the sweep adds to it
             expired.add_metric([reason], n)
         yield expired
         yield CounterMetricFamily("pyflow_flows_expired", "Flow entries removed from the kernel cache.",
@@ -209,8 +215,6 @@ class PyflowCollector(Collector):
                                 value=a.pending_commits)
         yield CounterMetricFamily("pyflow_nat_event_records", "NAT event records (nat-events=yes) exported, "
                                   "from conntrack's NAT44 session create/delete events.", value=a.nat_events)
-        yield from self._targets()
-        yield from self._gap(stats, label)
 
     def _targets(self) -> Iterator[Metric]:
         labels = ["target", "version"]
@@ -238,7 +242,7 @@ class PyflowCollector(Collector):
             s = t.stats
             for key, fam in fams.items():
                 fam.add_metric(lbl, float(getattr(s, key)))
-            for err, n in sorted(s.send_errors.items()):
+            for err, n in sorted(dict(s.send_errors).items()):
                 errors.add_metric([*lbl, err], float(n))
             queued.add_metric(lbl, float(t.backlog))
         yield from fams.values()

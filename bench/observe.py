@@ -55,9 +55,10 @@ def fill(meter: Any, n: int, seconds: float) -> None:
     from pyflow.kernel.abi import CacheMap
     from pyflow.kernel.bpfsys import map_delete_batch, map_update_batch
 
-    keys, _ = meter.read_map(CacheMap.FLOWS)
-    if len(keys):
-        map_delete_batch(meter.flows_fd, keys.copy())
+    with meter.scan(65536) as scan:  # chunks: no buffer of the map's size
+        old = [k.copy() for which, k, _ in scan if which == CacheMap.FLOWS]
+    if old:
+        map_delete_batch(meter.flows_fd, np.concatenate(old))
     now = boot_ns()
     keys, values = synthetic_cache(n, now)
     rng = np.random.default_rng(7)

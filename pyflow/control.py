@@ -60,13 +60,12 @@ import numpy as np
 
 from pyflow import __version__
 from pyflow.errors import PyflowError
-from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from pyflow.records import addr_from_16
-from pyflow.sweep import Baseline
 from pyflow.units import format_duration
 
 if TYPE_CHECKING:
     from pyflow.agent import Agent
+    from pyflow.sweep import Baseline
 
 def default_socket() -> str:
     """``/run/pyflow/pyflow.sock`` in the host's network namespace; in another one (an agent
@@ -539,6 +538,8 @@ def _order(values: np.ndarray, sort: str) -> np.ndarray:
 def _top(scan: Iterable[tuple[Any, np.ndarray, np.ndarray]], sort: str, n: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The first ``n`` entries of the cache in answer order, and how many it holds: at most ``n``
     plus one chunk in memory, whatever its size."""
+    from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE  # here: `pyflow check` imports no kernel module
+
     best_k = np.zeros(0, FLOW_KEY_DTYPE)
     best_v = np.zeros(0, FLOW_VALUE_DTYPE)
     total = 0

@@ -78,13 +78,17 @@ def write_report(args: argparse.Namespace, path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint", "scale"), action="append")
+    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe"),
+                    action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
     ap.add_argument("--scale-sizes", default="100000,451000",
                     help="flows per burst for scale (one row per size and exporter)")
     ap.add_argument("--scale-target-options", default="", metavar="OPTION=VALUE[,...]",
                     help="appended to pyflow's target in scale (e.g. max-rate=20000); default: none")
+    ap.add_argument("--observe-size", type=int, default=1_000_000,
+                    help="cached flows for observe (sweeps with and without 20 scrapes/s + 20 status/s)")
+    ap.add_argument("--observe-seconds", type=float, default=30.0, help="length of each observe run")
     ap.add_argument("--write", metavar="FILE",
                     help="also put the report in FILE between its '<!-- bench:begin -->' and "
                          "'<!-- bench:end -->' lines (make bench: docs/benchmarks.md)")
@@ -92,10 +96,10 @@ def main() -> int:
     if args.write:
         return write_report(args, Path(args.write))
     sizes = [int(x) for x in args.sizes.split(",")]
-    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint", "scale"]
+    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
-    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale")):
-        print("hotpath, mapread, live, footprint and scale need root (BPF, namespaces); skipped\n")
+    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale", "observe")):
+        print("hotpath, mapread, live, footprint, scale and observe need root (BPF, namespaces); skipped\n")
         which = [w for w in which if w == "sweep"]
     # each suite is imported when it runs: --only X does not depend on the other suites' imports
     if "hotpath" in which:
@@ -124,6 +128,10 @@ def main() -> int:
         from bench import scale
 
         scale.run([int(x) for x in args.scale_sizes.split(",")], args.scale_target_options)
+    if "observe" in which:
+        from bench import observe
+
+        observe.run(args.observe_size, args.observe_seconds)
     return 0
 
 

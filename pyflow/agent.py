@@ -39,8 +39,9 @@ import sys
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,7 +49,7 @@ import numpy as np
 from pyflow import records as rec
 from pyflow.config import Settings
 from pyflow.export.target import ExportClock, Target
-from pyflow.kernel.abi import FLOW_KEY_DTYPE, CacheMap
+from pyflow.kernel.abi import FLOW_KEY_DTYPE, METERED_COUNTERS, CacheMap, Hook
 from pyflow.kernel.loader import FlowMeter
 from pyflow.records import EndReason
 from pyflow.sweep import (
@@ -75,6 +76,8 @@ REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.E
 #: second or two) is swept with at most a third of one core.
 MIN_SWEEP_GAP_NS = 50_000_000
 SWEEP_GAP_FACTOR = 2
+#: The hooks whose packets are what an interface received (ingress flow entries, the accounting gap).
+INGRESS_HOOKS = (int(Hook.XDP), int(Hook.TC_INGRESS))
 #: How often the loop looks at the kernel's count of flows that saw their first FIN or RST.
 FIN_POLL_NS = 250_000_000
 #: How long a clean stop goes on sending at the targets' pace before it sends the rest at once.
@@ -110,6 +113,27 @@ class AgentStats:
     exported_packets: Tally[int] = field(default_factory=Tally)  # per ifindex, since start
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What the last sweep saw, for observers (metrics scrapes, ``pyflow status``): made once per
+    sweep and never changed, so that reading it takes no lock and no look at the cache.
+
+    ``accounted`` and ``metered`` (per ifindex, for the accounting gap; None when the agent has no
+    metrics): packets in the ingress records queued since start plus those in the cache in no
+    record yet, as of this sweep's read; and the kernel's metered counters (XDP and TC ingress)
+    read just before it.  Their difference is what went missing between the kernel and the
+    records (docs/metrics.md, "Accounting gap").
+    """
+
+    meter: object = None  # the meter whose cache was read (None: no sweep yet)
+    sweeps: int = 0
+    cached: int = 0  # entries in both maps after the sweep (not those about to leave)
+    cached_resumed: int = 0  # of which in the resume map
+    boot_ns: int = 0  # when the sweep read the cache (boot clock)
+    accounted: Mapping[int, int] | None = None
+    metered: Mapping[int, int] | None = None
+
+
 @dataclass
 class Pending:
     """One sweep's records on their way: what the kernel forgets once every target has sent them."""
@@ -142,10 +166,24 @@ class _Tick:
     drops: list[np.ndarray] = field(default_factory=list)
     staying: dict[CacheMap, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in CacheMap})
     next_due_ns: int = NEVER
+    unsent: Tally[int] | None = None  # per ifindex (ingress): packets in the cache in no record (when observed)
 
 
 def _cat(parts: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _per_ifindex(ifindex: np.ndarray, packets: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(ifindex, sum of its packets); one interface (the usual chunk) without a sort."""
+    if not len(ifindex):
+        return
+    lo, hi = int(ifindex.min()), int(ifindex.max())
+    if lo == hi:
+        yield lo, int(packets.sum(dtype=np.uint64))
+        return
+    idx, inv = np.unique(ifindex, return_inverse=True)
+    sums = np.bincount(inv.reshape(-1), weights=packets.astype(np.float64), minlength=len(idx))
+    yield from zip(idx.tolist(), (int(n) for n in sums.tolist()), strict=True)
 
 
 class Agent:
@@ -180,8 +218,11 @@ class Agent:
         self._earliest_ns = 0  # no sweep before this (MIN_SWEEP_GAP_NS after the last one)
         self._fin = _FinWatch()
         self.metrics = metrics
-        # held during a tick, while targets send, and while a scrape computes the accounting
+        # held during a tick and while targets send; observers take it only to copy a few
+        # references (pyflow flows: the meter's maps, the baseline), never to read the cache
         self.lock = threading.Lock()
+        # what the last sweep saw: replaced (never changed) at the end of every sweep
+        self.observed = Observed()
         self.log = log or (lambda msg: print(f"pyflow: {msg}", file=sys.stderr))
 
     # -- clocks ----------------------------------------------------------------------
@@ -216,7 +257,9 @@ class Agent:
         meter.barrier()
         self.stats.last_barrier_seconds = time.perf_counter() - tb
         now, wall_offset, _ = self._clock()
-        t = _Tick()
+        observe = self.metrics is not None
+        metered = self._metered() if observe else None
+        t = _Tick(unsent=Tally() if observe else None)
         for which, keys, values in meter.read_chunks():
             horizon = Horizon(final_ns, now, evict[which])
             r = sweep_chunk(keys, values, self.baseline, horizon, wall_offset, self.rules, self._skip, final)
@@ -228,6 +271,9 @@ class Agent:
             t.next_due_ns = min(t.next_due_ns, r.next_due_ns)
             if r.stay is not None:  # the skip list was looked up once, in sweep_chunk
                 t.staying[which].append(values["last_seen_ns"][r.stay].copy())
+            if t.unsent is not None and r.unsent is not None:
+                sel = (keys["direction"] == 0) & (r.unsent > 0)
+                t.unsent.update(dict(_per_ifindex(keys["ifindex"][sel], r.unsent[sel])))
         batch = self._queue(t, meter)
         cached = {m: sum(len(a) for a in t.staying[m]) for m in CacheMap}
         if not final:
@@ -239,6 +285,7 @@ class Agent:
             self._account(part)
         self.stats.sweeps += 1
         self.stats.cached = sum(cached.values())
+        self._publish(meter, now, t.unsent, metered)
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.sweep_duration.observe(self.stats.last_sweep_seconds)
@@ -394,20 +441,24 @@ class Agent:
         for i, n in zip(idx.tolist(), sums.tolist(), strict=True):
             s.exported_packets[i] += int(n)
 
-    def accounted_packets(self) -> dict[int, int]:
-        """Per ifindex: packets in records since start + still in the cache, not yet in a record."""
-        with self.lock:
-            total: Tally[int] = Tally(self.stats.exported_packets)
-            for _which, keys, values in self.meter.read_chunks():
-                look = ~member(self._skip, values["flow_id"]) & (keys["direction"] == 0)
-                has, pos = self.baseline.join(values["flow_id"])
-                base = np.where(has, self.baseline.packets[pos] if len(self.baseline) else 0, 0)
-                pending = (values["packets"] - base.astype(np.uint64)).astype(np.float64)[look]
-                idx, inv = np.unique(keys["ifindex"][look], return_inverse=True)
-                sums = np.bincount(inv.reshape(-1), weights=pending, minlength=len(idx))
-                for ifindex, n in zip(idx.tolist(), sums.tolist(), strict=True):
-                    total[ifindex] += int(n)
-            return dict(total)
+    def _metered(self) -> dict[int, int]:
+        """Per ifindex: the kernel's count of packets added to ingress flow entries (XDP, TC ingress)."""
+        out: Tally[int] = Tally()
+        for (ifindex, hook), st in self.meter.read_iface_stats().items():
+            if hook in INGRESS_HOOKS:
+                out[ifindex] += sum(int(st["counters"][c]) for c in METERED_COUNTERS)
+        return dict(out)
+
+    def _publish(self, meter: FlowMeter, now_ns: int, unsent: Tally[int] | None,
+                 metered: dict[int, int] | None) -> None:
+        """The sweep's ``Observed``, in place of the last one (one reference assignment: atomic)."""
+        accounted = None
+        if unsent is not None:
+            total = Tally(self.stats.exported_packets)
+            total.update(unsent)
+            accounted = MappingProxyType(dict(total))
+        self.observed = Observed(meter, self.stats.sweeps, self.stats.cached, self.stats.cached_resumed, now_ns,
+                                 accounted, None if metered is None else MappingProxyType(metered))
 
     def export(self, batch: np.ndarray, clock: ExportClock, now_ns: int) -> None:
         """Send ``batch`` to every target at once, outside the queues (templates at start)."""

@@ -42,7 +42,8 @@ socket ({DEFAULT_SOCKET} unless `pyflow run --control-socket` chose another):
     `/ip traffic-flow print`: enabled, interfaces, cache-entries, the flow
     timeouts, packet sampling, and pyflow's own (sweep-interval, the
     /ip traffic-flow ipfix fields that differ from RouterOS's defaults, ...);
-  * cache use: flow entries in the kernel cache now, of cache-entries;
+  * cache use: flow entries in the kernel cache at the last sweep, of
+    cache-entries (status never reads the cache: it cannot slow the agent);
   * the agent's counters: uptime, sweeps, flow records exported;
   * one line per target, as `/ip traffic-flow target print` numbers them:
     datagrams, flow records and bytes sent, send errors, and when it last
@@ -72,6 +73,9 @@ them, in binary units (KiB, MiB, ...; exact with --json).
 
 A flow appears here until the sweep expires it (inactive-flow-timeout, or
 2 s after TCP FIN/RST); what has been exported already is not in the cache.
+The agent sends at most 10,000 flows per answer (the top ones in the chosen
+order; the first line gives the total in the cache); it reads the cache
+without holding up its sweeps.
 """
 FLOWS_EPILOG = """\
 sort orders (--sort):
@@ -82,7 +86,7 @@ sort orders (--sort):
 examples:
   sudo pyflow flows
   sudo pyflow flows --sort packets --limit 50
-  sudo pyflow flows --limit 0 --json | jq '.flows[] | select(.proto == 6)'
+  sudo pyflow flows --limit 0 --json | jq '.flows[] | select(.proto == 6)'   # the top 10,000
 
 exit status: 0 when the agent answered; 1 when no agent listens on the socket
 or it could not answer; 2 for a bad option.
@@ -577,7 +581,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _agent_options(flows, json=True)
     flows.add_argument("--sort", choices=SORTS, default="bytes", help="order of the flows (default: bytes)")
     flows.add_argument("--limit", type=_count("--limit"), default=20, metavar="N",
-                       help="show at most N flows; 0 shows every flow (default: 20)")
+                       help="show at most N flows; 0: as many as the agent sends, 10,000 (default: 20)")
     flows.set_defaults(func=cmd_flows)
 
     top = subparsers.add_parser(

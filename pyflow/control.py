@@ -5,19 +5,30 @@
 ask) in a daemon thread.  The protocol is one JSON object per line each way:
 
 * ``{"cmd": "status"}`` -> the agent's effective settings (RouterOS names),
-  cache use now, per-target counters and when each target last sent, the
-  agent's own counters and uptime;
+  cache use at the last sweep, per-target counters and when each target last
+  sent, the agent's own counters and uptime;
 * ``{"cmd": "flows", "sort": "bytes"|"packets"|"age", "limit": N}`` -> the
-  kernel flow cache now, sorted, at most N flows (no limit: all), each with
-  its cumulative counters and what is not exported yet, plus the total count.
+  kernel flow cache now, sorted, the first N flows (no limit: DEFAULT_FLOWS;
+  0 or more than MAX_FLOWS: MAX_FLOWS), each with its cumulative counters and
+  what is not exported yet, plus the total count.
 
 Every answer has ``"ok"``: true, or false with ``"error"``.  A bad request
 gets an error answer; nothing a client sends can stop the server.  A client
 may send any number of requests on one connection.
 
-The cache is read under ``agent.lock`` (the agent sweeps under it, so the
-cache and the baseline are seen at one consistent point); the arrays are
-copied and the lock released before anything is sorted or formatted.
+Watching never slows the agent down: ``status`` takes no lock and reads no
+cache (counters, and ``agent.observed``: what the last sweep saw); ``flows``
+holds ``agent.lock`` only to take the meter's maps (``FlowMeter.scan``: fds
+and buffers of its own) and the baseline, then reads the cache without it,
+keeping the top N of each chunk, and streams its answer in pieces.
+
+Per client: at most MAX_CLIENTS connections (a new one pushes out the one idle
+the longest), each request line at most MAX_REQUEST bytes and whole within
+IDLE_SECONDS of the last answer (or of connecting), and every answer taken
+within WRITE_SECONDS of writing time; otherwise the connection is closed.
+At most SCANS flows answers read the cache at once; so memory stays at about
+SCANS x (one scan chunk + 2 x MAX_FLOWS rows) + MAX_CLIENTS x (MAX_FLOWS rows +
+one piece) (2.5 MB each for 10,000 rows).
 
 "Last sent" per target: ``TargetStats`` has no timestamp, so the server
 samples every target's datagram counter (every :data:`SAMPLE_SECONDS`, and
@@ -41,7 +52,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +65,7 @@ from pyflow.units import format_duration
 
 if TYPE_CHECKING:
     from pyflow.agent import Agent
+    from pyflow.sweep import Baseline
 
 def default_socket() -> str:
     """``/run/pyflow/pyflow.sock`` in the host's network namespace; in another one (an agent
@@ -73,9 +85,15 @@ def default_socket() -> str:
 
 DEFAULT_SOCKET = default_socket()
 SORTS = ("bytes", "packets", "age")
-MAX_REQUEST = 64 * 1024  # bytes in one request line
-MAX_CLIENTS = 16  # connections served at once; more are answered with an error and closed
-IDLE_SECONDS = 300.0  # a connection with no request for this long is closed
+MAX_REQUEST = 4096  # bytes in one request line
+MAX_CLIENTS = 16  # connections at once; a new one pushes out the one idle the longest
+IDLE_SECONDS = 5.0  # the next whole request line must arrive within this, or the connection is closed
+WRITE_SECONDS = 5.0  # a client must take an answer within this much writing time, or it is dropped
+DEFAULT_FLOWS = 100  # flows in an answer to a request without a limit
+MAX_FLOWS = 10_000  # flows in an answer at most (limit 0 or larger: this many)
+SCAN_CHUNK = 8192  # entries per read of the cache for a flows answer
+SCANS = 2  # flows answers reading the cache at once (the others wait their turn)
+PIECE_FLOWS = 256  # flows per write of a flows answer
 SAMPLE_SECONDS = 0.25  # how often the targets' datagram counters are sampled ("last sent")
 DIRECTIONS = {0: "ingress", 1: "egress"}
 MAX_PATH = 107  # bytes in a Unix socket path (sun_path is 108, NUL included)
@@ -95,6 +113,14 @@ class AgentNotRunning(ControlError):
         why = f" ({detail})" if detail else ""
         super().__init__(f"no pyflow agent is listening on {path}: is `pyflow run` running? (see --socket){why}")
         self.path = path
+
+
+@dataclass
+class _Conn:
+    """A client connection's state: since when it is idle, or busy answering."""
+
+    since: float
+    busy: bool = False
 
 
 class BadRequest(Exception):
@@ -173,8 +199,9 @@ class ControlServer:
         self._stop = threading.Event()
         self._closed = False
         self._inode: tuple[int, int] | None = None
-        self._clients: set[socket.socket] = set()
+        self._clients: dict[socket.socket, _Conn] = {}
         self._clients_lock = threading.Lock()
+        self._scans = threading.BoundedSemaphore(SCANS)
         self._started_at = wall()
         # id(target) -> (datagrams at the last change, wall time of that change or None)
         self._sent: dict[int, tuple[int, float | None]] = {}
@@ -201,7 +228,7 @@ class ControlServer:
             os.rename(tmp, self.path)
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
-            sock.listen(MAX_CLIENTS)
+            sock.listen(4 * MAX_CLIENTS)  # room for a burst while the thread accepts
         except OSError as exc:
             sock.close()
             with contextlib.suppress(OSError):
@@ -263,55 +290,117 @@ class ControlServer:
                 conn, _ = listener.accept()
             except OSError:
                 continue
-            with self._clients_lock:
-                busy = len(self._clients) >= MAX_CLIENTS
-                if not busy:
-                    self._clients.add(conn)
-            if busy:
+            if not self._admit(conn):
                 with contextlib.suppress(OSError):
-                    conn.sendall(_encode({"ok": False, "error": f"too many clients (at most {MAX_CLIENTS})"}))
+                    conn.sendall(_encode({"ok": False, "error": f"too many clients busy (at most {MAX_CLIENTS})"}))
                 conn.close()
                 continue
             threading.Thread(target=self._client, args=(conn,), name="pyflow-control-client", daemon=True).start()
 
+    def _admit(self, conn: socket.socket) -> bool:
+        """Count ``conn`` in; when MAX_CLIENTS are connected, push out the one idle the longest
+        (False: every one is busy answering)."""
+        with self._clients_lock:
+            if len(self._clients) >= MAX_CLIENTS:
+                idle = [(c.since, sock) for sock, c in self._clients.items() if not c.busy]
+                if not idle:
+                    return False
+                _, oldest = min(idle, key=lambda x: x[0])
+                del self._clients[oldest]
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
+            self._clients[conn] = _Conn(time.monotonic())
+        return True
+
     def _client(self, conn: socket.socket) -> None:
         buf = b""
         try:
-            conn.settimeout(IDLE_SECONDS)
             while not self._stop.is_set():
-                while b"\n" not in buf:
-                    if len(buf) > MAX_REQUEST:
-                        conn.sendall(_encode({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}))
-                        _linger(conn)
+                line, buf = self._request_line(conn, buf)
+                if line is None:
+                    return
+                if not line.strip():
+                    continue
+                with self._clients_lock:
+                    state = self._clients.get(conn)
+                    if state is None:  # pushed out meanwhile
                         return
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                line, buf = buf.split(b"\n", 1)
-                if line.strip():
-                    conn.sendall(_encode(self.handle_line(line)))
+                    state.busy = True
+                self._write(conn, self.answer_line(line))
+                with self._clients_lock:
+                    state.busy, state.since = False, time.monotonic()
         except OSError:
-            pass
+            pass  # the client went away, was too slow, or was pushed out
         finally:
             with self._clients_lock:
-                self._clients.discard(conn)
+                self._clients.pop(conn, None)
             conn.close()
 
-    def handle_line(self, line: bytes) -> dict[str, Any]:
-        """One request line -> its answer (never raises)."""
-        try:
+    def _request_line(self, conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes]:
+        """The next request line (None: the client ended, took too long or sent too much)."""
+        deadline = time.monotonic() + IDLE_SECONDS
+        while b"\n" not in buf:
+            if len(buf) > MAX_REQUEST:
+                conn.settimeout(WRITE_SECONDS)
+                conn.sendall(_encode({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}))
+                _linger(conn)
+                return None, b""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, b""
+            conn.settimeout(left)
             try:
-                request = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise BadRequest(f"not JSON: {exc}") from None
-            return self.handle(request)
-        except BadRequest as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:  # a bug must not end the server: the client hears about it
-            return {"ok": False, "error": f"internal error: {exc!r}"}
+                chunk = conn.recv(MAX_REQUEST + 1 - len(buf))
+            except TimeoutError:
+                return None, b""
+            if not chunk:
+                return None, b""
+            buf += chunk
+        line, rest = buf.split(b"\n", 1)
+        return line, rest
 
-    def handle(self, request: object) -> dict[str, Any]:
+    @staticmethod
+    def _write(conn: socket.socket, pieces: Iterator[bytes]) -> None:
+        """Send an answer piece by piece within WRITE_SECONDS of writing time in all (TimeoutError:
+        the client does not read fast enough; the connection is dropped)."""
+        budget = WRITE_SECONDS
+        for piece in pieces:
+            if budget <= 0:
+                raise TimeoutError("the client does not take its answer")
+            conn.settimeout(budget)
+            t0 = time.monotonic()
+            conn.sendall(piece)
+            budget -= time.monotonic() - t0
+
+    def answer_line(self, line: bytes) -> Iterator[bytes]:
+        """One request line -> its answer line, in pieces (never raises before the first piece)."""
+        try:
+            answer = self._handle_line(line)
+            if isinstance(answer, dict):
+                yield _encode(answer)
+                return
+            first = next(answer)  # the flows are read, sorted and the first piece made: errors come here
+        except BadRequest as exc:
+            yield _encode({"ok": False, "error": str(exc)})
+            return
+        except Exception as exc:  # a bug must not end the server: the client hears about it
+            yield _encode({"ok": False, "error": f"internal error: {exc!r}"})
+            return
+        yield first
+        yield from answer  # an error from here on ends the connection (half an answer sent)
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """One request line -> its answer as one object (never raises)."""
+        return json.loads(b"".join(self.answer_line(line)))
+
+    def _handle_line(self, line: bytes) -> dict[str, Any] | Iterator[bytes]:
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"not JSON: {exc}") from None
+        return self.handle(request)
+
+    def handle(self, request: object) -> dict[str, Any] | Iterator[bytes]:
         if not isinstance(request, dict):
             raise BadRequest('a request is a JSON object such as {"cmd": "status"}')
         cmd = request.get("cmd")
@@ -323,8 +412,9 @@ class ControlServer:
                 raise BadRequest(f"sort {sort!r} is not one of {', '.join(SORTS)}")
             limit = request.get("limit")
             if limit is not None and (type(limit) is not int or limit < 0):
-                raise BadRequest(f"limit {limit!r} is not a whole number >= 0 (0 or none: every flow)")
-            return self.flows(sort, limit or None)
+                raise BadRequest(f"limit {limit!r} is not a whole number >= 0 (0: as many as allowed, "
+                                 f"{MAX_FLOWS})")
+            return self.flows_stream(sort, limit)
         raise BadRequest(f"unknown cmd {cmd!r} (known: status, flows)")
 
     # -- status ----------------------------------------------------------------
@@ -351,24 +441,22 @@ class ControlServer:
         return entry[1] if entry else None
 
     def status(self) -> dict[str, Any]:
+        """Takes no lock and reads no cache: counters, references and what the last sweep saw."""
         agent = self.agent
         self._sample_targets()
-        with agent.lock:
-            keys, _ = agent.meter.read_flows()
-            cached = len(keys)
-            capacity = int(agent.meter.settings.cache_entries)
-            settings = agent.settings
-            # under the lock: the sweep updates the targets' counters (and their errno Counter) under it too
-            targets = [self._target_view(i, t) for i, t in enumerate(agent.targets)]
-            stats = agent.stats
-            agent_stats = {
-                "sweeps": int(stats.sweeps),
-                "records": int(stats.records),
-                "deleted": int(stats.deleted),
-                "nat-events": int(getattr(stats, "nat_events", 0)),
-                "pending-sweeps": int(getattr(stats, "pending_commits", 0)),
-                "last-sweep-seconds": float(getattr(stats, "last_sweep_seconds", 0.0)),
-            }
+        seen = agent.observed
+        settings = agent.settings
+        capacity = int(agent.meter.settings.cache_entries)
+        targets = [self._target_view(i, t) for i, t in enumerate(list(agent.targets))]
+        stats = agent.stats
+        agent_stats = {
+            "sweeps": int(stats.sweeps),
+            "records": int(stats.records),
+            "deleted": int(stats.deleted),
+            "nat-events": int(getattr(stats, "nat_events", 0)),
+            "pending-sweeps": int(getattr(stats, "pending_commits", 0)),
+            "last-sweep-seconds": float(getattr(stats, "last_sweep_seconds", 0.0)),
+        }
         now = self._wall()
         metrics = getattr(agent, "metrics", None)
         started = float(getattr(metrics, "start_time", 0.0) or self._started_at)
@@ -376,22 +464,28 @@ class ControlServer:
         for view in targets:
             last = view["last-sent"]
             view["last-sent-ago"] = None if last is None else max(0.0, now - last)
+        counted = None if seen.meter is None else max(0.0, (self._boot_ns() - seen.boot_ns) / 1e9)
         return {
             "ok": True,
             "version": __version__,
             "time": now,
             "settings": settings_view(settings),
-            "cache": {"entries": cached, "capacity": capacity},
+            "cache": {"entries": int(seen.cached), "capacity": capacity, "counted-ago": counted},
             "targets": targets,
             "agent": agent_stats,
             "links": self._links() if self._links is not None else [],
         }
 
+    def _boot_ns(self) -> int:
+        clocks = getattr(self.agent, "clocks", None)
+        return int(clocks.boot_ns()) if clocks is not None else _boot_ns()
+
     def _target_view(self, index: int, target: Any) -> dict[str, Any]:
         ts = target.settings
         st = target.stats
         last = self._last_sent(target)
-        errors = {str(k): int(v) for k, v in sorted(st.send_errors.items()) if v}
+        # a copy made in one step (the agent's thread may add an errno meanwhile)
+        errors = {str(k): int(v) for k, v in sorted(dict(st.send_errors).items()) if v}
         return {
             "index": index,
             "name": str(target.name),
@@ -415,57 +509,94 @@ class ControlServer:
 
     # -- flows -----------------------------------------------------------------
 
-    def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
+    def flows_stream(self, sort: str = "bytes", limit: int | None = None) -> Iterator[bytes]:
+        """The flows answer, one JSON line in pieces: the cache read (without the agent's lock) and
+        its top ``limit`` kept chunk by chunk before the first piece; then PIECE_FLOWS flows a piece."""
         agent = self.agent
-        with agent.lock:
-            keys_v, values_v = agent.meter.read_flows()
-            keys, values = keys_v.copy(), values_v.copy()
+        with agent.lock:  # only to take the maps: the meter cannot be swapped or closed meanwhile
+            scan = agent.meter.scan(SCAN_CHUNK)
             baseline = agent.baseline  # immutable: the sweep replaces it, never changes it
             capacity = int(agent.meter.settings.cache_entries)
-            clocks = getattr(agent, "clocks", None)
-            now_ns = int(clocks.boot_ns()) if clocks is not None else _boot_ns()
-        total = len(keys)
-        has, pos = baseline.join(values["flow_id"])
-        if len(baseline):
-            base_pk = np.where(has, baseline.packets[pos], 0).astype(np.uint64)
-            base_by = np.where(has, baseline.bytes[pos], 0).astype(np.uint64)
-        else:
-            base_pk = base_by = np.zeros(total, dtype=np.uint64)
-        if sort == "age":
-            order = np.lexsort((values["flow_id"], values["first_seen_ns"]))  # oldest first
-        else:
-            column = values["bytes" if sort == "bytes" else "packets"]
-            order = np.lexsort((values["flow_id"], ~column))  # largest first (~ on uint64 reverses)
-        if limit is not None:
-            order = order[:limit]
-        names = _IfNames()
-        flows = []
-        for i in order.tolist():
-            k, v = keys[i], values[i]
-            ipv = int(k["ip_version"])
-            ifindex = int(k["ifindex"])
-            flows.append({
-                "src": str(addr_from_16(bytes(k["src_addr"]), ipv)),
-                "dst": str(addr_from_16(bytes(k["dst_addr"]), ipv)),
-                "sport": int(k["src_port"]),
-                "dport": int(k["dst_port"]),
-                "proto": int(k["protocol"]),
-                "ip-version": ipv,
-                "tos": int(k["tos"]),
-                "ifindex": ifindex,
-                "interface": names.get(ifindex),
-                "direction": DIRECTIONS.get(int(k["direction"]), str(int(k["direction"]))),
-                "packets": int(v["packets"] - base_pk[i]),
-                "bytes": int(v["bytes"] - base_by[i]),
-                "packets-total": int(v["packets"]),
-                "bytes-total": int(v["bytes"]),
-                "tcp-flags": int(v["tcp_flags"]) & 0xFF,
-                "first-seen": max(0.0, (now_ns - int(v["first_seen_ns"])) / 1e9),
-                "last-seen": max(0.0, (now_ns - int(v["last_seen_ns"])) / 1e9),
-                "flow-id": int(v["flow_id"]),
-            })
-        return {"ok": True, "time": self._wall(), "total": total, "capacity": capacity, "sort": sort,
-                "limit": limit or 0, "flows": flows}
+            now_ns = self._boot_ns()
+        n = DEFAULT_FLOWS if limit is None else MAX_FLOWS if limit == 0 else min(limit, MAX_FLOWS)
+        with scan, self._scans:  # CPU and memory: SCANS reads at a time, whatever the clients
+            keys, values, total = _top(scan, sort, n)
+        head = {"ok": True, "time": self._wall(), "total": total, "capacity": capacity, "sort": sort,
+                "limit": n, "max-limit": MAX_FLOWS}
+        return _flow_pieces(head, keys, values, baseline, now_ns)
+
+    def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
+        """The flows answer as one object (what a client gets)."""
+        return json.loads(b"".join(self.flows_stream(sort, limit)))
+
+
+def _order(values: np.ndarray, sort: str) -> np.ndarray:
+    """Indices of ``values`` in answer order (ties: by flow id)."""
+    if sort == "age":
+        return np.lexsort((values["flow_id"], values["first_seen_ns"]))  # oldest first
+    column = values["bytes" if sort == "bytes" else "packets"]
+    return np.lexsort((values["flow_id"], ~column))  # largest first (~ on uint64 reverses)
+
+
+def _top(scan: Iterable[tuple[Any, np.ndarray, np.ndarray]], sort: str, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The first ``n`` entries of the cache in answer order, and how many it holds: at most ``n``
+    plus one chunk in memory, whatever its size."""
+    from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE  # here: `pyflow check` imports no kernel module
+
+    best_k = np.zeros(0, FLOW_KEY_DTYPE)
+    best_v = np.zeros(0, FLOW_VALUE_DTYPE)
+    total = 0
+    for _which, keys, values in scan:  # views of reused buffers: concatenate copies
+        total += len(keys)
+        k, v = np.concatenate([best_k, keys]), np.concatenate([best_v, values])
+        if len(k) > n:
+            keep = _order(v, sort)[:n]
+            k, v = k[keep], v[keep]
+        best_k, best_v = k, v
+    order = _order(best_v, sort)
+    return best_k[order], best_v[order], total
+
+
+def _flow_pieces(head: dict[str, Any], keys: np.ndarray, values: np.ndarray, baseline: Baseline,
+                 now_ns: int) -> Iterator[bytes]:
+    has, pos = baseline.join(values["flow_id"])
+    if len(baseline):
+        base_pk = np.where(has, baseline.packets[pos], 0).astype(np.uint64)
+        base_by = np.where(has, baseline.bytes[pos], 0).astype(np.uint64)
+    else:
+        base_pk = base_by = np.zeros(len(keys), dtype=np.uint64)
+    yield _encode(head)[:-2] + b',"flows":['
+    names = _IfNames()
+    for lo in range(0, len(keys), PIECE_FLOWS):
+        views = [_flow_view(keys[i], values[i], int(base_pk[i]), int(base_by[i]), now_ns, names)
+                 for i in range(lo, min(lo + PIECE_FLOWS, len(keys)))]
+        yield (b"," if lo else b"") + b",".join(json.dumps(f, separators=(",", ":")).encode() for f in views)
+    yield b"]}\n"
+
+
+def _flow_view(k: np.void, v: np.void, base_pk: int, base_by: int, now_ns: int, names: _IfNames) -> dict[str, Any]:
+    ipv = int(k["ip_version"])
+    ifindex = int(k["ifindex"])
+    return {
+        "src": str(addr_from_16(bytes(k["src_addr"]), ipv)),
+        "dst": str(addr_from_16(bytes(k["dst_addr"]), ipv)),
+        "sport": int(k["src_port"]),
+        "dport": int(k["dst_port"]),
+        "proto": int(k["protocol"]),
+        "ip-version": ipv,
+        "tos": int(k["tos"]),
+        "ifindex": ifindex,
+        "interface": names.get(ifindex),
+        "direction": DIRECTIONS.get(int(k["direction"]), str(int(k["direction"]))),
+        "packets": int(v["packets"]) - base_pk,
+        "bytes": int(v["bytes"]) - base_by,
+        "packets-total": int(v["packets"]),
+        "bytes-total": int(v["bytes"]),
+        "tcp-flags": int(v["tcp_flags"]) & 0xFF,
+        "first-seen": max(0.0, (now_ns - int(v["first_seen_ns"])) / 1e9),
+        "last-seen": max(0.0, (now_ns - int(v["last_seen_ns"])) / 1e9),
+        "flow-id": int(v["flow_id"]),
+    }
 
 
 class _IfNames:
@@ -561,10 +692,25 @@ class ControlClient:
         self._buf = b""
 
     def _connect(self) -> socket.socket:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = self._connect_once()
+            if sock is not None:
+                return sock
+            if time.monotonic() >= deadline:
+                raise ControlError(f"the agent on {self.path} accepted no connection within {self.timeout:g}s "
+                                   "(its backlog is full)")
+            time.sleep(0.05)
+
+    def _connect_once(self) -> socket.socket | None:
+        """A connected socket; None: the agent's backlog is full (try again)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.path)
+        except BlockingIOError:
+            sock.close()
+            return None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             stale = isinstance(exc, ConnectionRefusedError)

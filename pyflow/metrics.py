@@ -4,9 +4,12 @@ Two kinds:
 
 * event metrics the agent updates as things happen (histograms of sweep
   duration and export lateness), held by ``Metrics``;
-* state read at scrape time (kernel per-CPU counters, cache use, per-target
-  stats, the accounting gap) by ``PyflowCollector``, so a scrape always shows
-  the kernel's current numbers, never a copy from the last sweep.
+* state read at scrape time by ``PyflowCollector``: the kernel's per-CPU
+  counters as they are now, per-target stats, and what the last sweep saw of
+  the cache (``Agent.observed``: cache use, the accounting gap's books).
+
+A scrape never takes the agent's lock and never reads the flow cache: however
+often it comes, it cannot delay a sweep or an export.
 
 The registry is injectable (tests use their own); ``serve()`` starts the
 HTTP endpoint.
@@ -183,19 +186,26 @@ class PyflowCollector(Collector):
                 not_metered.add_metric([*lbl, reason], float(c[cid]))
         yield from (seen, metered, resumed, metered_bytes, not_metered)
 
+        yield from self._cache(meter)
+        yield from self._targets()
+        yield from self._gap(stats, label)
+
+    def _cache(self, meter: Any) -> Iterator[Metric]:
+        """Cache use (as the last sweep counted it), flows created and expired, records, NAT events."""
         a = self.agent.stats
+        swept = self.agent.observed
         yield GaugeMetricFamily("pyflow_flows_cached", "Flow entries in the kernel cache at the last sweep "
-                                "(both maps, not counting those leaving early).", value=a.cached)
+                                "(both maps, not counting those leaving early).", value=swept.cached)
         yield GaugeMetricFamily("pyflow_flows_cached_resumed", "Of the cached flow entries, those in the resume "
                                 "map (flows that went on past their inactive timeout before the sweep).",
-                                value=a.cached_resumed)
+                                value=swept.cached_resumed)
         yield GaugeMetricFamily("pyflow_cache_capacity_flows", "Size of the kernel flow cache (cache-entries).",
                                 value=meter.settings.cache_entries)
         yield CounterMetricFamily("pyflow_flows_created", "Flow entries the kernel created.",
                                   value=meter.flows_created())
         expired = CounterMetricFamily("pyflow_flow_records", "Flow records exported, by end reason.",
                                       labels=["reason"])
-        for reason, n in sorted(a.records_by_reason.items()):
+        for reason, n in sorted(dict(a.records_by_reason).items()):  # one-step copy: the sweep adds to it
             expired.add_metric([reason], n)
         yield expired
         yield CounterMetricFamily("pyflow_flows_expired", "Flow entries removed from the kernel cache.",
@@ -205,8 +215,6 @@ class PyflowCollector(Collector):
                                 value=a.pending_commits)
         yield CounterMetricFamily("pyflow_nat_event_records", "NAT event records (nat-events=yes) exported, "
                                   "from conntrack's NAT44 session create/delete events.", value=a.nat_events)
-        yield from self._targets()
-        yield from self._gap(stats, label)
 
     def _targets(self) -> Iterator[Metric]:
         labels = ["target", "version"]
@@ -234,7 +242,7 @@ class PyflowCollector(Collector):
             s = t.stats
             for key, fam in fams.items():
                 fam.add_metric(lbl, float(getattr(s, key)))
-            for err, n in sorted(s.send_errors.items()):
+            for err, n in sorted(dict(s.send_errors).items()):
                 errors.add_metric([*lbl, err], float(n))
             queued.add_metric(lbl, float(t.backlog))
         yield from fams.values()
@@ -244,22 +252,29 @@ class PyflowCollector(Collector):
     def _gap(self, stats: dict[tuple[int, int], Any], label: Callable[[int], str]) -> Iterator[Metric]:
         """Interface's own received packets minus what pyflow accounted for them.
 
-        Accounted = exported records + still in the cache (both maps), not yet
-        exported + not metered (kernel counters).  Only meaningful with sampling
-        off; should stay 0 apart from packets in flight at the instant of the scrape.
+        Two parts (docs/metrics.md, "Accounting gap"): now, received - not metered
+        - metered (kernel counters, read at this scrape); and as of the last sweep,
+        metered - accounted, where accounted = packets in records + in the cache in
+        no record yet (``Agent.observed``: the scrape never reads the cache).  No
+        series until the current meter's first sweep.
         """
         gap = GaugeMetricFamily(
             "pyflow_accounting_gap_packets",
-            "Packets the interface received since pyflow attached minus packets pyflow accounted for.",
-            labels=["interface"])
+            "Packets the interface received since pyflow attached minus packets pyflow accounted for "
+            "(the part inside pyflow as of the last sweep).", labels=["interface"])
+        seen = self.agent.observed
+        if seen.meter is not self.agent.meter or seen.accounted is None or seen.metered is None:
+            yield gap
+            return
         rx = self.rx_packets()
-        accounted = self.agent.accounted_packets()
         for ifindex, received in sorted(rx.items()):
             # what it received is metered by XDP or by TC ingress (never both)
-            not_metered = sum(int(st["counters"][cid]) for hook in (abi.Hook.XDP, abi.Hook.TC_INGRESS)
-                              if (st := stats.get((ifindex, int(hook)))) is not None
-                              for cid in abi.NOT_METERED_REASONS)
-            gap.add_metric([label(ifindex)], float(received - accounted.get(ifindex, 0) - not_metered))
+            counters = [st["counters"] for hook in (abi.Hook.XDP, abi.Hook.TC_INGRESS)
+                        if (st := stats.get((ifindex, int(hook)))) is not None]
+            not_metered = sum(int(c[cid]) for c in counters for cid in abi.NOT_METERED_REASONS)
+            metered = sum(int(c[cid]) for c in counters for cid in abi.METERED_COUNTERS)
+            inside = seen.metered.get(ifindex, 0) - seen.accounted.get(ifindex, 0)
+            gap.add_metric([label(ifindex)], float(received - not_metered - metered + inside))
         yield gap
 
 

@@ -139,6 +139,9 @@ class ChunkResult:
     drop_ids: np.ndarray  # flow ids that leave the cache (their baseline rows go)
     next_due_ns: int  # earliest instant an entry that stays falls due (NEVER: none)
     stay: np.ndarray | None = None  # bool mask over the chunk: entries that stay (not leaving, not skipped)
+    # per entry of the chunk: packets in no record yet once this sweep's records are out (0 for the
+    # entries leaving now and those skipped, whose packets are in records already); None: all 0
+    unsent: np.ndarray | None = None
 
 
 def expiry_ns(values: np.ndarray, rules: SweepRules) -> np.ndarray:
@@ -196,7 +199,10 @@ def sweep_chunk(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizo
     others[cand] = False  # the candidates' own due instants come from _candidates
     due = np.minimum(expiry[others], first_active[others])
     next_due = min(int(due.min()) if len(due) else NEVER, r.next_due_ns)
-    return ChunkResult(r.records, cand[r.delete], r.cuts, r.drop_ids, next_due, stay)
+    unsent = np.where(others, values["packets"], 0).astype(np.uint64)  # no baseline: never cut
+    if r.unsent is not None:
+        unsent[cand] = r.unsent
+    return ChunkResult(r.records, cand[r.delete], r.cuts, r.drop_ids, next_due, stay, unsent)
 
 
 def _final(keys: np.ndarray, values: np.ndarray, baseline: Baseline, wall_offset_ns: int) -> ChunkResult:
@@ -235,7 +241,9 @@ def _candidates(keys: np.ndarray, values: np.ndarray, baseline: Baseline, horizo
     # an entry with nothing new is due for a cut only once packets come (a later tick sees them)
     due = np.where(fresh & ~cut, np.minimum(due, active_at), due)
     next_due = int(due[~gone].min()) if (~gone).any() else NEVER
-    return ChunkResult(out, np.flatnonzero(gone), cuts, values["flow_id"][gone].astype(np.uint64), next_due)
+    unsent = np.where(gone | cut, np.uint64(0), d_pk)
+    return ChunkResult(out, np.flatnonzero(gone), cuts, values["flow_id"][gone].astype(np.uint64), next_due,
+                       None, unsent)
 
 
 def _records(k: np.ndarray, v: np.ndarray, d_pk: np.ndarray, d_by: np.ndarray, rec_start: np.ndarray,

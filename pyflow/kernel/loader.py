@@ -18,6 +18,7 @@ import platform
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,7 @@ class FlowMeter:
         self._readers: dict[abi.CacheMap, MapBatchReader] = {}
         self._chunks: dict[tuple[abi.CacheMap, int], MapChunks] = {}
         self._stats_readers: dict[str, pin.PerCpuReader] = {}
+        self._stats_lock = threading.Lock()  # the per-CPU readers' buffers: the sweep's and scrapes' reads
         self._own_exports: set[tuple[str, int, str, int]] = set()
         self._own_fds: list[int] = []
         self._cpus = pin.possible_cpus()
@@ -644,6 +646,14 @@ class FlowMeter:
             return parts[0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def scan(self, chunk: int = 8192) -> CacheScan:
+        """Both cache maps in chunks, read by a reader of its own (``CacheScan``): safe alongside the
+        sweep's ``read_chunks`` and after this meter is closed.  Call it where the meter cannot be
+        closed meanwhile (the agent holds its lock); read it anywhere."""
+        if self._closed:
+            raise KernelError("the flow meter is closed (replaced by a reload or stopping)")
+        return CacheScan({which: self.cache_fd(which) for which in abi.CacheMap}, chunk)
+
     def evict_threshold(self, which: abi.CacheMap) -> int:
         """The kernel's ``evict_before`` instant for one cache map (0: none)."""
         got = map_lookup(self.maps["evict_before"], struct.pack("=I", int(which)), 8)
@@ -668,15 +678,16 @@ class FlowMeter:
         MAX_IFACE_STATS); it is normally absent.
         """
         out: dict[tuple[int, int], np.ndarray] = {}
-        slots, per_cpu = self._percpu("iface_slots", np.dtype("<u4"))
-        counters = per_cpu["counters"].sum(axis=1)
-        used = np.flatnonzero(counters.any(axis=1))
-        for i in used.tolist():
-            ifindex, hook = divmod(int(slots[i]), len(abi.Hook))
-            out[(ifindex, hook)] = _sum_cpus(per_cpu[i])
-        keys, per_cpu = self._percpu("iface_stats", abi.IFACE_KEY_DTYPE)
-        for i in range(len(keys)):
-            out[(int(keys[i]["ifindex"]), int(keys[i]["hook"]))] = _sum_cpus(per_cpu[i])
+        with self._stats_lock:  # the readers' buffers are reused: one read at a time
+            slots, per_cpu = self._percpu("iface_slots", np.dtype("<u4"))
+            counters = per_cpu["counters"].sum(axis=1)
+            used = np.flatnonzero(counters.any(axis=1))
+            for i in used.tolist():
+                ifindex, hook = divmod(int(slots[i]), len(abi.Hook))
+                out[(ifindex, hook)] = _sum_cpus(per_cpu[i])
+            keys, per_cpu = self._percpu("iface_stats", abi.IFACE_KEY_DTYPE)
+            for i in range(len(keys)):
+                out[(int(keys[i]["ifindex"]), int(keys[i]["hook"]))] = _sum_cpus(per_cpu[i])
         overflow = pin.percpu_lookup(self.maps["overflow_stats"], b"\0\0\0\0", abi.IFACE_STATS_DTYPE, self._cpus)
         if overflow is not None:
             total = _sum_cpus(overflow)
@@ -709,6 +720,47 @@ class FlowMeter:
         section; this is the barrier of the idle-delete protocol.
         """
         pin.map_update(self.maps["barrier"], b"\0\0\0\0", struct.pack("=I", self.maps["barrier_inner"]))
+
+
+class CacheScan:
+    """One pass over both cache maps for an observer (``pyflow flows``), apart from the sweep.
+
+    Its own duplicates of the maps' fds (the maps stay readable, and the fd numbers cannot
+    be reused by something else, if the meter is closed meanwhile) and its own chunk buffers
+    (the sweep's are reused).  Iterating yields (map, keys, values) views valid until the next
+    step, as ``FlowMeter.read_chunks``; an entry added or deleted during the pass may or may
+    not be seen.  The fds are closed at the end of the pass or by ``close()``.
+    """
+
+    def __init__(self, fds: dict[abi.CacheMap, int], chunk: int = 8192) -> None:
+        self._fds: dict[abi.CacheMap, int] = {}
+        try:
+            for which, fd in fds.items():
+                self._fds[which] = os.dup(fd)
+        except OSError as exc:
+            self.close()
+            raise KernelError(f"cannot read the flow cache: {exc.strerror or exc}") from None
+        self.chunk = chunk
+
+    def __iter__(self) -> Iterator[tuple[abi.CacheMap, np.ndarray, np.ndarray]]:
+        try:
+            for which, fd in list(self._fds.items()):
+                for keys, values in MapChunks(fd, abi.FLOW_KEY_DTYPE, abi.FLOW_VALUE_DTYPE, self.chunk):
+                    yield which, keys, values
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> CacheScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _own_key(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:

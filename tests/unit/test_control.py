@@ -1,8 +1,9 @@
 """The control channel (pyflow/control.py) against a fake agent: no root, no kernel.
 
 The fake has what the server reads of an Agent: ``lock``, ``settings`` (a real Settings),
-``targets`` (real Targets, never opened), ``stats``, ``baseline``, ``clocks`` and a meter whose
-``read_flows()`` returns arrays of the kernel ABI's dtypes.
+``targets`` (real Targets, never opened), ``stats``, ``observed`` (what the last sweep saw),
+``baseline``, ``clocks`` and a meter whose ``scan()`` yields chunks of the kernel ABI's dtypes
+in a reused buffer, as the real one does.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from pyflow.agent import AgentStats, Clocks
+from pyflow import control
+from pyflow.agent import AgentStats, Clocks, Observed
 from pyflow.config import Settings, TargetSettings
 from pyflow.control import AgentNotRunning, ControlClient, ControlError, ControlServer, check_socket_path
 from pyflow.export.registry import encoder_for
@@ -38,14 +42,52 @@ class FakeMeter:
         self.keys, self.values = keys, values
         self.settings = SimpleNamespace(cache_entries=capacity)
         self.reads = 0
+        self.locked_reads = 0  # reads made while the agent's lock was held
         self.fail = False
+        self.gate: threading.Event | None = None  # set: a read waits for it
+        self.reading = threading.Event()
 
-    def read_flows(self) -> tuple[np.ndarray, np.ndarray]:
-        assert self.agent.lock.locked(), "the cache is read under the agent's lock"
+    def _read(self) -> None:
         self.reads += 1
+        self.locked_reads += self.agent.lock.locked()
         if self.fail:
             raise RuntimeError("map gone")
+        self.reading.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "a blocked cache read was never released"
+
+    def read_flows(self) -> tuple[np.ndarray, np.ndarray]:  # what the server used before FlowMeter.scan
+        self._read()
         return self.keys, self.values
+
+    def scan(self, chunk: int = 8192) -> FakeScan:
+        return FakeScan(self, chunk)
+
+
+class FakeScan:
+    """FlowMeter.scan's face: chunks of both maps (here one) as views of one reused buffer."""
+
+    def __init__(self, meter: FakeMeter, chunk: int) -> None:
+        self.meter, self.chunk = meter, chunk
+        self.keys = np.zeros(chunk, FLOW_KEY_DTYPE)
+        self.values = np.zeros(chunk, FLOW_VALUE_DTYPE)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        self.meter._read()
+        for lo in range(0, len(self.meter.keys), self.chunk):
+            n = min(self.chunk, len(self.meter.keys) - lo)
+            self.keys[:n] = self.meter.keys[lo:lo + n]
+            self.values[:n] = self.meter.values[lo:lo + n]
+            yield 0, self.keys[:n], self.values[:n]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> FakeScan:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def flow_arrays(flows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +129,8 @@ class FakeAgent:
         )
         self.targets = [Target(ts, encoder_for(ts.version)) for ts in self.settings.targets]
         self.stats = AgentStats(sweeps=12, records=34, deleted=5)
+        # the last sweep, 2 s ago, counted every flow
+        self.observed = Observed(meter=self, sweeps=12, cached=len(flows), boot_ns=BOOT_NOW - 2 * S)
         self.baseline = Baseline(np.array([7], np.uint64), np.array([4], np.uint64), np.array([400], np.uint64),
                                  np.array([BOOT_NOW - 10 * S], np.uint64))
         self.clocks = Clocks(boot_ns=lambda: BOOT_NOW)
@@ -149,7 +193,7 @@ def test_status(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -
     assert s["enabled"] is True and s["interfaces"] == ["eth0", "eth1"]
     assert (s["cache-entries"], s["active-flow-timeout"], s["inactive-flow-timeout"]) == (4096, "1m", "15s")
     assert s["sweep-interval"] == "10s" and s["ipfix"] == {}
-    assert st["cache"] == {"entries": 3, "capacity": 4096}
+    assert st["cache"] == {"entries": 3, "capacity": 4096, "counted-ago": 2.0}
     assert st["agent"] | {"pid": 0} == {"sweeps": 12, "records": 34, "deleted": 5, "nat-events": 0,
                                         "pending-sweeps": 0, "last-sweep-seconds": 0.0, "started": 1_000.0,
                                         "uptime": 15.0, "pid": 0}
@@ -192,11 +236,12 @@ def test_flows_sorted_with_deltas_and_totals(served: tuple[FakeAgent, ControlSer
         by_packets = client.flows("packets")
         by_age = client.flows("age")
         top1 = client.flows("packets", limit=1)
-    assert agent.meter.reads == 4
+    assert agent.meter.reads == 4 and agent.meter.locked_reads == 0
     assert [f["flow-id"] for f in by_bytes["flows"]] == [3, 9, 7]
     assert [f["flow-id"] for f in by_packets["flows"]] == [9, 7, 3]
     assert [f["flow-id"] for f in by_age["flows"]] == [3, 7, 9]
     assert (top1["total"], top1["capacity"], top1["limit"], len(top1["flows"])) == (3, 4096, 1, 1)
+    assert top1["max-limit"] == control.MAX_FLOWS
     udp = next(f for f in by_bytes["flows"] if f["flow-id"] == 7)
     assert udp == {"src": "10.0.0.1", "dst": "10.0.0.2", "sport": 40000, "dport": 53, "proto": 17,
                    "ip-version": 4, "tos": 0, "ifindex": 1, "interface": socket.if_indextoname(1),
@@ -207,26 +252,13 @@ def test_flows_sorted_with_deltas_and_totals(served: tuple[FakeAgent, ControlSer
         "2001:db8::1", "egress", 5, 5, 0x18)
 
 
-def test_flows_are_copied_before_the_lock_is_released(served: tuple[FakeAgent, ControlServer, Wall],
-                                                      sock_path: str) -> None:
-    """The meter reuses its read buffers: what the server formats must be its own copy."""
-    agent, server, _ = served
-    real = agent.meter.read_flows
-
-    def read_then_reuse() -> tuple[np.ndarray, np.ndarray]:
-        keys, values = real()
-        k, v = keys.copy(), values.copy()
-
-        def clobber() -> None:  # the next sweep overwrites the buffers once the lock is free
-            with agent.lock:
-                v["packets"] = 0
-
-        threading.Thread(target=clobber).start()
-        return k, v
-
-    agent.meter.read_flows = read_then_reuse  # type: ignore[method-assign]
-    answer = server.flows("packets")
-    assert [f["packets-total"] for f in answer["flows"]] == [20, 10, 5]
+def test_flows_are_read_in_chunks_of_a_reused_buffer(served: tuple[FakeAgent, ControlServer, Wall],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meter reuses its read buffers: what the server keeps of a chunk must be its own copy."""
+    _, server, _ = served
+    monkeypatch.setattr(control, "SCAN_CHUNK", 1)
+    assert [f["packets-total"] for f in server.flows("packets")["flows"]] == [20, 10, 5]
+    assert [f["flow-id"] for f in server.flows("age", 2)["flows"]] == [3, 7]
 
 
 def test_empty_cache(sock_path: str) -> None:
@@ -234,6 +266,155 @@ def test_empty_cache(sock_path: str) -> None:
         answer = client.flows("age", 5)
         assert (answer["total"], answer["flows"]) == (0, [])
         assert client.status()["cache"]["entries"] == 0
+
+
+# --------------------------------------------------------------------------
+# watching never holds the agent up (issue 15, finding 1)
+# --------------------------------------------------------------------------
+
+
+def test_status_does_not_wait_for_a_sweep(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    agent, _, _ = served
+    with agent.lock, ControlClient(sock_path, timeout=3.0) as client:  # a long sweep
+        st = client.status()
+    assert st["cache"]["entries"] == 3 and agent.meter.reads == 0  # the last sweep's count: no cache read
+
+
+def test_flows_reads_the_cache_without_the_lock(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    """A cache read that takes long (here: one that waits) does not keep a sweep waiting."""
+    agent, _, _ = served
+    agent.meter.gate = threading.Event()
+    answers: list[dict] = []
+    asker = threading.Thread(target=lambda: answers.append(ControlClient(sock_path).flows("bytes")))
+    asker.start()
+    assert agent.meter.reading.wait(5.0)
+    swept = agent.lock.acquire(timeout=2.0)  # the sweep
+    if swept:
+        agent.lock.release()
+    agent.meter.gate.set()
+    asker.join(10.0)
+    assert swept, "a flows request held the agent's lock while it read the cache"
+    assert [f["flow-id"] for f in answers[0]["flows"]] == [3, 9, 7]
+
+
+# --------------------------------------------------------------------------
+# per-client limits, bounded answers (issue 15, finding 7)
+# --------------------------------------------------------------------------
+
+
+def wait_for(cond: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def many_flows(n: int) -> FakeAgent:
+    """A fake agent whose cache holds ``n`` flows with distinct byte counts (built column-wise)."""
+    agent = FakeAgent(flows=[])
+    keys = np.zeros(n, FLOW_KEY_DTYPE)
+    values = np.zeros(n, FLOW_VALUE_DTYPE)
+    keys["src_addr"] = addr_to_16("10.0.0.1")
+    keys["dst_addr"] = addr_to_16("10.0.0.2")
+    keys["ip_version"], keys["protocol"], keys["ifindex"] = 4, 17, 1
+    keys["src_port"] = np.arange(n) % 65536
+    rng = np.random.default_rng(5)
+    values["flow_id"] = np.arange(1, n + 1)
+    values["bytes"] = rng.permutation(n) * 10 + 100
+    values["packets"] = values["bytes"] // 100
+    values["first_seen_ns"] = BOOT_NOW - rng.integers(1, 60 * S, n)
+    values["last_seen_ns"] = BOOT_NOW
+    agent.meter = FakeMeter(agent, keys, values, n)
+    agent.observed = Observed(meter=agent.meter, cached=n, boot_ns=BOOT_NOW)
+    return agent
+
+
+def test_idle_clients_do_not_lock_others_out(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    idle = []
+    try:
+        for _ in range(control.MAX_CLIENTS + 4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sock_path)
+            idle.append(s)
+        t0 = time.monotonic()
+        with ControlClient(sock_path, timeout=control.IDLE_SECONDS) as client:
+            assert client.status()["ok"] and client.flows("bytes", 1)["flows"]
+        assert time.monotonic() - t0 < control.IDLE_SECONDS
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_an_idle_or_slow_connection_is_closed(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "IDLE_SECONDS", 0.5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        idle.settimeout(5.0)
+        idle.connect(sock_path)
+        slow.connect(sock_path)
+        t0 = time.monotonic()
+        assert idle.recv(100) == b""  # closed by the server
+        assert time.monotonic() - t0 < 3.0
+        t1 = time.monotonic()
+        closed_after = None
+        for byte in b'{"cmd": "status"}' * 2:  # a byte every 0.1 s for 3.4 s: never a whole line
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:  # EPIPE, ECONNRESET: the server closed it
+                closed_after = time.monotonic() - t1
+                break
+            time.sleep(0.1)
+        assert closed_after is not None and closed_after < 2.0, "a slow request kept its connection open"
+
+
+def test_limit_zero_and_no_limit_are_capped(sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "MAX_FLOWS", 50, raising=False)
+    monkeypatch.setattr(control, "DEFAULT_FLOWS", 10, raising=False)
+    monkeypatch.setattr(control, "SCAN_CHUNK", 64, raising=False)
+    agent = many_flows(1000)
+    by_bytes = np.sort(agent.meter.values["bytes"])[::-1]
+    with ControlServer(agent, sock_path) as _, ControlClient(sock_path) as client:  # type: ignore[arg-type]
+        every = client.flows("bytes", 0)
+        [default] = raw_exchange(sock_path, b'{"cmd": "flows"}\n')
+        more = client.flows("bytes", 5000)
+        oldest = client.flows("age", 0)
+    assert (every["total"], every["limit"], len(every["flows"])) == (1000, 50, 50)
+    assert [f["bytes-total"] for f in every["flows"]] == by_bytes[:50].tolist()  # the top 50 of every chunk
+    assert (default["limit"], len(default["flows"])) == (10, 10)
+    assert (more["limit"], len(more["flows"])) == (50, 50)
+    first = np.sort(agent.meter.values["first_seen_ns"])[:50]
+    assert [f["first-seen"] for f in oldest["flows"]] == [(BOOT_NOW - int(t)) / 1e9 for t in first]
+
+
+def test_slow_readers_are_dropped_and_memory_stays_bounded(sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 clients ask for every flow of a 100k-flow cache and never read: the server reads the cache
+    SCANS at a time, holds one capped answer's rows and one piece per client, and drops them after
+    WRITE_SECONDS of writing (before: 8 whole answers in memory, ~80 MB each at 200k flows, held
+    for the 300 s idle timeout)."""
+    monkeypatch.setattr(control, "WRITE_SECONDS", 1.0, raising=False)
+    agent = many_flows(100_000)
+    slow = []
+    tracemalloc.start()
+    try:
+        with ControlServer(agent, sock_path) as server:  # type: ignore[arg-type]
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            for _ in range(8):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sock_path)
+                s.sendall(b'{"cmd": "flows", "limit": 0}\n')
+                slow.append(s)
+            wait_for(lambda: agent.meter.reads == 8, 60)
+            wait_for(lambda: not server._clients, 60)  # every slow reader dropped
+            peak = tracemalloc.get_traced_memory()[1] - base
+            with ControlClient(sock_path) as client:  # and the server goes on
+                assert client.status()["ok"]
+    finally:
+        tracemalloc.stop()
+        for s in slow:
+            s.close()
+    assert peak < 40 << 20, f"{peak / 2**20:.0f} MiB for 8 slow readers (about 25 expected)"
 
 
 # --------------------------------------------------------------------------

@@ -111,6 +111,12 @@ BPF_TABLE("hash", struct flow_key, struct flow_value, resumed, RESUME_ENTRIES);
 BPF_PERCPU_ARRAY(iface_slots, struct iface_stats, IFACE_ARRAY_IFINDEX * 3);
 BPF_PERCPU_HASH(iface_stats, struct iface_key, struct iface_stats, MAX_IFACE_STATS);
 BPF_PERCPU_ARRAY(overflow_stats, struct iface_stats, 1);
+/* Links whose packets start with the IP header, not an Ethernet one
+ * (WireGuard, tun, GRE, IPIP, SIT: every ARPHRD but Ethernet and loopback):
+ * 1 at their ifindex, written by the agent before it attaches there.  An
+ * array for the usual small ifindex (an inlined lookup), a hash beyond. */
+BPF_ARRAY(l3_links, __u8, IFACE_ARRAY_IFINDEX);
+BPF_HASH(l3_links_big, __u32, __u8, MAX_IFACE_STATS);
 BPF_PERCPU_ARRAY(flow_seq, __u64, 1);
 /* Per-CPU count of flows that saw their first TCP FIN or RST (their end-idle
  * timeout, shorter than the inactive one, starts then): the agent sweeps an
@@ -196,6 +202,12 @@ static __always_inline struct iface_stats *stats_for(__u32 ifindex, __u32 hook)
 
 enum parse_result { PARSE_OK = 0, PARSE_NOT_IP, PARSE_BAD };
 
+static __always_inline int is_l3_link(__u32 ifindex)
+{
+    __u8 *l3 = ifindex < IFACE_ARRAY_IFINDEX ? l3_links.lookup(&ifindex) : l3_links_big.lookup(&ifindex);
+    return l3 && *l3;
+}
+
 static __always_inline int parse_l4(void *data, void *l4, void *data_end, __u8 proto,
                                     struct pkt_meta *m)
 {
@@ -227,19 +239,30 @@ static __always_inline int parse_l4(void *data, void *l4, void *data_end, __u8 p
     return PARSE_OK;
 }
 
+static __always_inline int parse_ip(void *data, void *cur, void *data_end, struct pkt_meta *m, __u16 proto);
+
 /* hw_vlan: the tag the stack already took out of the frame (TC: the skb's
  * vlan_tci, PF_HW_VLAN set when there is one; XDP: 0).  It is the outer tag;
  * the tags still in the frame follow it, outer first.  Only two count: a
  * third tag leaves an ethertype that is not IP (counted as not IP). */
 #define PF_HW_VLAN 0x10000
 static __always_inline int parse_packet(void *data, void *data_end,
-                                        struct pkt_meta *m, __u32 hw_vlan)
+                                        struct pkt_meta *m, __u32 hw_vlan, int l3)
 {
     struct ethhdr *eth = data;
     void *cur;
     __u16 proto;
     int tags = 0;
 
+    if (l3) {
+        /* no link-layer header: the IP version nibble says which */
+        __u8 *v = data;
+        if ((void *)(v + 1) > data_end)
+            return PARSE_BAD;
+        proto = (*v >> 4) == 4 ? PF_ETH_P_IP : (*v >> 4) == 6 ? PF_ETH_P_IPV6 : 0;
+        m->l3_off = 0;
+        return parse_ip(data, data, data_end, m, proto);
+    }
     if ((void *)(eth + 1) > data_end)
         return PARSE_BAD;
     proto = bpf_ntohs(eth->h_proto);
@@ -266,7 +289,12 @@ static __always_inline int parse_packet(void *data, void *data_end,
         cur = vh + 1;
     }
     m->l3_off = (__u32)(cur - data);
+    return parse_ip(data, cur, data_end, m, proto);
+}
 
+/* The IP header at ``cur`` (``proto``: its ethertype) and what follows it. */
+static __always_inline int parse_ip(void *data, void *cur, void *data_end, struct pkt_meta *m, __u16 proto)
+{
     if (proto == PF_ETH_P_IP) {
         struct iphdr *iph = cur;
         if ((void *)(iph + 1) > data_end)
@@ -446,7 +474,7 @@ static __always_inline void fill_first(void *data, void *data_end, struct flow_v
                                        struct pkt_meta *m)
 {
     __u8 *eth = data;
-    if ((void *)(eth + 12) <= data_end) {
+    if (m->l3_off >= 12 && (void *)(eth + 12) <= data_end) {   /* none on an L3 link */
         __builtin_memcpy(nv->dst_mac, eth, 6);
         __builtin_memcpy(nv->src_mac, eth + 6, 6);
     }
@@ -620,7 +648,7 @@ static __always_inline void process(void *ctx, void *data, void *data_end, __u32
         return;   /* cannot happen: the overflow array always has its element */
     struct pkt_meta m = {};
     m.packets = 1;
-    int r = parse_packet(data, data_end, &m, hw_vlan);
+    int r = parse_packet(data, data_end, &m, hw_vlan, is_l3_link(ifindex));
     __u32 l3_len = frame_len > m.l3_off ? frame_len - m.l3_off : 0;
     if (gso_segs > 1 && r == PARSE_OK && gso_size > 0 && l3_len > 0) {
         __u32 hdr = m.ip_header_length + m.l4_header_length;

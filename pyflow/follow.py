@@ -68,6 +68,8 @@ def tc_reason(link: Link, links: dict[int, Link]) -> str:
         # XDP there runs in generic mode anyway, and while it is attached the kernel refuses any
         # XDP change on the ports (attach or detach): a port that joins later could never be let go
         return f"a {link.kind or 'master'} device (XDP on it would lock XDP on its ports)"
+    if not link.ethernet:
+        return "no Ethernet header (an L3 link: XDP there is generic anyway)"
     if any(o.kind == "vlan" and o.lower == link.ifindex for o in links.values()):
         return "it carries VLANs (TC reads their tags from the skb whatever the NIC offloads)"
     return ""

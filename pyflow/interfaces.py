@@ -35,7 +35,7 @@ def link_of(msg: Any) -> Link:
         lower = 0
     return Link(ifindex=int(msg["index"]), name=str(msg.get_attr("IFLA_IFNAME")), flags=int(msg["flags"]),
                 kind=kind, slave_kind=slave_kind, master=int(msg.get_attr("IFLA_MASTER") or 0), lower=lower,
-                vlan_id=vlan_id)
+                vlan_id=vlan_id, link_type=int(msg["ifi_type"]))
 
 
 

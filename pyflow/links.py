@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
 
 BRIDGE_KINDS = frozenset({"bridge", "openvswitch"})
 AGGREGATE_KINDS = frozenset({"bond", "team"})
@@ -62,6 +64,12 @@ class Link:
     master: int = 0  # IFLA_MASTER: the bridge, bond or VRF it belongs to
     lower: int = 0  # IFLA_LINK in this namespace: a VLAN's / macvlan's parent
     vlan_id: int = 0  # IFLA_VLAN_ID of a VLAN device
+    link_type: int = ARPHRD_ETHER  # ifi_type: ARPHRD_ETHER, or e.g. ARPHRD_NONE (WireGuard, tun)
+
+    @property
+    def ethernet(self) -> bool:
+        """Whether its packets carry an Ethernet header (loopback's is all zeros, but there)."""
+        return self.link_type in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
 
     @property
     def up(self) -> bool:

@@ -28,7 +28,7 @@ import numpy as np
 
 from pyflow.errors import KernelError
 from pyflow.kernel import abi, pin
-from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete_batch, map_lookup, map_update_batch
+from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
 from pyflow.sweep import Baseline
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = pin.XDP_FLAGS_UPDATE_IF_NOEXIST
@@ -115,6 +115,24 @@ class Attachment:
     hook: str  # "xdp", "tc_ingress" or "tc_egress"
     mode: str  # XDP: "native" or "generic"; TC: "clsact"
     created_qdisc: bool = False  # TC: we added the clsact qdisc (and remove it if it is left empty)
+
+
+#: Link types (ARPHRD_*) whose packets start with the IP header at XDP and TC: tun and WireGuard
+#: (NONE), IPIP (TUNNEL), ip6tnl (TUNNEL6), SIT, GRE (IPGRE, IP6GRE), raw IP, PPP.
+L3_LINK_TYPES = frozenset({65534, 768, 769, 776, 778, 823, 519, 512})
+
+
+def link_type(ifindex: int) -> int | None:
+    """The link's ARPHRD type, or None when it is gone."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            (msg,) = ipr.get_links(ifindex)
+    except (NetlinkError, ValueError):
+        return None
+    return int(msg["ifi_type"])
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -332,6 +350,7 @@ class FlowMeter:
             raise KernelError(f"unknown hook {hook!r} (one of {', '.join(PROGRAMS)})")
         fd = self.load(hook)
         ifindex = ifindex_of(ifname)
+        self.mark_link_layer(ifindex)
         att = self._attach_xdp(ifname, ifindex, mode) if hook == "xdp" else self._attach_tc(ifname, ifindex, hook, fd)
         self.attachments[(ifname, hook)] = att
         self._attachments_changed()
@@ -436,6 +455,21 @@ class FlowMeter:
                 if not others:
                     _quiet(lambda: ipr.tc("del", "clsact", att.ifindex))
 
+    def mark_link_layer(self, ifindex: int) -> None:
+        """Tell the program whether ``ifindex``'s packets start with the IP header (an L3 link: tun,
+        WireGuard, GRE, ...) before any of them reaches it there."""
+        l3 = link_type(ifindex) in L3_LINK_TYPES
+        fd = self.maps.get("l3_links")
+        if fd is None:
+            return
+        key, value = struct.pack("=I", ifindex), struct.pack("=B", int(l3))
+        if ifindex < pin.map_info(fd).max_entries:
+            pin.map_update(fd, key, value)
+        elif l3:
+            pin.map_update(self.maps["l3_links_big"], key, value)
+        else:
+            _quiet(lambda: map_delete(self.maps["l3_links_big"], key))
+
     def take_over(self, old: FlowMeter) -> None:
         """Put this meter's programs where ``old``'s are, atomically, interface by interface.
 
@@ -447,6 +481,7 @@ class FlowMeter:
         """
         for (ifname, hook), att in list(old.attachments.items()):
             fd = self.load(hook)
+            self.mark_link_layer(att.ifindex)
             try:
                 if hook == "xdp":
                     pin.xdp_set(att.ifindex, fd, XDP_MODES[att.mode], expected_fd=old.load("xdp"))

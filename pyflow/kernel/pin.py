@@ -96,9 +96,11 @@ MANIFEST_SIZE = 64 * 1024
 #: What the agent remembers of a flow cut by the active timeout (sweep.Baseline, one row).
 EXPORTED_VALUE_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
 #: Every map of an instance, as bcc names them (sample_pos only exists with sampling on).
-PROGRAM_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "fin_seen",
+PROGRAM_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "l3_links", "l3_links_big",
+                "flow_seq", "fin_seen",
                 "own_export", "barrier", "barrier_inner", "evict_before", "sample_pos")
-REQUIRED_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "flow_seq", "fin_seen",
+REQUIRED_MAPS = ("flows", "resumed", "iface_slots", "iface_stats", "overflow_stats", "l3_links", "l3_links_big",
+                 "flow_seq", "fin_seen",
                  "own_export", "barrier", "barrier_inner", "evict_before", EXPORTED, MANIFEST)
 #: key and value sizes the agent reads them with (a pinned map that differs is not ours to read)
 MAP_SIZES = {
@@ -107,6 +109,8 @@ MAP_SIZES = {
     "iface_slots": (4, abi.IFACE_STATS_DTYPE.itemsize),
     "iface_stats": (abi.IFACE_KEY_DTYPE.itemsize, abi.IFACE_STATS_DTYPE.itemsize),
     "overflow_stats": (4, abi.IFACE_STATS_DTYPE.itemsize),
+    "l3_links": (4, 1),
+    "l3_links_big": (4, 1),
     "flow_seq": (4, 8),
     "fin_seen": (4, 8),
     "own_export": (abi.OWN_KEY_DTYPE.itemsize, 1),

@@ -118,3 +118,45 @@ def test_same_five_tuple_on_two_vlans_is_two_flows(h: Harness) -> None:
     # one key per (vlan, inner): XDP and TC of one VLAN share the flow (same ifindex, direction)
     assert vlans(h) == [(0, 0, 1), (10, 0, 5), (11, 0, 1)]
     assert int(np.sum(values["packets"])) == 7
+
+
+# -- links without an Ethernet header (WireGuard, tun, GRE, IPIP) ----------------------------
+
+
+@pytest.fixture
+def l3_lo(h: Harness) -> Iterator[Harness]:
+    """lo marked as an L3 link, as mark_link_layer does for a tun or WireGuard device."""
+    from pyflow.kernel import pin
+
+    fd = h.meter.maps["l3_links"]
+    pin.map_update(fd, struct.pack("=I", TEST_IFINDEX), b"\x01")
+    yield h
+    pin.map_update(fd, struct.pack("=I", TEST_IFINDEX), b"\x00")
+
+
+@pytest.mark.parametrize("hook", ["xdp", "tc_ingress", "tc_egress"])
+def test_l3_link_packets_start_with_the_ip_header(l3_lo: Harness, hook: str) -> None:
+    from scapy.layers.inet6 import IPv6
+
+    v4 = bytes(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=4000, dport=53) / Raw(b"w" * 20))
+    v6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=4000, dport=53) / Raw(b"w" * 20))
+    before = l3_lo.counters()
+    for pkt in (v4, v4, v6):
+        if hook == "xdp":
+            xdp(l3_lo, pkt)
+        else:
+            tc(l3_lo, hook, pkt)
+    keys, values = l3_lo.flows()
+    got = sorted((int(k["ip_version"]), int(k["src_port"]), int(v["packets"]), int(v["bytes"]),
+                  bytes(v["src_mac"])) for k, v in zip(keys, values, strict=True))
+    assert got == [(4, 4000, 2, 96, bytes(6)), (6, 4000, 1, 68, bytes(6))]  # no MACs on an L3 link
+    assert l3_lo.delta(before, l3_lo.counters()) == {abi.Counter.PACKETS_SEEN: 3, abi.Counter.METERED: 3}
+
+
+def test_unmarked_link_parses_ethernet(h: Harness) -> None:
+    """The same bytes on an Ethernet link are no Ethernet frame of IP: not metered, and counted so."""
+    pkt = bytes(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=4000, dport=53) / Raw(b"w" * 20))
+    before = h.counters()
+    xdp(h, pkt)
+    assert len(h.flows()[0]) == 0
+    assert h.delta(before, h.counters()) == {abi.Counter.PACKETS_SEEN: 1, abi.Counter.NOT_IP: 1}

@@ -285,3 +285,63 @@ def test_stacked_device_and_its_lower_count_once(pair: Pair, tmp_path: Path, kin
     got = sum(int(c[2]) for c in (ln.split("|") for ln in out.splitlines() if ln.count("|") == 2)
               if c[0].strip() == "10.42.0.1" and c[2].strip().isdigit())
     assert got == PINGS, (out, flow.output())
+
+
+# -- a tunnel and its underlay: inner and outer packets, each counted once ---------------------
+
+
+def test_ipip_tunnel_and_its_underlay_see_inner_and_outer_packets(pair: Pair, tmp_path: Path) -> None:
+    """An IPIP tunnel over the veth (an L3 link: its packets start with the IP header): with
+    interfaces=all the tunnel counts the inner ICMP packets, the veth the outer IPIP ones (protocol 4),
+    each exactly once."""
+    for ns, local, remote, inner in ((pair.a, pair.a_v4, pair.b_v4, "10.50.0.1"),
+                                     (pair.b, pair.b_v4, pair.a_v4, "10.50.0.2")):
+        if ip("-n", ns, "link", "add", "pfip0", "type", "ipip", "local", local, "remote", remote,
+              check=False).returncode != 0:
+            pytest.skip("this kernel cannot make an ipip device (no ipip module)")
+        ip("-n", ns, "addr", "add", f"{inner}/30", "dev", "pfip0")
+        ip("-n", ns, "link", "set", "pfip0", "up")
+    with nfcapd_in(pair.b, tmp_path, NFCAPD_PORT) as nfcapd, \
+            pyflow_in(pair.b, "--interface", "all", "--target", f"127.0.0.1:{NFCAPD_PORT}/ipfix") as flow:
+        flow.wait_for_line("metering pfip0")
+        tunnel = int(json.loads(ip("-n", pair.b, "-j", "link", "show", "pfip0").stdout)[0]["ifindex"])
+        veth = int(json.loads(ip("-n", pair.b, "-j", "link", "show", pair.b_if).stdout)[0]["ifindex"])
+        res = pair.run(pair.a, "ping", "-q", "-n", "-c", str(PINGS), "-i", "0.01", "-W", "2", "10.50.0.2")
+        assert f"{PINGS} received" in res.stdout, res.stdout + res.stderr
+        assert flow.stop() == 0, flow.output()
+    out = subprocess.run(["nfdump", "-R", str(nfcapd.flowdir), "-q", "-N", "-o", "fmt:%sa|%da|%pr|%pkt|%in"],
+                         capture_output=True, text=True, check=True).stdout
+    got: Counter[tuple[str, str, str, int]] = Counter()
+    for cells in (ln.split("|") for ln in out.splitlines() if ln.count("|") == 4):
+        sa, da, pr, pkts, iif = (c.strip() for c in cells)
+        if pkts.isdigit():
+            got[(sa, da, pr, int(iif))] += int(pkts)
+    assert got[("10.50.0.1", "10.50.0.2", "ICMP", tunnel)] == PINGS, (out, flow.output())
+    assert got[(pair.a_v4, pair.b_v4, "IPIP", veth)] == PINGS, (out, flow.output())
+    assert "no Ethernet header" in flow.output()
+
+
+def test_tun_device_packets_are_ip_from_the_first_byte(pair: Pair, tmp_path: Path) -> None:
+    """A tun device (an L3 link, like WireGuard): what arrives on it is metered as IP, with no
+    Ethernet header to skip, IPv4 and IPv6, every packet once."""
+    b, tun = pair.b, "pftun0"
+    ip("-n", b, "tuntap", "add", "mode", "tun", "name", tun)
+    ip("-n", b, "addr", "add", "10.51.0.1/24", "dev", tun)
+    ip("-n", b, "addr", "add", "fd51::1/64", "dev", tun, "nodad")
+    ip("-n", b, "link", "set", tun, "up")
+    with nfcapd_in(b, tmp_path, NFCAPD_PORT) as nfcapd, \
+            pyflow_in(b, "--interface", "all", "--target", f"127.0.0.1:{NFCAPD_PORT}/ipfix") as flow:
+        flow.wait_for_line(f"metering {tun}")
+        res = pair.run(b, sys.executable, "-m", "tests.integration.tunwrite", tun, str(PINGS), cwd=str(REPO),
+                       timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert flow.stop() == 0, flow.output()
+    out = subprocess.run(["nfdump", "-R", str(nfcapd.flowdir), "-q", "-N", "-o", "fmt:%sa|%da|%pkt|%byt"],
+                         capture_output=True, text=True, check=True).stdout
+    got = {}
+    for cells in (ln.split("|") for ln in out.splitlines() if ln.count("|") == 3):
+        sa, _da, pkts, byt = (c.strip() for c in cells)
+        if sa in ("10.51.0.2", "fd51::2") and pkts.isdigit():
+            got[sa] = (int(pkts), int(byt))
+    assert got == {"10.51.0.2": (PINGS, PINGS * 60), "fd51::2": (PINGS, PINGS * 80)}, (out, flow.output())
+    assert f"{tun}: no Ethernet header" in flow.output()

@@ -325,7 +325,7 @@ class CollectRow:
 
 
 def _many_domains() -> list[tuple[bytes, tuple[str, int]]]:
-    return [(big_template_datagram(d), EXPORTER) for d in range(200)]
+    return [(big_template_datagram(d), EXPORTER) for d in range(60)]
 
 
 def _many_exporters() -> list[tuple[bytes, tuple[str, int]]]:
@@ -354,7 +354,7 @@ def _one_datagram_of_tiny_records() -> list[tuple[bytes, tuple[str, int]]]:
 
 
 COLLECT_ROWS = [
-    CollectRow("200-template-datagrams-new-domains", _many_domains, "evicted"),
+    CollectRow("60-template-datagrams-new-domains", _many_domains, "evicted"),
     CollectRow("2000-exporters", _many_exporters, "evicted"),
     CollectRow("template-of-16000-fields", _fat_template, "fields"),
     CollectRow("17-held-sets-then-template", _held_then_template, "dropped"),
@@ -390,7 +390,7 @@ def test_hostile_datagrams_stay_within_the_caps(row: CollectRow) -> None:
     finally:
         tracemalloc.stop()
     assert most_records <= collect.MAX_RECORDS
-    assert peak < 96 << 20, f"peak {peak >> 20} MiB"
+    assert peak < 48 << 20, f"peak {peak >> 20} MiB"
     counted = [p for p in problems if row.warning in p]
     assert counted, problems[-5:]
     assert any(ch.isdigit() for ch in counted[-1])  # the warning says how many
@@ -398,15 +398,29 @@ def test_hostile_datagrams_stay_within_the_caps(row: CollectRow) -> None:
 
 def test_the_least_recently_used_template_goes_first() -> None:
     cache = TemplateCache()
-    for d in range(collect.MAX_TEMPLATES):
+    for i in range(collect.MAX_TEMPLATES):
+        decode(ipfix_message(0, ipfix_set(2, template_record(256 + i, 1))), EXPORTER, cache)
+    used = ipfix_message(0, ipfix_set(256, b"\x00\x00\x00\x07"))
+    assert len(decode(used, EXPORTER, cache).records) == 1  # template 256 is now the most recently used
+    out = decode(ipfix_message(0, ipfix_set(2, template_record(256 + collect.MAX_TEMPLATES, 1))), EXPORTER, cache)
+    assert "evicted 1 least recently used template (at most 1024 templates in all; 1 evicted so far)" in out.problems
+    assert len(decode(used, EXPORTER, cache).records) == 1  # still there
+    gone = decode(ipfix_message(0, ipfix_set(257, b"\x00\x00\x00\x07")), EXPORTER, cache)
+    assert gone.records == [] and any("held" in p for p in gone.problems)  # 257 went
+
+
+def test_the_least_recently_used_stream_goes_first() -> None:
+    cache = TemplateCache()
+    for d in range(collect.MAX_STREAMS):
         decode(ipfix_message(d, ipfix_set(2, template_record(256, 1))), EXPORTER, cache)
     used = ipfix_message(0, ipfix_set(256, b"\x00\x00\x00\x07"))
-    assert len(decode(used, EXPORTER, cache).records) == 1  # domain 0's template is now the most recent
-    out = decode(ipfix_message(collect.MAX_TEMPLATES, ipfix_set(2, template_record(256, 1))), EXPORTER, cache)
-    assert any("evicted" in p for p in out.problems)
-    assert len(decode(used, EXPORTER, cache).records) == 1  # still there
+    assert len(decode(used, EXPORTER, cache).records) == 1
+    out = decode(ipfix_message(collect.MAX_STREAMS, ipfix_set(2, template_record(256, 1))), EXPORTER, cache)
+    assert any(p.startswith("evicted 1 least recently used stream (at most 256 exporter streams") for p in out.problems)
+    assert cache.stream_count() == collect.MAX_STREAMS and cache.template_count() == collect.MAX_STREAMS
+    assert len(decode(used, EXPORTER, cache).records) == 1
     gone = decode(ipfix_message(1, ipfix_set(256, b"\x00\x00\x00\x07")), EXPORTER, cache)
-    assert gone.records == [] and any("held" in p for p in gone.problems)  # domain 1's went
+    assert gone.records == []  # domain 1 went, its template with it
 
 
 def test_strings_from_the_wire_are_printed_escaped() -> None:

@@ -127,10 +127,16 @@ Options records (interface names, sampling) are printed as
 v9 and IPFIX templates and options templates are learnt per (exporter address,
 version, observation domain / source id); IPFIX variable-length fields,
 enterprise elements and set padding are understood.  A data set that arrives
-before its template is held (at most 64 sets per exporter) and printed when the
-template arrives.  A datagram that cannot be decoded -- unknown version,
-truncated, data before its template -- is reported on standard error with the
-reason and the exporter, and collecting goes on.
+before its template is held (at most 64 sets and 1M per stream, 4M in all) and
+printed when the template arrives.  A datagram that cannot be decoded -- unknown
+version, truncated, data before its template -- is reported on standard error
+with the reason and the exporter, and collecting goes on.
+
+What senders can make it keep is bounded: 256 exporter streams (address,
+version, domain) and 1024 templates in all, the least recently used evicted
+first; templates of at most 256 fields; at most 16384 records and 100 problems
+from one datagram.  Each eviction or drop is reported with a running count.
+Strings from the wire are printed with control characters escaped (\\x1b, \\n).
 
 This is a tool for looking at a setup (`pyflow run --target 127.0.0.1:2055/ipfix`
 and `pyflow collect` side by side), not a collector to store flows with.

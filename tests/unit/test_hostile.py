@@ -515,3 +515,54 @@ def test_import_routeros_writes_no_control_characters(tmp_path: Path, capsys: py
     assert _control_characters(out) == [], out
     assert tomllib.loads(out)["target"][0]["comment"] == "e\x1b]0;x\x07f"
     assert "a\\x1b[2Jb" in out and "c\\x7fd" in out
+
+
+# Any text from any source: a value, or a ConfigError naming where -- never another exception.
+
+_TOML_PIECES = st.sampled_from(["[", "]", "{", "}", "[[", "]]", ".", "=", ",", '"', "'", '"""', "#", "\n", " ",
+                                "a", "traffic-flow", "cache-entries", "interfaces", "target", "9" * 50, "1.5",
+                                "\\u001b", "\x1b", "\\", "-", "inf", "nan", "true"])
+_RSC_PIECES = st.sampled_from(["/ip traffic-flow", " set ", " target add ", "/interface list add name=l",
+                               " include=l", "member add list=l interface=", "port=", "9" * 30, '"', "\\", "\\1B",
+                               "\n", ";", "=", " ", "#", "eth0", "address=1.2.3.4:", "sampling-interval=", "x"])
+
+
+@given(st.one_of(st.text(max_size=300), st.lists(_TOML_PIECES, max_size=80).map("".join)))
+@settings(max_examples=400, deadline=None)
+def test_any_toml_text_is_settings_or_a_config_error(text: str) -> None:
+    from pyflow.configfile import read_toml_text
+    from pyflow.errors import ConfigError
+
+    try:
+        read_toml_text(text, "any.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("any.toml")
+
+
+@given(st.one_of(st.text(max_size=300), st.lists(_RSC_PIECES, max_size=80).map("".join)))
+@settings(max_examples=400, deadline=None)
+def test_any_routeros_script_is_settings_or_a_config_error(text: str) -> None:
+    from pyflow.configfile import read_document
+    from pyflow.errors import ConfigError
+    from pyflow.routeros import parse_script
+
+    try:
+        imported = parse_script(text, "any.rsc", ignore_other=True)
+        read_document(imported.doc, imported.locator)
+    except ConfigError as exc:
+        assert str(exc).startswith("any.rsc")
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), st.sampled_from(["192.0.2.0/24 64500", "::/0 AS1", "9" * 5000])),
+                max_size=20))
+@settings(max_examples=300, deadline=None)
+def test_any_as_file_text_is_a_table_or_a_config_error(lines: list[str]) -> None:
+    from pyflow.errors import ConfigError
+    from pyflow.host.asn import parse_lines
+
+    try:
+        nets, asns = parse_lines(lines, "any.txt")
+    except ConfigError as exc:
+        assert str(exc).startswith("any.txt:") and len(str(exc)) < 400
+    else:
+        assert len(nets) == len(asns)

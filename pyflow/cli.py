@@ -121,8 +121,8 @@ sizes as 4096, 16k, 1M; switches as yes or no.
 limits (beyond one: exit 2 naming the key, and the file and line): numbers of at
 most 18 digits; interface names of 1-15 printable ASCII characters, no '/', ':',
 ',' or spaces; config file at most 1M (nesting 8 deep, keys of 8 dotted parts);
-RouterOS script at most 16M (include= chains 16 lists deep); AS file at most
-256M. Files must be regular files: a FIFO or a device is refused, never read.
+RouterOS script at most 4M (include= chains 16 lists deep); AS file at most
+64M. Files must be regular files: a FIFO or a device is refused, never read.
 """
 
 CONFIG_FILE_HELP = """\

@@ -20,8 +20,8 @@ from pyflow.errors import ConfigError
 from pyflow.units import format_size
 
 MAX_CONFIG_BYTES = 1 << 20  # a TOML config file: 1M
-MAX_SCRIPT_BYTES = 16 << 20  # a RouterOS script (a whole router's /export): 16M
-MAX_AS_FILE_BYTES = 256 << 20  # a prefix-to-AS file (a full BGP table is ~40M): 256M
+MAX_SCRIPT_BYTES = 4 << 20  # a RouterOS script: 4M (parsing takes ~50 bytes of memory a byte of script)
+MAX_AS_FILE_BYTES = 64 << 20  # a prefix-to-AS file: 64M (a full BGP table, ~1.2M prefixes, is ~25M)
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

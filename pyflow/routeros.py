@@ -562,7 +562,7 @@ def parse_script(text: str, source: str = "<script>", interface_map: Mapping[str
 
 
 def load_script(path: str, interface_map: Mapping[str, str] | None = None, ignore_other: bool = False) -> Imported:
-    """Read a RouterOS script: a regular file of at most 16M (``pyflow.files``)."""
+    """Read a RouterOS script: a regular file of at most 4M (``pyflow.files``)."""
     text = read_text(path, "the RouterOS script", MAX_SCRIPT_BYTES)
     return parse_script(text, path, interface_map, ignore_other)
 

@@ -12,7 +12,7 @@ The longest prefix containing an address wins; the same prefix twice keeps
 the first line.  AS numbers are 0..4294967295 (32-bit, asplain).  A bad line
 stops the load with ``ConfigError`` naming the file and line.  Addresses that
 no prefix covers get AS 0 (what NetFlow sends for "unknown").  The file must
-be a regular file of at most 256M (``pyflow.files``: a full BGP table is ~40M).
+be a regular file of at most 64M (``pyflow.files``: a full BGP table is ~25M).
 """
 
 from __future__ import annotations

@@ -125,8 +125,8 @@ ROWS = [
     Row("rsc-interface-hex-escape", "rsc", ("{path}:1:", "interface", "\\x1b"),
         '/ip traffic-flow set interfaces="e\\1B[2J"\n'),
     Row("rsc-menu-escape", "rsc", ("{path}:1:", "\\x1b"), f"/ip{ESC} traffic-flow set enabled=yes\n"),
-    Row("rsc-too-big", "rsc", ("{path}", "larger than", "16M"), "# padding " + "x" * 100 + "\n" * (16 << 20)),
-    Row("stdin-too-big", "stdin", ("<stdin>", "larger than", "16M"), "#" * ((16 << 20) + 1)),
+    Row("rsc-too-big", "rsc", ("{path}", "larger than", "4M"), "# padding " + "x" * 100 + "\n" * (4 << 20)),
+    Row("stdin-too-big", "stdin", ("<stdin>", "larger than", "4M"), "#" * ((4 << 20) + 1)),
     # --- AS file ----------------------------------------------------------------------------------------
     Row("as-bad-line", "as", ("as-file", "{path}:2:", "expected 'PREFIX AS'"), "192.0.2.0/24 64500\nbad\n",
         run=False),

@@ -24,6 +24,7 @@ from typing import IO, Any
 from pyflow.collect import TemplateCache, decode, format_record, protocol_name, record_json
 from pyflow.control import DEFAULT_SOCKET, SORTS, ControlClient
 from pyflow.errors import ConfigError, PyflowError
+from pyflow.text import visible
 from pyflow.units import format_duration, format_size, parse_duration_ns
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -206,7 +207,7 @@ def flow_rows(flows: Sequence[dict[str, Any]]) -> list[list[str]]:
         rows.append([
             f["src"], "" if icmp else str(f["sport"]), f["dst"],
             f"{f['dport'] >> 8}/{f['dport'] & 0xFF}" if icmp else str(f["dport"]),
-            protocol_name(f["proto"]), f.get("interface") or str(f["ifindex"]), f["direction"],
+            protocol_name(f["proto"]), visible(f.get("interface") or str(f["ifindex"])), f["direction"],
             str(f["packets-total"]), human_bytes(f["bytes-total"]), str(f["packets"]), human_bytes(f["bytes"]),
             human_age(f["first-seen"]), human_age(f["last-seen"]),
         ])
@@ -256,7 +257,7 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
     items += [("uptime", human_age(a["uptime"])), ("sweeps", str(a["sweeps"])),
               ("flow-records", str(a["records"])), ("pid", str(a.get("pid", "")))]
     width = max(len(k) for k, _ in items)
-    lines = [f"{k.rjust(width)}: {v}" for k, v in items]
+    lines = [f"{k.rjust(width)}: {visible(v)}" for k, v in items]  # host interface names may hold anything
     lines.append("")
     rows = []
     for t in answer["targets"]:

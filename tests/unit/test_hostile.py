@@ -566,3 +566,22 @@ def test_any_as_file_text_is_a_table_or_a_config_error(lines: list[str]) -> None
         assert str(exc).startswith("any.txt:") and len(str(exc)) < 400
     else:
         assert len(nets) == len(asns)
+
+
+def test_host_interface_names_are_shown_escaped_by_flows_and_status() -> None:
+    """The kernel allows any byte but '/', ':' and white space in a name, so `all` may meter an interface
+    whose name holds a terminal escape: `pyflow flows`, `top` and `status` show it escaped."""
+    from pyflow.commands import flow_rows, status_lines
+
+    flow = {"src": "10.0.0.1", "sport": 1, "dst": "10.0.0.2", "dport": 2, "proto": 6, "interface": "e\x1b[2J",
+            "ifindex": 3, "direction": "ingress", "packets-total": 1, "bytes-total": 1, "packets": 0, "bytes": 0,
+            "first-seen": 1.0, "last-seen": 1.0}
+    [row] = flow_rows([flow])
+    assert "e\\x1b[2J" in row and all(_control_characters(cell) == [] for cell in row)
+    answer = {"settings": {"interfaces": ["all"], "interfaces-expanded": ["eth0", "e\x1b[2J"], "cache-entries": 16,
+                           "active-flow-timeout": "30m", "inactive-flow-timeout": "15s"},
+              "cache": {"entries": 0, "capacity": 16}, "agent": {"uptime": 1.0, "sweeps": 0, "records": 0},
+              "targets": []}
+    lines = status_lines(answer)
+    assert any("eth0,e\\x1b[2J" in line for line in lines)
+    assert all(_control_characters(line) == [] for line in lines)

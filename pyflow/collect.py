@@ -698,32 +698,34 @@ def _data_set(body: bytes, template: Template, header: Header, exporter: str, wh
     return records
 
 
-def _templated(data: bytes, version: int, exporter: str, address: str, cache: TemplateCache, out: Decoded) -> None:
-    ipfix = version == 10
-    name = "IPFIX" if ipfix else "v9"
-    if ipfix:
+def _templated_header(data: bytes, version: int, out: Decoded) -> tuple[Header, int, int]:
+    """A v9 / IPFIX header: (header, where its sets end, where they start)."""
+    if version == 10:
         if len(data) < 16:
             raise _Truncated(f"IPFIX header needs 16 bytes, the datagram has {len(data)}")
         _, length, export_s, sequence, domain = struct.unpack_from("!HHIII", data)
-        header = Header(10, export_s * 1000, None, sequence, domain, 0)
-        end = length
         if length < 16:
             raise _Truncated(f"IPFIX message length {length} is shorter than its header")
+        end = length
         if length > len(data):
             out.problems.append(f"truncated IPFIX message: its header says {length} bytes, the datagram has "
                                 f"{len(data)}")
             end = len(data)
         elif length < len(data):
             out.problems.append(f"IPFIX datagram has {len(data) - length} bytes after its message (ignored)")
-        pos = 16
-        template_sets, options_sets = (2,), (3,)
-    else:
-        if len(data) < 20:
-            raise _Truncated(f"v9 header needs 20 bytes, the datagram has {len(data)}")
-        _, count, uptime, export_s, sequence, domain = struct.unpack_from("!HHIIII", data)
-        header = Header(9, export_s * 1000, uptime, sequence, domain, count)
-        end, pos = len(data), 20
-        template_sets, options_sets = (0,), (1,)
+        return Header(10, export_s * 1000, None, sequence, domain, 0), end, 16
+    if len(data) < 20:
+        raise _Truncated(f"v9 header needs 20 bytes, the datagram has {len(data)}")
+    _, count, uptime, export_s, sequence, domain = struct.unpack_from("!HHIIII", data)
+    return Header(9, export_s * 1000, uptime, sequence, domain, count), len(data), 20
+
+
+def _templated(data: bytes, version: int, exporter: str, address: str, cache: TemplateCache, out: Decoded) -> None:
+    ipfix = version == 10
+    name = "IPFIX" if ipfix else "v9"
+    header, end, pos = _templated_header(data, version, out)
+    domain = header.domain
+    template_sets, options_sets = ((2,), (3,)) if ipfix else ((0,), (1,))
     key: StreamKey = (address, version, domain)
     cache.use(key)
     n_records = n_held = 0

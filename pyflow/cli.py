@@ -37,7 +37,9 @@ from pyflow.config import (
 from pyflow.configfile import Layer, dump_toml, load_toml, read_document
 from pyflow.errors import ConfigError, PyflowError
 from pyflow.fields import TOGGLES, parse_fields
+from pyflow.files import MAX_SCRIPT_BYTES, read_stream
 from pyflow.links import Link, double_counts, plan
+from pyflow.text import visible
 from pyflow.units import format_duration, format_size
 
 DESCRIPTION = """\
@@ -119,6 +121,12 @@ settings (RouterOS name: flag; config file key):
 
 durations are written as RouterOS does: 500ms, 15s, 30m, 1h30m, 1d, 00:30:00;
 sizes as 4096, 16k, 1M; switches as yes or no.
+
+limits (beyond one: exit 2 naming the key, and the file and line): numbers of at
+most 18 digits; interface names of 1-15 printable ASCII characters, no '/', ':',
+',' or spaces; config file at most 1M (nesting 8 deep, keys of 8 dotted parts);
+RouterOS script at most 4M (include= chains 16 lists deep); AS file at most
+64M. Files must be regular files: a FIFO or a device is refused, never read.
 """
 
 CONFIG_FILE_HELP = """\
@@ -412,7 +420,8 @@ def _script_layer(path: str, maps: list[str] | None, ignore_other: bool) -> tupl
 
     interface_map = parse_interface_map(maps or [])
     if path == "-":
-        imported = parse_script(sys.stdin.read(), "<stdin>", interface_map, ignore_other)
+        text = read_stream(sys.stdin, "<stdin>", "the RouterOS script", MAX_SCRIPT_BYTES)
+        imported = parse_script(text, "<stdin>", interface_map, ignore_other)
     else:
         imported = load_script(path, interface_map, ignore_other)
     return read_document(imported.doc, imported.locator), imported.warnings, imported
@@ -648,11 +657,22 @@ class StatusLine:
             self.show(self.text)
 
 
+def check_as_file(path: str) -> int:
+    """Load the prefix-to-AS file as ``run`` would: its prefix count, or ConfigError naming it and the line."""
+    from pyflow.host.asn import AsTable
+
+    try:
+        return len(AsTable.from_file(path))
+    except ConfigError as exc:
+        raise ConfigError(f"as-file: {exc}") from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from pyflow.routeros import host_interfaces, print_settings
 
     loaded = load_settings(args)
     s = loaded.settings
+    prefixes = check_as_file(s.as_file) if s.as_file else None
     warnings = list(loaded.warnings) + [f"pyflow run would refuse these settings: {b}" for b in run_blockers(loaded)]
     present = host_interfaces()
     if present is not None and s.interfaces != ("all",):
@@ -660,7 +680,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if missing:
             warnings.append(f"this host has no interface {', '.join(missing)} (fine if the settings are for "
                             "another host; --map-interface maps RouterOS names)")
-    sys.stdout.write(print_settings(s))
+    sys.stdout.write(print_settings(s, prefixes))
     links = host_links()
     if links is not None:
         sys.stdout.write("\n".join(check_link_lines(s, links)) + "\n")
@@ -694,7 +714,7 @@ def check_link_lines(s: Settings, links: list[Link]) -> list[str]:
             how = f"hook {o.hook}, {sides}" + (f" ({d.reason})" if d.reason and d.reason != "named" else "")
         else:
             how = d.reason
-        rows.append([str(link.ifindex), link.name, "yes" if d.metered else "no", how])
+        rows.append([str(link.ifindex), visible(link.name), "yes" if d.metered else "no", visible(how)])
     return ["", "this host's links (what `pyflow run` would meter here):",
             *table(("IFINDEX", "INTERFACE", "METERED", "HOW / WHY NOT"), rows, frozenset({0}))]
 
@@ -716,8 +736,18 @@ def cmd_import_routeros(args: argparse.Namespace) -> int:
     return 0
 
 
+#: An error message longer than this is cut (a hostile value is shown by its start, never whole).
+MAX_MESSAGE = 1500
+
+
+def _message(text: str) -> str:
+    """A message for the terminal: control characters escaped, at most MAX_MESSAGE characters."""
+    text = visible(text)
+    return text if len(text) <= MAX_MESSAGE else f"{text[:MAX_MESSAGE - 300]} ... {text[-250:]}"
+
+
 def log(msg: str) -> None:
-    print(f"pyflow: {msg}", file=sys.stderr, flush=True)
+    print(f"pyflow: {_message(msg)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -729,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PyflowError as exc:
-        print(f"pyflow: error: {exc}", file=sys.stderr)
+        print(f"pyflow: error: {_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
 
 

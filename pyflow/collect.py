@@ -40,19 +40,28 @@ the header's time, else -- v1/v5/v9 -- from the header's sysUptime and clock
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pyflow.export import ie as _ie_names
+from pyflow.text import has_control, visible
 
 VARIABLE_LENGTH = 0xFFFF
-MAX_HELD_SETS = 64
-MAX_HELD_BYTES = 1 << 20
+# Caps on what exporters can make the decoder keep (TemplateCache) and return (decode):
+MAX_HELD_SETS = 64  # data sets held per stream until their template arrives
+MAX_HELD_BYTES = 1 << 20  # bytes held per stream
+MAX_HELD_BYTES_TOTAL = 4 << 20  # bytes held in all
+MAX_TEMPLATES = 1024  # templates and options templates in all, least recently used evicted
+MAX_TEMPLATE_FIELDS = 256  # fields of one template (a longer one is refused)
+MAX_STREAMS = 256  # exporter streams (address, version, domain), least recently used evicted
+MAX_RECORDS = 16384  # records one decode() returns (held ones included); the rest are skipped, and said so
+MAX_PROBLEMS = 100  # problems one decode() reports; the rest are counted
 REVERSE_PEN = 29305  # RFC 5103 reverse-direction elements
 _U32 = 1 << 32
 
@@ -194,6 +203,12 @@ class FieldSpec:
         return Kind.UINT if 1 <= self.length <= 8 else Kind.OCTETS
 
 
+@functools.lru_cache(maxsize=4096)
+def _spec(element: int, length: int, pen: int = 0, v9_scope: bool = False) -> FieldSpec:
+    """One shared FieldSpec per distinct specifier: templates hold references, not copies."""
+    return FieldSpec(element, length, pen, v9_scope)
+
+
 @dataclass(frozen=True)
 class Template:
     """A (v9 or IPFIX) template or options template; the first ``scope_count`` fields are the scope."""
@@ -243,36 +258,94 @@ class _Held:
 
 @dataclass
 class TemplateCache:
-    """Templates per exporter stream, and data sets held until their template arrives."""
+    """Templates per exporter stream, and data sets held until their template arrives.
 
-    templates: dict[tuple[StreamKey, int], Template] = field(default_factory=dict)
+    Bounded whatever exporters send: at most :data:`MAX_STREAMS` streams (exporter, version,
+    domain), :data:`MAX_TEMPLATES` templates in all (each of at most :data:`MAX_TEMPLATE_FIELDS`
+    fields: a longer one is refused when it is read), :data:`MAX_HELD_SETS` sets and
+    :data:`MAX_HELD_BYTES` bytes held per stream, :data:`MAX_HELD_BYTES_TOTAL` in all.  Beyond a
+    cap the least recently used template or stream, or the oldest held set, goes; ``evicted``
+    counts what went (``template``, ``stream``, ``held``), for the warnings :func:`decode` gives.
+    """
+
+    templates: OrderedDict[tuple[StreamKey, int], Template] = field(default_factory=OrderedDict)
     held: dict[StreamKey, deque[_Held]] = field(default_factory=dict)
+    streams: OrderedDict[StreamKey, None] = field(default_factory=OrderedDict)  # least recently used first
+    evicted: Counter[str] = field(default_factory=Counter)
+    _fields: int = 0
+    _held_bytes: int = 0
+
+    def use(self, key: StreamKey) -> None:
+        """``key``'s stream is in use: it becomes the most recent; the least recent goes beyond MAX_STREAMS."""
+        if key in self.streams:
+            self.streams.move_to_end(key)
+            return
+        self.streams[key] = None
+        while len(self.streams) > MAX_STREAMS:
+            old, _ = self.streams.popitem(last=False)
+            for k in [k for k in self.templates if k[0] == old]:
+                self._fields -= len(self.templates.pop(k).fields)
+            self._held_bytes -= sum(len(h.body) for h in self.held.pop(old, ()))
+            self.evicted["stream"] += 1
 
     def get(self, key: StreamKey, template_id: int) -> Template | None:
-        return self.templates.get((key, template_id))
+        template = self.templates.get((key, template_id))
+        if template is not None:
+            self.templates.move_to_end((key, template_id))
+        return template
 
     def learn(self, key: StreamKey, template: Template) -> list[_Held]:
         """Keep ``template``; returns the held data sets that were waiting for it (removed)."""
+        self.use(key)
+        old = self.templates.pop((key, template.template_id), None)
+        self._fields += len(template.fields) - (len(old.fields) if old else 0)
         self.templates[(key, template.template_id)] = template
+        while len(self.templates) > MAX_TEMPLATES:
+            _, gone = self.templates.popitem(last=False)
+            self._fields -= len(gone.fields)
+            self.evicted["template"] += 1
         queue = self.held.get(key)
         if not queue:
             return []
         ready = [h for h in queue if h.template_id == template.template_id]
         if ready:
             self.held[key] = deque(h for h in queue if h.template_id != template.template_id)
+            self._held_bytes -= sum(len(h.body) for h in ready)
         return ready
 
     def hold(self, key: StreamKey, item: _Held) -> list[_Held]:
-        """Hold a data set whose template is unknown; returns what had to be dropped to stay bounded."""
+        """Hold a data set whose template is unknown; returns what had to be dropped to stay bounded
+        (this stream's oldest beyond its caps, then the least recently used stream's oldest)."""
+        self.use(key)
         queue = self.held.setdefault(key, deque())
         queue.append(item)
+        self._held_bytes += len(item.body)
         dropped = []
         while len(queue) > MAX_HELD_SETS or sum(len(h.body) for h in queue) > MAX_HELD_BYTES:
             dropped.append(queue.popleft())
+            self._held_bytes -= len(dropped[-1].body)
+        for stream in list(self.streams):
+            while self._held_bytes > MAX_HELD_BYTES_TOTAL and self.held.get(stream):
+                dropped.append(self.held[stream].popleft())
+                self._held_bytes -= len(dropped[-1].body)
+        self.evicted["held"] += len(dropped)
         return dropped
 
     def held_sets(self) -> int:
         return sum(len(q) for q in self.held.values())
+
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
+    def template_count(self) -> int:
+        return len(self.templates)
+
+    def field_count(self) -> int:
+        """Field specifiers of every template kept."""
+        return self._fields
+
+    def stream_count(self) -> int:
+        return len(self.streams)
 
 
 # --------------------------------------------------------------------------
@@ -370,6 +443,7 @@ class Decoded:
     records: list[Record] = field(default_factory=list)
     templates: list[Template] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    skipped_bytes: int = 0  # of data sets not decoded: MAX_RECORDS were reached
 
 
 class _Truncated(Exception):
@@ -511,7 +585,7 @@ def _parse_specs(body: bytes, pos: int, count: int, ipfix: bool, end: int) -> tu
             raise _Truncated(f"field {element} has length 0")
         if length == VARIABLE_LENGTH and not ipfix:
             raise _Truncated(f"field {element} has length 65535 (variable length is IPFIX only)")
-        specs.append(FieldSpec(element, length, pen))
+        specs.append(_spec(element, length, pen))
     return specs, pos
 
 
@@ -530,6 +604,10 @@ def _template_set(body: bytes, ipfix: bool, what: str, problems: list[str]) -> l
             continue
         if template_id < 256:
             problems.append(f"{what}: template id {template_id} is below 256; rest of the set skipped")
+            break
+        if count > MAX_TEMPLATE_FIELDS:
+            problems.append(f"{what}: template {template_id} has {count} fields, more than {MAX_TEMPLATE_FIELDS}: "
+                            "refused; rest of the set skipped")
             break
         try:
             specs, pos = _parse_specs(body, pos, count, ipfix, len(body))
@@ -552,6 +630,9 @@ def _options_template_set(body: bytes, ipfix: bool, what: str, problems: list[st
         try:
             if template_id < 256:
                 raise _Truncated(f"template id {template_id} is below 256")
+            fields = a if ipfix else (a + b) // 4
+            if fields > MAX_TEMPLATE_FIELDS:
+                raise _Truncated(f"{fields} fields, more than {MAX_TEMPLATE_FIELDS}: refused")
             if ipfix:  # field count (scope included), scope field count
                 count, scope = a, b
                 if scope == 0 or scope > count:
@@ -564,7 +645,7 @@ def _options_template_set(body: bytes, ipfix: bool, what: str, problems: list[st
                 scope = a // 4
                 scopes, pos = _parse_specs(body, pos, scope, False, len(body))
                 options, pos = _parse_specs(body, pos, b // 4, False, len(body))
-                specs = [FieldSpec(s.element, s.length, v9_scope=True) for s in scopes] + options
+                specs = [_spec(s.element, s.length, 0, True) for s in scopes] + options
         except _Truncated as exc:
             problems.append(f"{what}: options template {template_id}: {exc}; rest of the set skipped")
             break
@@ -594,15 +675,21 @@ def _split_record(body: bytes, pos: int, template: Template) -> tuple[list[bytes
 
 
 def _data_set(body: bytes, template: Template, header: Header, exporter: str, what: str,
-              problems: list[str]) -> list[Record]:
-    """The records of one data set; what is left shorter than a record is padding."""
+              out: Decoded) -> list[Record]:
+    """The records of one data set, as many as ``out`` has room for; what is left shorter than a record
+    is padding."""
+    problems = out.problems
     records: list[Record] = []
     pos = 0
     least = template.min_length
     if least == 0:
         problems.append(f"{what}: template {template.template_id} has no fields with a length")
         return records
+    room = MAX_RECORDS - len(out.records)
     while len(body) - pos >= least:
+        if len(records) >= room:
+            out.skipped_bytes += len(body) - pos
+            break
         try:
             raws, pos = _split_record(body, pos, template)
         except _Truncated as exc:
@@ -612,33 +699,36 @@ def _data_set(body: bytes, template: Template, header: Header, exporter: str, wh
     return records
 
 
-def _templated(data: bytes, version: int, exporter: str, address: str, cache: TemplateCache, out: Decoded) -> None:
-    ipfix = version == 10
-    name = "IPFIX" if ipfix else "v9"
-    if ipfix:
+def _templated_header(data: bytes, version: int, out: Decoded) -> tuple[Header, int, int]:
+    """A v9 / IPFIX header: (header, where its sets end, where they start)."""
+    if version == 10:
         if len(data) < 16:
             raise _Truncated(f"IPFIX header needs 16 bytes, the datagram has {len(data)}")
         _, length, export_s, sequence, domain = struct.unpack_from("!HHIII", data)
-        header = Header(10, export_s * 1000, None, sequence, domain, 0)
-        end = length
         if length < 16:
             raise _Truncated(f"IPFIX message length {length} is shorter than its header")
+        end = length
         if length > len(data):
             out.problems.append(f"truncated IPFIX message: its header says {length} bytes, the datagram has "
                                 f"{len(data)}")
             end = len(data)
         elif length < len(data):
             out.problems.append(f"IPFIX datagram has {len(data) - length} bytes after its message (ignored)")
-        pos = 16
-        template_sets, options_sets = (2,), (3,)
-    else:
-        if len(data) < 20:
-            raise _Truncated(f"v9 header needs 20 bytes, the datagram has {len(data)}")
-        _, count, uptime, export_s, sequence, domain = struct.unpack_from("!HHIIII", data)
-        header = Header(9, export_s * 1000, uptime, sequence, domain, count)
-        end, pos = len(data), 20
-        template_sets, options_sets = (0,), (1,)
+        return Header(10, export_s * 1000, None, sequence, domain, 0), end, 16
+    if len(data) < 20:
+        raise _Truncated(f"v9 header needs 20 bytes, the datagram has {len(data)}")
+    _, count, uptime, export_s, sequence, domain = struct.unpack_from("!HHIIII", data)
+    return Header(9, export_s * 1000, uptime, sequence, domain, count), len(data), 20
+
+
+def _templated(data: bytes, version: int, exporter: str, address: str, cache: TemplateCache, out: Decoded) -> None:
+    ipfix = version == 10
+    name = "IPFIX" if ipfix else "v9"
+    header, end, pos = _templated_header(data, version, out)
+    domain = header.domain
+    template_sets, options_sets = ((2,), (3,)) if ipfix else ((0,), (1,))
     key: StreamKey = (address, version, domain)
+    cache.use(key)
     n_records = n_held = 0
     while end - pos >= 4:
         set_id, set_length = struct.unpack_from("!HH", data, pos)
@@ -661,7 +751,7 @@ def _templated(data: bytes, version: int, exporter: str, address: str, cache: Te
                 out.templates.append(template)
                 for held in cache.learn(key, template):
                     out.records += _data_set(held.body, template, held.header, held.exporter,
-                                             f"{name} held set {template.template_id}", out.problems)
+                                             f"{name} held set {template.template_id}", out)
         elif set_id < 256:
             out.problems.append(f"{what}: reserved set id, skipped")
         else:
@@ -672,9 +762,11 @@ def _templated(data: bytes, version: int, exporter: str, address: str, cache: Te
                                     "the template arrives")
                 for dropped in cache.hold(key, _Held(header, exporter, set_id, body)):
                     out.problems.append(f"{name}: dropped a held data set of template {dropped.template_id} "
-                                        f"(more than {MAX_HELD_SETS} sets or {MAX_HELD_BYTES} bytes held)")
+                                        f"(more than {MAX_HELD_SETS} sets or {MAX_HELD_BYTES} bytes held for a "
+                                        f"stream, or {MAX_HELD_BYTES_TOTAL} in all; {cache.evicted['held']} "
+                                        "dropped so far)")
                 continue
-            records = _data_set(body, known, header, exporter, what, out.problems)
+            records = _data_set(body, known, header, exporter, what, out)
             n_records += len(records)
             out.records += records
     if not ipfix and not n_held and n_records != header.count:
@@ -699,6 +791,7 @@ def decode(data: bytes, exporter: tuple[str, int] | str, cache: TemplateCache) -
                             f"{len(data)} bytes ignored")
         return out
     out.version = version
+    before = Counter(cache.evicted)
     try:
         if version in (1, 5):
             _legacy(data, version, label, out)
@@ -708,7 +801,25 @@ def decode(data: bytes, exporter: tuple[str, int] | str, cache: TemplateCache) -
         out.problems.append(f"truncated: {exc}")
     except (struct.error, IndexError, ValueError) as exc:  # belt and braces: report, never crash
         out.problems.append(f"malformed {VERSION_NAMES[version]} datagram: {exc}")
+    _bounded(out, cache, before)
     return out
+
+
+def _bounded(out: Decoded, cache: TemplateCache, before: Counter[str]) -> None:
+    """What the caps cost this datagram, as counted warnings; at most MAX_PROBLEMS problems."""
+    if out.skipped_bytes:
+        out.problems.append(f"more than {MAX_RECORDS} records from one datagram: {out.skipped_bytes} bytes of data "
+                            "sets not decoded")
+    for what, cap in (("template", f"{MAX_TEMPLATES} templates in all"),
+                      ("stream", f"{MAX_STREAMS} exporter streams (address, version, domain), each with its "
+                                 "templates and held data")):
+        n = cache.evicted[what] - before[what]
+        if n:
+            out.problems.append(f"evicted {n} least recently used {what}{'s' if n > 1 else ''} (at most {cap}; "
+                                f"{cache.evicted[what]} evicted so far)")
+    if len(out.problems) > MAX_PROBLEMS:
+        more = len(out.problems) - MAX_PROBLEMS + 1
+        out.problems[MAX_PROBLEMS - 1:] = [f"{more} more problems in this datagram (not shown)"]
 
 
 # --------------------------------------------------------------------------
@@ -737,8 +848,10 @@ def _show(name: str, value: Value) -> str:
         text = "0x" + value.hex()
     elif isinstance(value, int) and (name.endswith("Milliseconds") and name != "flowDurationMilliseconds"):
         text = format_time(value, "T")
-    elif isinstance(value, str) and (not value or any(c.isspace() or c in "\"=" for c in value)):
-        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    elif isinstance(value, str) and (not value or has_control(value) or any(c.isspace() or c in '"=\\'
+                                                                            for c in value)):
+        # quoted, backslashes and quotes escaped, then control characters (terminal escapes, newlines) too
+        text = visible('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
     else:
         text = str(value)
     return f"{name}={text}"

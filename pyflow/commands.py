@@ -24,6 +24,7 @@ from typing import IO, Any
 from pyflow.collect import TemplateCache, decode, format_record, protocol_name, record_json
 from pyflow.control import DEFAULT_SOCKET, SORTS, ControlClient
 from pyflow.errors import ConfigError, PyflowError
+from pyflow.text import visible
 from pyflow.units import format_duration, format_size, parse_duration_ns
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -131,10 +132,16 @@ Options records (interface names, sampling) are printed as
 v9 and IPFIX templates and options templates are learnt per (exporter address,
 version, observation domain / source id); IPFIX variable-length fields,
 enterprise elements and set padding are understood.  A data set that arrives
-before its template is held (at most 64 sets per exporter) and printed when the
-template arrives.  A datagram that cannot be decoded -- unknown version,
-truncated, data before its template -- is reported on standard error with the
-reason and the exporter, and collecting goes on.
+before its template is held (at most 64 sets and 1M per stream, 4M in all) and
+printed when the template arrives.  A datagram that cannot be decoded -- unknown
+version, truncated, data before its template -- is reported on standard error
+with the reason and the exporter, and collecting goes on.
+
+What senders can make it keep is bounded: 256 exporter streams (address,
+version, domain) and 1024 templates in all, the least recently used evicted
+first; templates of at most 256 fields; at most 16384 records and 100 problems
+from one datagram.  Each eviction or drop is reported with a running count.
+Strings from the wire are printed with control characters escaped (\\x1b, \\n).
 
 This is a tool for looking at a setup (`pyflow run --target 127.0.0.1:2055/ipfix`
 and `pyflow collect` side by side), not a collector to store flows with.
@@ -204,7 +211,7 @@ def flow_rows(flows: Sequence[dict[str, Any]]) -> list[list[str]]:
         rows.append([
             f["src"], "" if icmp else str(f["sport"]), f["dst"],
             f"{f['dport'] >> 8}/{f['dport'] & 0xFF}" if icmp else str(f["dport"]),
-            protocol_name(f["proto"]), f.get("interface") or str(f["ifindex"]), f["direction"],
+            protocol_name(f["proto"]), visible(f.get("interface") or str(f["ifindex"])), f["direction"],
             str(f["packets-total"]), human_bytes(f["bytes-total"]), str(f["packets"]), human_bytes(f["bytes"]),
             human_age(f["first-seen"]), human_age(f["last-seen"]),
         ])
@@ -254,7 +261,7 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
     items += [("uptime", human_age(a["uptime"])), ("sweeps", str(a["sweeps"])),
               ("flow-records", str(a["records"])), ("pid", str(a.get("pid", "")))]
     width = max(len(k) for k, _ in items)
-    lines = [f"{k.rjust(width)}: {v}" for k, v in items]
+    lines = [f"{k.rjust(width)}: {visible(v)}" for k, v in items]  # host interface names may hold anything
     lines.append("")
     rows = []
     for t in answer["targets"]:
@@ -280,8 +287,8 @@ def link_lines(links: list[dict[str, Any]]) -> list[str]:
     """The links table of `pyflow status`: every link, metered (hooks) or skipped (why)."""
     if not links:
         return []
-    rows = [[str(x["ifindex"]), str(x["name"]), "yes" if x["metered"] else "no",
-             ", ".join(x.get("hooks", ())) if x["metered"] else str(x.get("reason", ""))] for x in links]
+    rows = [[str(x["ifindex"]), visible(str(x["name"])), "yes" if x["metered"] else "no",
+             ", ".join(x.get("hooks", ())) if x["metered"] else visible(str(x.get("reason", "")))] for x in links]
     return ["", *table(("IFINDEX", "INTERFACE", "METERED", "HOOKS / WHY NOT"), rows, frozenset({0}))]
 
 

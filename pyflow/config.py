@@ -16,13 +16,23 @@ of the file it was set).
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyflow.errors import ConfigError
 from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
-from pyflow.units import format_duration, format_size, parse_bool, parse_count, parse_duration_ns, parse_size
+from pyflow.text import cut
+from pyflow.units import (
+    format_duration,
+    format_size,
+    parse_bool,
+    parse_count,
+    parse_duration_ns,
+    parse_int,
+    parse_size,
+)
 
 
 class SettingError(ConfigError):
@@ -57,7 +67,8 @@ def normalize_version(text: str | int) -> str:
     if v.startswith("v") and v[1:] in VERSIONS:
         v = v[1:]
     if v not in VERSIONS:
-        raise ConfigError(f"version {text!r} is not one of 1, 5, 9, ipfix")
+        shown = repr(cut(text)) if isinstance(text, str) else repr(text)
+        raise ConfigError(f"version {shown} is not one of 1, 5, 9, ipfix")
     return v
 
 
@@ -172,10 +183,10 @@ def parse_target(text: str, default_version: str = DEFAULT_VERSION, **defaults: 
     if spec.startswith("["):
         host, sep, rest = spec[1:].partition("]")
         if not sep:
-            raise ConfigError(f"target {text!r}: missing ']' after the IPv6 address")
+            raise ConfigError(f"target {cut(text)!r}: missing ']' after the IPv6 address")
         if rest:
             if not rest.startswith(":"):
-                raise ConfigError(f"target {text!r}: expected ':PORT' after ']'")
+                raise ConfigError(f"target {cut(text)!r}: expected ':PORT' after ']'")
             port = _port(rest[1:], text)
     elif spec.count(":") == 1:
         host, p = spec.split(":")
@@ -187,9 +198,8 @@ def parse_target(text: str, default_version: str = DEFAULT_VERSION, **defaults: 
         name, sep, value = opt.partition("=")
         name = name.strip()
         if not sep or name not in _TARGET_OPTIONS:
-            raise ConfigError(
-                f"target {text!r}: unknown option {opt!r} (known: {', '.join(sorted(_TARGET_OPTIONS))}, as name=value)"
-            )
+            known = ", ".join(sorted(_TARGET_OPTIONS))
+            raise ConfigError(f"target {cut(text)!r}: unknown option {cut(opt)!r} (known: {known}, as name=value)")
         attr, conv = _TARGET_OPTIONS[name]
         fields[attr] = conv(name, value.strip())
     return TargetSettings(dst_address=host, port=port, version=version, **fields)  # type: ignore[arg-type]
@@ -197,9 +207,9 @@ def parse_target(text: str, default_version: str = DEFAULT_VERSION, **defaults: 
 
 def _int_option(name: str, text: str) -> int:
     try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not a whole number") from None
+        return parse_int(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 _TARGET_OPTIONS = {
@@ -213,9 +223,9 @@ _TARGET_OPTIONS = {
 
 def _port(text: str, whole: str) -> int:
     try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"target {whole!r}: port {text!r} is not a number") from None
+        return parse_int(text)
+    except ValueError as exc:
+        raise ConfigError(f"target {cut(whole)!r}: port {exc}") from None
 
 
 DIRECTIONS = ("ingress", "egress", "both")
@@ -224,12 +234,18 @@ HOOKS = ("auto", "xdp", "tc")
 BUILTIN_LISTS = ("all", "none", "dynamic", "static")
 
 
+IFNAMSIZ = 16  # the kernel's buffer for an interface name, its NUL included
+
+
 def check_ifname(name: object, key: str, what: str = "interface name") -> str:
-    """A Linux interface name: 1-15 characters, no '/', ',' or white space."""
-    if (not isinstance(name, str) or not name or len(name) > 15 or name in (".", "..")
-            or any(c in "/," or c.isspace() for c in name)):
-        raise SettingError(key, f"{what} {name!r} is not a Linux interface name (1-15 characters, "
-                                "no '/', ',' or spaces)")
+    """A Linux interface name as the kernel takes it (``dev_valid_name``): 1 to IFNAMSIZ-1 = 15
+    characters, not ``.`` or ``..``, no '/', ':' or white space; pyflow also refuses ',' (its list
+    separator) and anything but printable ASCII, so a name is safe to show on a terminal."""
+    if (not isinstance(name, str) or not name or len(name) > IFNAMSIZ - 1 or name in (".", "..")
+            or any(not "!" <= c <= "~" or c in "/:," for c in name)):
+        shown = repr(cut(name)) if isinstance(name, str) else repr(name)
+        raise SettingError(key, f"{what} {shown} is not a Linux interface name (1-{IFNAMSIZ - 1} printable ASCII "
+                                "characters, no '/', ':', ',' or spaces)")
     return name
 
 
@@ -272,7 +288,7 @@ def parse_interface(text: str, direction: str = "ingress", hook: str = "auto") -
         key, sep, value = opt.partition("=")
         key = key.strip()
         if not sep or key not in fields:
-            raise ConfigError(f"interface {text!r}: unknown option {opt!r} (known: direction=, hook=)")
+            raise ConfigError(f"interface {cut(text)!r}: unknown option {cut(opt)!r} (known: direction=, hook=)")
         fields[key] = value.strip()
     return InterfaceOptions(name.strip(), **fields)
 
@@ -285,9 +301,12 @@ class InterfaceList:
     members: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or any(not " " <= c <= "~" or c == ","
+                                                                           for c in self.name):
+            shown = repr(cut(self.name)) if isinstance(self.name, str) else repr(self.name)
+            raise SettingError("interface-list", f"interface list name {shown} is empty, or has a ',' or a "
+                                                 "character that is not printable ASCII")
         key = f"interface-list.{self.name}"
-        if not isinstance(self.name, str) or not self.name.strip() or "," in self.name:
-            raise SettingError(key, f"interface list name {self.name!r} is empty or has a ','")
         if self.name in BUILTIN_LISTS:
             raise SettingError(key, f"interface list name {self.name!r} is one of RouterOS's built-in lists "
                                     f"({', '.join(BUILTIN_LISTS)})")
@@ -295,7 +314,7 @@ class InterfaceList:
             object.__setattr__(self, "members", tuple(self.members))
         for m in self.members:
             check_ifname(m, key, f"interface list {self.name}: member")
-        twice = sorted({m for m in self.members if self.members.count(m) > 1})
+        twice = sorted(m for m, n in Counter(self.members).items() if n > 1)
         if twice:
             raise SettingError(key, f"interface list {self.name}: member {', '.join(twice)} is given twice")
 
@@ -381,13 +400,13 @@ class Settings:
             raise SettingError("hook", f"hook {self.hook!r} is not one of {', '.join(HOOKS)}")
         if not isinstance(self.interface_options, tuple):
             object.__setattr__(self, "interface_options", tuple(self.interface_options))
-        names = [o.name for o in self.interface_options]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = sorted(n for n, k in Counter(o.name for o in self.interface_options).items() if k > 1)
         if twice:
             raise SettingError(f"interface.{twice[0]}", f"an interface is given twice: {', '.join(twice)}")
         if self.interfaces != ("all",):
+            metered = set(self.interfaces)
             for o in self.interface_options:
-                if o.name not in self.interfaces:
+                if o.name not in metered:
                     raise SettingError(f"interface.{o.name}",
                                        f"interface {o.name} has options but is not metered "
                                        f"(interfaces: {','.join(self.interfaces)})")
@@ -499,7 +518,7 @@ def _check_listen_address(text: str) -> None:
     except ValueError:
         raise SettingError(
             "metrics-address",
-            f"metrics-address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9796, [::1]:9796; \"\" turns it off)",
+            f"metrics-address {cut(text)!r} is not HOST:PORT (e.g. 127.0.0.1:9796, [::1]:9796; \"\" turns it off)",
         ) from None
 
 

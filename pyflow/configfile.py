@@ -65,6 +65,8 @@ from pyflow.config import (
 )
 from pyflow.errors import ConfigError
 from pyflow.fields import BY_NAME, TOGGLES, Kind
+from pyflow.files import MAX_CONFIG_BYTES, read_text
+from pyflow.text import cut, visible
 
 DocPath = tuple[str | int, ...]
 
@@ -295,7 +297,7 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
-    return repr(value)
+    return cut(repr(value), 60)
 
 
 # key -> (Settings field, converter)
@@ -504,23 +506,83 @@ def read_document(doc: Mapping[str, Any], loc: Locator, base_dir: Path | None = 
 
 
 def load_toml(path: str | Path) -> Layer:
-    """Read a pyflow TOML config file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not TOML
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return read_toml_text(text, str(path), p.parent)
+    """Read a pyflow TOML config file: a regular file of at most 1M (``pyflow.files``)."""
+    text = read_text(path, "the config file", MAX_CONFIG_BYTES)
+    return read_toml_text(text, str(path), Path(path).parent)
+
+
+# What a pyflow config file needs is far below these; tomllib is recursive (RecursionError past
+# ~1000 levels) and quadratic in a dotted key's parts (10,000 parts: 1 GB), so they are checked first.
+MAX_TOML_NESTING = 8  # arrays and inline tables in a value (a [[table]] header counts 2)
+MAX_TOML_KEY_PARTS = 8  # a dotted key's parts (pyflow's keys have at most 2: interface-list.lan)
+MAX_TOML_DIGITS = 40  # digits of a number written in the file
+
+_TOML_TOKEN = re.compile(r"""
+    (?P<string>"{3}(?:[^\\]|\\.)*?"{3}|'{3}.*?'{3}|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')
+  | (?P<comment>\#[^\n]*)
+  | (?P<newline>\n)
+  | (?P<open>[\[{])
+  | (?P<close>[\]}])
+  | (?P<bare>[A-Za-z0-9_+:-]+)
+  | (?P<dot>\.)
+  | (?P<space>[ \t\r]+)
+  | (?P<other>.)
+""", re.VERBOSE | re.DOTALL)
+
+
+def _toml_statement(text: str, line: int) -> str:
+    """The key a line's statement sets (or its [table]), for a message."""
+    lines = text.split("\n", line)
+    raw = lines[line - 1].strip() if 1 <= line <= len(lines) else ""
+    key = raw.strip("[]").strip() if raw.startswith("[") else _split_assignment(raw)[0].strip()
+    return cut(key, 40)
+
+
+def check_toml_limits(text: str, source: str) -> None:
+    """Refuse, naming FILE:LINE and the key, what would make tomllib recurse, go quadratic or
+    convert a huge number: values nested too deep, keys of too many parts, numbers of too many digits."""
+    line = start = 1
+    depth = parts = 0
+    after_dot = fresh = True
+    for m in _TOML_TOKEN.finditer(text):
+        kind, tok = m.lastgroup, m.group()
+        if kind in ("space", "comment"):
+            continue
+        if kind == "newline":
+            line += 1
+            fresh = depth == 0
+            continue
+        if fresh:
+            start, fresh = line, False
+        if kind in ("string", "bare"):
+            parts = parts + 1 if after_dot else 1
+            if parts > MAX_TOML_KEY_PARTS:
+                raise ConfigError(f"{source}:{line}: a key of more than {MAX_TOML_KEY_PARTS} dotted parts "
+                                  "(pyflow's keys have at most 2)")
+            digits = max((len(d) for d in re.findall(r"\d+", tok)), default=0) if kind == "bare" else 0
+            if digits > MAX_TOML_DIGITS:
+                raise ConfigError(f"{source}:{line}: {_toml_statement(text, start)}: a number of {digits} digits "
+                                  f"(at most {MAX_TOML_DIGITS})")
+        elif kind == "open":
+            depth += 1
+            if depth > MAX_TOML_NESTING:
+                raise ConfigError(f"{source}:{line}: {_toml_statement(text, start)}: arrays or inline tables "
+                                  f"nested more than {MAX_TOML_NESTING} deep")
+        elif kind == "close":
+            depth = max(0, depth - 1)
+        line += tok.count("\n")  # a multi-line string
+        after_dot = kind == "dot"
 
 
 _TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
 def read_toml_text(text: str, source: str, base_dir: Path | None = None) -> Layer:
+    check_toml_limits(text, source)
     try:
         doc = tomllib.loads(text)
+    except (RecursionError, MemoryError):  # belt and braces: check_toml_limits keeps far below
+        raise ConfigError(f"{source}: the TOML is too deeply nested or too big to read") from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = _TOML_POS.search(msg)
@@ -541,15 +603,18 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # JSON escapes C0; TOML wants DEL escaped too, and C1 is escaped for terminals
+        return _C1_DEL.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+_C1_DEL = re.compile(r"[\x7f-\x9f]")
+
+
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return key if _BARE_KEY.fullmatch(key) else _toml_value(key)
 
 
 def dump_toml(doc: Mapping[str, Any], header: str = "", notes: Mapping[DocPath, str] | None = None) -> str:
@@ -558,7 +623,7 @@ def dump_toml(doc: Mapping[str, Any], header: str = "", notes: Mapping[DocPath, 
     ``notes``: a comment to put after a key, by its path (``("interface-list", "lan")``).
     """
     notes = notes or {}
-    out: list[str] = [f"# {line}".rstrip() for line in header.splitlines()]
+    out: list[str] = [f"# {visible(line)}".rstrip() for line in header.splitlines()]
     comments = {"traffic-flow": "/ip traffic-flow", "target": "/ip traffic-flow target",
                 "ipfix": "/ip traffic-flow ipfix", "interface-list": "/interface list, /interface list member",
                 "interface": "pyflow: how an interface is metered", "pyflow": "pyflow's own settings"}
@@ -574,5 +639,5 @@ def dump_toml(doc: Mapping[str, Any], header: str = "", notes: Mapping[DocPath, 
             for k, v in row.items():
                 note = notes.get((table, i, k) if table in ARRAY_TABLES else (table, k))
                 line = f"{_toml_key(k)} = {_toml_value(v)}"
-                out.append(f"{line}  # {' '.join(note.split())}" if note else line)
+                out.append(f"{line}  # {visible(' '.join(note.split()))}" if note else line)
     return "\n".join(out) + "\n"

@@ -37,7 +37,9 @@ from pyflow.config import BUILTIN_LISTS, SettingError, Settings, check_ifname
 from pyflow.configfile import DocPath, Locator
 from pyflow.errors import ConfigError
 from pyflow.fields import TOGGLES
-from pyflow.units import format_bool, format_duration, format_size, parse_bool
+from pyflow.files import MAX_SCRIPT_BYTES, read_text
+from pyflow.text import cut, visible
+from pyflow.units import MAX_DIGITS, format_bool, format_duration, format_size, parse_bool
 
 # --------------------------------------------------------------------------
 # Reading a script: words and commands.
@@ -200,6 +202,7 @@ MENUS = {
     ("interface", "list"): "/interface list",
     ("interface", "list", "member"): "/interface list member",
 }
+MAX_INCLUDE_DEPTH = 16  # /interface list include= chains: lists including lists at most this deep
 UNDERSTOOD = "/ip traffic-flow set, /ip traffic-flow target add, /ip traffic-flow ipfix set, " \
              "/interface list add and /interface list member add"
 
@@ -446,9 +449,49 @@ class _Importer:
         try:
             check_ifname(name, "interface")
         except SettingError:
-            raise self.fail(line, f"interface {name!r} is not a Linux interface name (1-15 characters, no '/', "
-                                  f"',' or spaces): map it with --map-interface '{name}=LINUX-NAME'") from None
+            raise self.fail(line, f"interface {cut(name)!r} is not a Linux interface name (1-15 printable ASCII "
+                                  "characters, no '/', ':', ',' or spaces): map it with --map-interface "
+                                  f"{cut(name) + '=LINUX-NAME'!r}") from None
         return name
+
+    def _resolve_lists(self, members: dict[str, list[tuple[str, int]]]) -> dict[str, list[tuple[str, int]]]:
+        """Each list's members, its include= lists' added and its exclude= lists' taken out; lists may
+        include lists at most MAX_INCLUDE_DEPTH deep (the chain is refused, not followed, beyond)."""
+        resolved: dict[str, list[tuple[str, int]]] = {}
+        depth: dict[str, int] = {}
+
+        def resolve(name: str, stack: tuple[str, ...]) -> list[tuple[str, int]]:
+            if name in resolved:
+                return resolved[name]
+            lst = self.lists[name]
+            out = list(members[name])
+            depth[name] = 0
+            for key, pairs in (("include", lst.include), ("exclude", lst.exclude)):
+                for other, line in _first_lines(pairs).items():
+                    if other not in self.lists:
+                        raise self.fail(line, f"/interface list add: {key}={other} cannot be mapped (only lists "
+                                              f"added in this script can be {key}d)")
+                    if other in stack or other == name:
+                        raise self.fail(line, f"/interface list add: list {name} includes itself through {other}")
+                    if len(stack) >= MAX_INCLUDE_DEPTH or depth.get(other, 0) >= MAX_INCLUDE_DEPTH:
+                        raise self.fail(line, f"/interface list add: {key}={other}: lists include lists more than "
+                                              f"{MAX_INCLUDE_DEPTH} deep")
+                    theirs = resolve(other, (*stack, name))
+                    depth[name] = max(depth[name], depth[other] + 1)
+                    if key == "include":
+                        out += theirs
+                    else:
+                        gone = {m for m, _ in theirs}
+                        out = [(m, ln) for m, ln in out if m not in gone]
+            seen: dict[str, int] = {}
+            for m, ln in out:
+                seen.setdefault(m, ln)
+            resolved[name] = list(seen.items())
+            return resolved[name]
+
+        for name in self.lists:
+            resolve(name, ())
+        return resolved
 
     def _document(self) -> dict[str, Any]:
         for list_name, _iface, line in self.members:
@@ -458,34 +501,7 @@ class _Importer:
         members: dict[str, list[tuple[str, int]]] = {name: [] for name in self.lists}
         for list_name, iface, line in self.members:
             members[list_name].append((self._map(iface, line), line))
-        resolved: dict[str, list[tuple[str, int]]] = {}
-
-        def resolve(name: str, stack: tuple[str, ...]) -> list[tuple[str, int]]:
-            if name in resolved:
-                return resolved[name]
-            lst = self.lists[name]
-            out = list(members[name])
-            for other, line in lst.include:
-                if other not in self.lists:
-                    raise self.fail(line, f"/interface list add: include={other} cannot be mapped (only lists "
-                                          "added in this script can be included)")
-                if other in stack:
-                    raise self.fail(line, f"/interface list add: list {name} includes itself through {other}")
-                out += resolve(other, (*stack, name))
-            for other, line in lst.exclude:
-                if other not in self.lists:
-                    raise self.fail(line, f"/interface list add: exclude={other} cannot be mapped (only lists "
-                                          "added in this script can be excluded)")
-                gone = {m for m, _ in resolve(other, (*stack, name))}
-                out = [(m, ln) for m, ln in out if m not in gone]
-            seen: dict[str, int] = {}
-            for m, ln in out:
-                seen.setdefault(m, ln)
-            resolved[name] = list(seen.items())
-            return resolved[name]
-
-        for name in self.lists:
-            resolve(name, ())
+        resolved = self._resolve_lists(members)
         if self.interfaces is not None:
             names, line = self.interfaces
             mapped = [n if n in self.lists or n in BUILTIN_LISTS or not n else self._map(n, line) for n in names]
@@ -512,9 +528,18 @@ class _Importer:
         return doc
 
 
+def _first_lines(pairs: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Each name once, with the line it first appears on, in order."""
+    out: dict[str, int] = {}
+    for name, line in pairs:
+        out.setdefault(name, line)
+    return out
+
+
 def _typed(name: str, value: str) -> Any:
-    """A RouterOS value as the TOML document holds it: whole numbers of counting properties as integers."""
-    if (name in INT_PROPS or name == "version") and value.isascii() and value.isdigit():
+    """A RouterOS value as the TOML document holds it: whole numbers of counting properties as integers
+    (a number of more digits than any setting takes stays text, for the setting's check to refuse)."""
+    if (name in INT_PROPS or name == "version") and value.isascii() and value.isdigit() and len(value) <= MAX_DIGITS:
         return int(value)
     return value
 
@@ -537,13 +562,8 @@ def parse_script(text: str, source: str = "<script>", interface_map: Mapping[str
 
 
 def load_script(path: str, interface_map: Mapping[str, str] | None = None, ignore_other: bool = False) -> Imported:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the RouterOS script: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    """Read a RouterOS script: a regular file of at most 4M (``pyflow.files``)."""
+    text = read_text(path, "the RouterOS script", MAX_SCRIPT_BYTES)
     return parse_script(text, path, interface_map, ignore_other)
 
 
@@ -591,13 +611,13 @@ def _table(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[str], str]
     out = [f"Columns: {', '.join(columns)}", fmt(head, "")]
     for (flags, _, comment), cells in zip(rows, body, strict=True):
         if comment:
-            out.append(f"{' ' * (widths[0] + 1)};;; {comment}")
+            out.append(f"{' ' * (widths[0] + 1)};;; {visible(comment)}")
         out.append(fmt(cells, flags))
     return out
 
 
-def print_settings(s: Settings) -> str:
-    """The settings as RouterOS prints them, then pyflow's own."""
+def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
+    """The settings as RouterOS prints them, then pyflow's own (``as_prefixes``: the AS file's size, if read)."""
     out = ["/ip traffic-flow print"]
     out += _aligned([
         ("enabled", format_bool(s.enabled)),
@@ -636,8 +656,8 @@ def print_settings(s: Settings) -> str:
         ("xdp-mode", s.xdp_mode),
         ("direction", s.direction),
         ("hook", s.hook),
-        ("as-file", s.as_file or "(none)"),
-        ("control-socket", s.control_socket or '""  (off)'),
+        ("as-file", visible(s.as_file or "(none)") + ("" if as_prefixes is None else f" ({as_prefixes} prefixes)")),
+        ("control-socket", visible(s.control_socket) or '""  (off)'),
     ])
     out += ["", "pyflow interfaces (what is metered, and how)"]
     names = list(s.interfaces) if s.interfaces != ("all",) else ["all"]

@@ -11,7 +11,8 @@ Format, one prefix a line::
 The longest prefix containing an address wins; the same prefix twice keeps
 the first line.  AS numbers are 0..4294967295 (32-bit, asplain).  A bad line
 stops the load with ``ConfigError`` naming the file and line.  Addresses that
-no prefix covers get AS 0 (what NetFlow sends for "unknown").
+no prefix covers get AS 0 (what NetFlow sends for "unknown").  The file must
+be a regular file of at most 64M (``pyflow.files``: a full BGP table is ~25M).
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
+from pyflow import files
 from pyflow.errors import ConfigError
 from pyflow.host.lpm import AddrKeys, PrefixTable
+from pyflow.text import cut
 
 MAX_AS = 0xFFFFFFFF
+MAX_AS_DIGITS = len(str(MAX_AS))
 
 
 def _parse_as(text: str) -> int:
     digits = text[2:] if text[:2].upper() == "AS" else text
-    if not digits.isdigit():
-        raise ValueError(f"AS number {text!r} is not a number")
+    if not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"AS number {cut(text)!r} is not a number")
+    if len(digits) > MAX_AS_DIGITS:
+        raise ValueError(f"AS number {cut(text)!r} has {len(digits)} digits (at most {MAX_AS_DIGITS}: 0..{MAX_AS})")
     value = int(digits)
     if value > MAX_AS:
         raise ValueError(f"AS number {text} is out of range (0..{MAX_AS})")
@@ -49,11 +55,11 @@ def parse_lines(lines: Iterable[str], name: str) -> tuple[list[ipaddress.IPv4Net
             continue
         fields = line.split()
         if len(fields) != 2:
-            raise ConfigError(f"{name}:{lineno}: expected 'PREFIX AS', got {raw.strip()!r}")
+            raise ConfigError(f"{name}:{lineno}: expected 'PREFIX AS', got {cut(raw.strip())!r}")
         try:
             net = ipaddress.ip_network(fields[0], strict=True)
         except ValueError as exc:
-            raise ConfigError(f"{name}:{lineno}: bad prefix {fields[0]!r}: {exc}") from None
+            raise ConfigError(f"{name}:{lineno}: bad prefix {cut(fields[0])!r}: {cut(str(exc), 120)}") from None
         try:
             asn = _parse_as(fields[1])
         except ValueError as exc:
@@ -79,13 +85,7 @@ class AsTable:
     def from_file(cls, path: str | Path) -> AsTable:
         """Load a prefix-to-AS file; ``ConfigError`` (naming file and line) for anything wrong."""
         p = Path(path)
-        try:
-            with p.open(encoding="utf-8") as f:
-                nets, asns = parse_lines(f, str(p))
-        except OSError as exc:
-            raise ConfigError(f"cannot read the prefix-to-AS file {p}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        nets, asns = parse_lines(files.read_lines(p, "the prefix-to-AS file", files.MAX_AS_FILE_BYTES), str(p))
         return cls(nets, asns, source=str(p))
 
     @classmethod

@@ -92,8 +92,8 @@ class InterfaceSet:
         named = set(self.settings.interfaces)
         return {idx: name for idx, name, _ in links if name in named}
 
-    def start(self) -> None:
-        """The first reconcile: every named interface must exist; ``all`` must find one."""
+    def check(self) -> list[tuple[int, str, int]]:
+        """Every named interface must exist; ``all`` must find one.  The host's links."""
         links = list_links()
         wanted = self.wanted(links)
         if self.follow_all and not wanted:
@@ -101,7 +101,11 @@ class InterfaceSet:
         missing = sorted(set(self.settings.interfaces) - set(wanted.values())) if not self.follow_all else []
         if missing:
             raise KernelError(f"no such interface: {', '.join(missing)} (see `ip link`)")
-        self.reconcile(links)
+        return links
+
+    def start(self) -> None:
+        """The first reconcile, after ``check``."""
+        self.reconcile(self.check())
 
     def apply(self, settings: Settings, meter: FlowMeter) -> None:
         """New settings (a reload) and/or a new program: re-read the attachments from ``meter``,
@@ -122,6 +126,13 @@ class InterfaceSet:
                 else:
                     m.attachments = [a for (name, _), a in meter.attachments.items() if name == m.name]
         self.reconcile()
+
+    def use(self, meter: FlowMeter) -> None:
+        """``meter`` took the old program's place on every attachment (a reload): go on with it."""
+        with self.lock:
+            self.meter = meter
+            for m in self.metered.values():
+                m.attachments = [a for (name, _), a in meter.attachments.items() if name == m.name]
 
     def reconcile(self, links: list[tuple[int, str, int]] | None = None) -> bool:
         """Attach new interfaces, forget removed ones, rename renamed ones; True if anything changed."""

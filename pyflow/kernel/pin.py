@@ -696,8 +696,7 @@ def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> l
             try:
                 found.append(open_pinned(path))
             except (KernelError, OSError) as exc:
-                log(f"ignoring the pinned {path}: {exc}; removing it")
-                remove_pins(path)
+                log(foreign_message(path, exc))
     known = {map_info(i.maps[MANIFEST]).id for i in found}
     try:
         orphans = _programs_of(netns, known)
@@ -718,6 +717,45 @@ def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> l
         found.append(inst)
     found.sort(key=lambda i: (i.manifest.get("created_ns", 0), i.name))
     return found
+
+
+def describe_pinned(path: Path) -> str:
+    """What a pinned generation this pyflow does not read is, as far as can be told: its pins,
+    and its manifest's format, version of the sources and age when there is one."""
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    progs = [e[len(PROG_PREFIX):] for e in entries if e.startswith(PROG_PREFIX)]
+    what = f"{len(entries) - len(progs)} map(s), program(s): {', '.join(progs) or 'none'}"
+    doc: dict[str, Any] = {}
+    if MANIFEST in entries:
+        with contextlib.suppress(BpfError, OSError, ValueError, struct.error):
+            fd = obj_get(path / MANIFEST)
+            try:
+                if map_info(fd).value_size == MANIFEST_SIZE:
+                    doc = read_manifest(fd)
+            finally:
+                os.close(fd)
+    if not doc:
+        return f"{what}; no manifest this pyflow reads (another program's pins, or a pyflow before manifests)"
+    created = doc.get("created_ns")
+    age = f", made {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created / 1e9))}" \
+        if isinstance(created, int) else ""
+    return (f"{what}; a pyflow instance of manifest format {doc.get('format')!r} (this pyflow reads {FORMAT}), "
+            f"sources {doc.get('source', '?')}{age}")
+
+
+def foreign_message(path: Path, exc: BaseException) -> str:
+    """Why a pinned generation is left alone, what it is, and how to remove it."""
+    return (f"leaving the pinned {path} alone: this pyflow cannot read it ({exc}). It holds "
+            f"{describe_pinned(path)}. Its programs may still be attached and counting (`ip -d link show` "
+            f"lists XDP programs by id, `tc filter show dev IFACE ingress` and `egress` the TC ones; "
+            f"`bpftool prog show pinned {path}/{PROG_PREFIX}xdp` tells which): an interface where one is "
+            f"cannot be metered by this pyflow until it is detached (`ip link set dev IFACE xdp off`, "
+            f"`tc filter del dev IFACE ingress pref 1 handle 1 bpf`). Once nothing of it is needed, stop the "
+            f"agent that made it, or export its flows with the pyflow version that made it, then remove it "
+            f"with `rm -r {path}`")
 
 
 def _programs_of(netns: int, known_manifests: set[int]) -> list[Instance]:

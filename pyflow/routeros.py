@@ -638,6 +638,7 @@ def print_settings(s: Settings) -> str:
         ("hook", s.hook),
         ("as-file", s.as_file or "(none)"),
         ("control-socket", s.control_socket or '""  (off)'),
+        ("user", s.user or '""  (stays root)'),
     ])
     out += ["", "pyflow interfaces (what is metered, and how)"]
     names = list(s.interfaces) if s.interfaces != ("all",) else ["all"]

@@ -396,6 +396,18 @@ def take_over_older(meter: FlowMeter, olds: list[FlowMeter], side: KernelSide, l
             f"replaced it on {len(meter.attachments)} attachment(s); its cache is exported next")
 
 
+def drop_privileges(settings: Settings, pins: pin.NetnsPins, found: list[pin.Instance],
+                    log: Callable[[str], None]) -> None:
+    """After the privileged start: only the capabilities the agent uses, and (``user``) not uid 0."""
+    user = caps.lookup_user(settings.user) if settings.user else None
+    pins.give_to(*(user or (0, 0)), [i.path for i in found if i.path is not None])
+    eff = caps.drop(user=user)
+    who = (f"running as user {settings.user} (uid {user[0]}, gid {user[1]})" if user is not None else
+           "running as uid 0 (--user pyflow, made by `make setup`, gives up root as well)")
+    log(f"{who}; capabilities: {' '.join(caps.names(eff)) or 'none'} effective (CAP_PERFMON permitted, for a "
+        "reload's compile); every other one dropped")
+
+
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
               reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None,
               status: Callable[[str], None] | None = None) -> None:
@@ -421,9 +433,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         side = KernelSide(log)
         stack.callback(side.finish)
         side.instances = pins.find(log)
-        eff = caps.drop()  # before any thread starts: capabilities are per thread
-        log(f"capabilities: {' '.join(caps.names(eff)) or 'none'} effective (CAP_PERFMON permitted, for a reload's "
-            "compile); every other one dropped")
+        drop_privileges(settings, pins, side.instances, log)  # before any thread starts: capabilities are per thread
         metrics = Metrics()
         if settings.metrics_address:  # a taken port fails before anything is attached
             server = serve(metrics, settings.metrics_address)

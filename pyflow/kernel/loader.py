@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi, pin
+from pyflow.kernel import abi, caps, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete_batch, map_lookup, map_update_batch
 from pyflow.sweep import Baseline
 
@@ -139,9 +139,20 @@ def check_root() -> None:
         )
 
 
+def check_load_privileges() -> None:
+    """Root, or (the compile child of an agent run with ``--user``) CAP_BPF, CAP_NET_ADMIN and
+    CAP_PERFMON effective: what loading the meter takes."""
+    if os.geteuid() == 0:
+        return
+    eff = caps.current()["CapEff"]
+    if all(eff >> c & 1 for c in (caps.CAP_BPF, caps.CAP_NET_ADMIN, caps.CAP_PERFMON)):
+        return
+    check_root()
+
+
 def check_environment() -> None:
     """Fail early, with the fix, on the usual reasons bcc cannot work."""
-    check_root()
+    check_load_privileges()
     hdr = headers_dir()
     if not (hdr / "include").exists() and not (hdr / "Makefile").exists():
         raise KernelError(

@@ -140,7 +140,8 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   name = "eth1"
   direction = "both"                   # ingress, egress, both; hook = auto, xdp, tc
   [pyflow]                             # sweep-interval, metrics-address, xdp-mode,
-  sweep-interval = "10s"               # direction, hook, as-file
+  sweep-interval = "10s"               # direction, hook, as-file, control-socket,
+  user = "pyflow"                      # the user it becomes after its start
   Unknown keys, wrong types and bad values are errors naming the key and line.
   A full example: examples/pyflow.toml.
 """

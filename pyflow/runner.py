@@ -396,10 +396,9 @@ def take_over_older(meter: FlowMeter, olds: list[FlowMeter], side: KernelSide, l
             f"replaced it on {len(meter.attachments)} attachment(s); its cache is exported next")
 
 
-def drop_privileges(settings: Settings, pins: pin.NetnsPins, found: list[pin.Instance],
-                    log: Callable[[str], None]) -> None:
+def drop_privileges(settings: Settings, user: tuple[int, int] | None, pins: pin.NetnsPins,
+                    found: list[pin.Instance], log: Callable[[str], None]) -> None:
     """After the privileged start: only the capabilities the agent uses, and (``user``) not uid 0."""
-    user = caps.lookup_user(settings.user) if settings.user else None
     pins.give_to(*(user or (0, 0)), [i.path for i in found if i.path is not None])
     eff = caps.drop(user=user)
     who = (f"running as user {settings.user} (uid {user[0]}, gid {user[1]})" if user is not None else
@@ -427,13 +426,14 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             encoder_for(ts.version)  # an unknown version fails before anything is loaded
         t_start = time.monotonic()
         check_root()  # before anything is locked, mounted or looked for
+        user = caps.lookup_user(settings.user) if settings.user else None  # a missing user: exit 2, here
         pins = pin.NetnsPins()
         pins.open(log)  # one agent per network namespace: a second one stops here
         stack.callback(pins.close)
         side = KernelSide(log)
         stack.callback(side.finish)
         side.instances = pins.find(log)
-        drop_privileges(settings, pins, side.instances, log)  # before any thread starts: capabilities are per thread
+        drop_privileges(settings, user, pins, side.instances, log)  # before any thread: capabilities are per thread
         metrics = Metrics()
         if settings.metrics_address:  # a taken port fails before anything is attached
             server = serve(metrics, settings.metrics_address)

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,7 +178,13 @@ def test_with_user_the_running_agent_is_not_root(pair: Pair, tmp_path: Path, sha
     uid, gid = pyflow_user
     tap = Tap(udp_socket_in(pair.b))
     conf = shared_dir / "pyflow.toml"
-    conf.write_text(CONFIG.format(iface=pair.b_if, cache="4k", port=tap.port) + 'user = "pyflow"\n')
+    ctl = f"/run/pyflow/test-user-{os.getpid()}.sock"  # made by the agent, as the user
+
+    def config(cache: str) -> str:
+        text = CONFIG.format(iface=pair.b_if, cache=cache, port=tap.port)
+        return text.replace('control-socket = ""', f'control-socket = "{ctl}"') + 'user = "pyflow"\n'
+
+    conf.write_text(config("4k"))
     conf.chmod(0o644)
     (shared_dir / "probe").mkdir(mode=0o755)
     (shared_dir / "probe" / "sitecustomize.py").write_text(PROBE)
@@ -207,12 +214,22 @@ def test_with_user_the_running_agent_is_not_root(pair: Pair, tmp_path: Path, sha
         assert "probe: create a file in /etc: refused (EACCES)" in out, out
         assert rootfile.stat().st_mode & 0o777 == 0o600 and not Path("/etc/pyflow-probe").exists()
 
+        deadline = time.monotonic() + 30  # it listens right after the start line
+        while not os.path.exists(ctl):
+            assert time.monotonic() < deadline and proc.p.poll() is None, proc.output()
+            time.sleep(0.05)
+        sock = os.stat(ctl)  # the control socket: the user's, 0600; root may ask too
+        assert (sock.st_uid, sock.st_mode & 0o777) == (uid, 0o600)
+        res = subprocess.run([PYFLOW, "status", "--socket", ctl, "--json"], capture_output=True, text=True,
+                             timeout=30)
+        assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr
+
         send(pair, 43011, 5, tmp_path)
         rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43011, timeout=30)
         assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (5, 500)
 
         # a reload that compiles: the child runs as the user, with the kept capabilities (ambient)
-        conf.write_text(CONFIG.format(iface=pair.b_if, cache="8k", port=tap.port) + 'user = "pyflow"\n')
+        conf.write_text(config("8k"))
         proc.p.send_signal(signal.SIGHUP)
         proc.wait_for_line("reload: settings applied", timeout=60)
         assert "reload: new kernel program in place (cache-entries=8192)" in proc.output(), proc.output()

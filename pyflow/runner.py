@@ -118,15 +118,8 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
     meter = (new_meter or in_process_meter)(new_kernel) if new_kernel != old_kernel else None
     kept = {t.settings: t for t in targets}
     added: list[Target] = []
-    new_targets = []
     try:
-        for ts in new.targets:
-            t = kept.pop(ts, None)
-            if t is None:
-                t = Target(ts, encoder_for(ts.version), ctx=export_context(new, ts, ifs.names()))
-                added.append(t)
-                t.open()
-            new_targets.append(t)
+        new_targets = _open_targets(new, kept, added, ifs)
         _apply_interfaces(ifs, old, new, agent.meter, log)
         if meter is not None:
             try:
@@ -145,6 +138,30 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
         ifs.use(meter)
         log(f"reload: new kernel program in place (cache-entries={new.cache_entries}); "
             f"{len(done)} records exported from the old cache")
+    _swap_targets(new, agent, ifs, targets, new_targets, added, list(kept.values()), stack, log)
+    agent.settings = new
+    agent.rules = SweepRules(active_ns=new.active_flow_timeout_ns, inactive_ns=new.inactive_flow_timeout_ns,
+                             end_idle_ns=new.end_idle_ns)
+    log("reload: settings applied")
+
+
+def _open_targets(new: Settings, kept: dict[TargetSettings, Target], added: list[Target],
+                  ifs: InterfaceSet) -> list[Target]:
+    """The reload's targets: the kept ones (popped from ``kept``) and new ones, opened (in ``added``)."""
+    out = []
+    for ts in new.targets:
+        t = kept.pop(ts, None)
+        if t is None:
+            t = Target(ts, encoder_for(ts.version), ctx=export_context(new, ts, ifs.names()))
+            added.append(t)
+            t.open()
+        out.append(t)
+    return out
+
+
+def _swap_targets(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list[Target], new_targets: list[Target],
+                  added: list[Target], removed: list[Target], stack: ExitStack, log: Callable[[str], None]) -> None:
+    """The committed reload's targets go live, the removed ones are closed (nothing here fails)."""
     for t in added:
         stack.callback(t.close)
         log(f"exporting to {t.name}")
@@ -153,7 +170,7 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
             exclude_own_exports(agent.meter, t)
         except OSError as exc:  # tried again before every sweep
             log(f"reload: {t.name}: its datagrams are not excluded from metering yet: {exc}")
-    for t in kept.values():
+    for t in removed:
         log(f"reload: {t.name} removed")
         t.close()
     for t in new_targets:
@@ -163,10 +180,6 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
             t.clock.last_sent_ns = None  # new templates / options go out with the next export
     targets[:] = new_targets
     agent.targets = targets
-    agent.settings = new
-    agent.rules = SweepRules(active_ns=new.active_flow_timeout_ns, inactive_ns=new.inactive_flow_timeout_ns,
-                             end_idle_ns=new.end_idle_ns)
-    log("reload: settings applied")
 
 
 def _apply_interfaces(ifs: InterfaceSet, old: Settings, new: Settings, meter: FlowMeter,

@@ -13,10 +13,11 @@
 #      an unrelated project); pyflow and its dependencies installed into it from SRC.
 #   3. checks: the pyflow command runs, bcc imports, the installed package carries the eBPF
 #      sources (pyflow/bpf/flowmeter.c and .h) and pyflow finds them there.
-#   4. clean-up of apt's lists and caches.
+#   4. the system user pyflow, which the agent becomes after its start (--user pyflow).
+#   5. clean-up of apt's lists and caches.
 # --dry-run changes nothing outside $PYFLOW_PREFIX: apt only simulates (apt-get -s) after checking
 # each package exists, step 2 installs into $PYFLOW_PREFIX, which must not exist yet (the tests
-# point it at a temporary directory), and step 4 is skipped.
+# point it at a temporary directory), and steps 4 and 5 are skipped.
 set -euo pipefail
 
 PACKAGES=(python3-bpfcc python3-venv)
@@ -80,7 +81,16 @@ for name in ("flowmeter.c", "flowmeter.h"):
 print(f"container-build: pyflow {pyflow.__version__} in {package}, eBPF sources in {abi.BPF_DIR}")
 PY
 
-# --- 4. clean-up --------------------------------------------------------------------------
+# --- 4. the unprivileged user `pyflow run --user pyflow` becomes after its start ----------
+if [ "$DRY_RUN" = 1 ]; then
+    command -v useradd >/dev/null || die "no useradd to create the pyflow user with"
+    say "system user pyflow (simulated)"
+elif ! getent passwd pyflow >/dev/null; then
+    say "system user pyflow"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pyflow
+fi
+
+# --- 5. clean-up --------------------------------------------------------------------------
 if [ "$DRY_RUN" = 0 ]; then
     apt-get clean
     rm -rf /var/lib/apt/lists/*

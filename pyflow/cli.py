@@ -152,7 +152,8 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   name = "eth1"
   direction = "both"                   # ingress, egress, both; hook = auto, xdp, tc
   [pyflow]                             # sweep-interval, metrics-address, xdp-mode,
-  sweep-interval = "10s"               # direction, hook, as-file
+  sweep-interval = "10s"               # direction, hook, as-file, control-socket,
+  user = "pyflow"                      # the user it becomes after its start
   Unknown keys, wrong types and bad values are errors naming the key and line.
   A full example: examples/pyflow.toml.
 """
@@ -358,6 +359,9 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                      help="Unix socket `pyflow status/flows/top` ask the running agent on; '' turns it off "
                           "(default: /run/pyflow/pyflow.sock, or pyflow-net<inode>.sock in another network "
                           "namespace)")
+    own.add_argument("--user", metavar="NAME",
+                     help="after its privileged start, run as this unprivileged user (`make setup` creates "
+                          "'pyflow') with only CAP_BPF and CAP_NET_ADMIN; '' stays uid 0 (default: '')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -456,6 +460,7 @@ _SIMPLE_FLAGS = (
     ("metrics_address", "metrics-address", "metrics_address", "--metrics-address"),
     ("as_file", "as-file", "as_file", "--as-file"),
     ("control_socket", "control-socket", "control_socket", "--control-socket"),
+    ("user", "user", "user", "--user"),
     ("direction", "direction", "direction", "--direction"),
     ("hook", "hook", "hook", "--hook"),
 )

@@ -16,6 +16,7 @@ of the file it was set).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -319,6 +320,10 @@ class InterfaceList:
             raise SettingError(key, f"interface list {self.name}: member {', '.join(twice)} is given twice")
 
 
+#: what `user` may be: a POSIX portable user name (useradd's default rule)
+USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+
+
 def _default_control_socket() -> str:
     from pyflow.control import DEFAULT_SOCKET  # one per network namespace, see there
 
@@ -353,6 +358,9 @@ class Settings:
     as_file: str | None = None  # prefix-to-AS file for src/dst AS (RouterOS only has AS from BGP)
     # where `pyflow status/flows/top` reach the running agent; "" = no control socket
     control_socket: str = field(default_factory=_default_control_socket)
+    # the unprivileged user `pyflow run` becomes after its privileged start; "" = stay uid 0
+    # (with only the capabilities it uses either way; see docs/security.md)
+    user: str = ""
     # /ip traffic-flow ipfix: the fields the v9 and IPFIX templates carry (pyflow.fields)
     ipfix: FieldSet = ROUTEROS_DEFAULTS
     # RouterOS's master switch (default no).  `pyflow run` refuses to start with enabled=no;
@@ -381,6 +389,9 @@ class Settings:
         if not isinstance(sock, str) or (sock and not sock.startswith("/")):
             raise SettingError("control-socket", f"control-socket {self.control_socket!r} is not an absolute path "
                                                  "('' turns it off)")
+        if not isinstance(self.user, str) or (self.user and not USER_NAME.fullmatch(self.user)):
+            raise SettingError("user", f"user {self.user!r} is not a user name (letters, digits, _ and -, "
+                                       "not starting with a digit or -; '' keeps root)")
         if self.as_file is not None and (not isinstance(self.as_file, str) or not self.as_file):
             raise SettingError("as-file", f"as-file {self.as_file!r} is not a file name")
         self._expand_interfaces()

@@ -336,6 +336,7 @@ PYFLOW_KEYS: dict[str, tuple[str, Convert]] = {
     "hook": ("hook", _text),
     "as-file": ("as_file", _text),
     "control-socket": ("control_socket", _text),
+    "user": ("user", _text),
 }
 TABLES = ("traffic-flow", "target", "ipfix", "interface-list", "interface", "pyflow")
 ARRAY_TABLES = ("target", "interface")

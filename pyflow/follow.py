@@ -131,8 +131,8 @@ class InterfaceSet:
                 out.append(row)
             return out
 
-    def start(self) -> None:
-        """The first reconcile: every named interface must exist; ``all`` must find one."""
+    def check(self) -> list[Link]:
+        """Every named interface must exist; ``all`` must find one.  The host's links."""
         links = list_links()
         wanted = self.wanted(links)
         if self.follow_all and not wanted:
@@ -140,6 +140,11 @@ class InterfaceSet:
         missing = sorted(set(self.settings.interfaces) - set(wanted.values())) if not self.follow_all else []
         if missing:
             raise KernelError(f"no such interface: {', '.join(missing)} (see `ip link`)")
+        return links
+
+    def start(self) -> None:
+        """The first reconcile, after ``check``; a named list that counts a frame twice is warned of."""
+        links = self.check()
         if not self.follow_all:
             for warning in double_counts(links, self.settings.interfaces):
                 self.log(f"warning: {warning}")
@@ -161,6 +166,13 @@ class InterfaceSet:
                 else:
                     m.attachments = [a for (name, _), a in meter.attachments.items() if name == m.name]
         self.reconcile()
+
+    def use(self, meter: FlowMeter) -> None:
+        """``meter`` took the old program's place on every attachment (a reload): go on with it."""
+        with self.lock:
+            self.meter = meter
+            for m in self.metered.values():
+                m.attachments = [a for (name, _), a in meter.attachments.items() if name == m.name]
 
     def _let_go(self, idx: int, why: str) -> None:
         m = self.metered.pop(idx)

@@ -24,7 +24,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -83,7 +91,21 @@ class Metrics:
             "How long after its timeout (inactive or active) a flow record left for the target, measured "
             "when it is sent.", LATENESS_BUCKETS)
         self.registry.register(self.export_lateness)
+        self.reload_failures = Counter(
+            "pyflow_reload_failures", "SIGHUP reloads that failed (bad settings, or a compile, verifier, attach or "
+            "memory error while applying them): the agent went on with the settings it had.",
+            registry=self.registry)
+        self.last_reload_ok = Gauge(
+            "pyflow_config_last_reload_successful", "1 if the last SIGHUP reload was applied (or none was asked "
+            "for), 0 if it failed and the running settings stayed.", registry=self.registry)
+        self.last_reload_ok.set(1)
         self.start_time = time.time()
+
+    def reloaded(self, ok: bool) -> None:
+        """A reload was applied (``ok``), or failed and changed nothing."""
+        if not ok:
+            self.reload_failures.inc()
+        self.last_reload_ok.set(1 if ok else 0)
 
     def attach(self, agent: Agent, interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
                rx_packets: Callable[[], dict[int, int]]) -> None:

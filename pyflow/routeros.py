@@ -658,6 +658,7 @@ def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
         ("hook", s.hook),
         ("as-file", visible(s.as_file or "(none)") + ("" if as_prefixes is None else f" ({as_prefixes} prefixes)")),
         ("control-socket", visible(s.control_socket) or '""  (off)'),
+        ("user", visible(s.user) or '""  (stays root)'),
     ])
     out += ["", "pyflow interfaces (what is metered, and how)"]
     names = list(s.interfaces) if s.interfaces != ("all",) else ["all"]

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import numpy as np
+
 from pyflow.agent import Agent
 from pyflow.config import Settings, TargetSettings
 from pyflow.control import ControlServer, check_socket_path
@@ -100,6 +102,12 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
     Everything else applies at once: targets added, removed or kept (a kept
     target keeps its socket, sequence numbers and template clock), field
     toggles (templates are re-sent at once), timeouts, interfaces.
+
+    All or nothing: every step that may fail (the compile, new targets' sockets,
+    attaching newly named interfaces, the switch itself) runs before anything is
+    committed; when one fails, what was done is undone (the old program back on
+    every interface, attachments as they were, new sockets closed) and the error
+    is raised: the agent goes on with the settings it had.
     """
     old = agent.settings
     if new.metrics_address != old.metrics_address:
@@ -107,29 +115,62 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
     for ts in new.targets:
         encoder_for(ts.version)
     old_kernel, new_kernel = kernel_settings(old), kernel_settings(new)
-    if new_kernel != old_kernel:
-        meter = (new_meter or in_process_meter)(new_kernel)
-        try:
-            meter.take_over(agent.meter)
-        except BaseException:
-            meter.close()
-            raise
-        previous = agent.meter
-        done = agent.hand_over(meter)
-        previous.close()  # its programs are no longer attached anywhere: only the maps go (and their pins)
+    meter = (new_meter or in_process_meter)(new_kernel) if new_kernel != old_kernel else None
+    kept = {t.settings: t for t in targets}
+    added: list[Target] = []
+    try:
+        new_targets = _open_targets(new, kept, added, ifs)
+        _apply_interfaces(ifs, old, new, agent.meter, log)
+        if meter is not None:
+            try:
+                done = switch_program(agent, meter)
+            except BaseException:
+                _restore_interfaces(ifs, old, agent.meter, log)
+                raise
+    except BaseException:
+        for t in added:
+            t.close()
+        if meter is not None:
+            (meter.release if meter.attachments else meter.close)()  # a failed give-back: leave it metering
+        raise
+    # committed: nothing below fails
+    if meter is not None:
+        ifs.use(meter)
         log(f"reload: new kernel program in place (cache-entries={new.cache_entries}); "
             f"{len(done)} records exported from the old cache")
-    kept = {t.settings: t for t in targets}
-    new_targets = []
+    _swap_targets(new, agent, ifs, targets, new_targets, added, list(kept.values()), stack, log)
+    agent.settings = new
+    agent.rules = SweepRules(active_ns=new.active_flow_timeout_ns, inactive_ns=new.inactive_flow_timeout_ns,
+                             end_idle_ns=new.end_idle_ns)
+    log("reload: settings applied")
+
+
+def _open_targets(new: Settings, kept: dict[TargetSettings, Target], added: list[Target],
+                  ifs: InterfaceSet) -> list[Target]:
+    """The reload's targets: the kept ones (popped from ``kept``) and new ones, opened (in ``added``)."""
+    out = []
     for ts in new.targets:
         t = kept.pop(ts, None)
         if t is None:
             t = Target(ts, encoder_for(ts.version), ctx=export_context(new, ts, ifs.names()))
-            open_target(t, agent.meter, stack, log)
-        elif new_kernel != old_kernel:
+            added.append(t)
+            t.open()
+        out.append(t)
+    return out
+
+
+def _swap_targets(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list[Target], new_targets: list[Target],
+                  added: list[Target], removed: list[Target], stack: ExitStack, log: Callable[[str], None]) -> None:
+    """The committed reload's targets go live, the removed ones are closed (nothing here fails)."""
+    for t in added:
+        stack.callback(t.close)
+        log(f"exporting to {t.name}")
+    for t in new_targets:
+        try:
             exclude_own_exports(agent.meter, t)
-        new_targets.append(t)
-    for t in kept.values():
+        except OSError as exc:  # tried again before every sweep
+            log(f"reload: {t.name}: its datagrams are not excluded from metering yet: {exc}")
+    for t in removed:
         log(f"reload: {t.name} removed")
         t.close()
     for t in new_targets:
@@ -139,11 +180,56 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
             t.clock.last_sent_ns = None  # new templates / options go out with the next export
     targets[:] = new_targets
     agent.targets = targets
-    agent.settings = new
-    agent.rules = SweepRules(active_ns=new.active_flow_timeout_ns, inactive_ns=new.inactive_flow_timeout_ns,
-                             end_idle_ns=new.end_idle_ns)
-    ifs.apply(new, agent.meter)
-    log("reload: settings applied")
+
+
+def _apply_interfaces(ifs: InterfaceSet, old: Settings, new: Settings, meter: FlowMeter,
+                      log: Callable[[str], None]) -> None:
+    """The interface part of a reload, on the running program; undone (old settings again) if it fails."""
+    try:
+        ifs.apply(new, meter)
+    except BaseException:
+        _restore_interfaces(ifs, old, meter, log)
+        raise
+
+
+def _restore_interfaces(ifs: InterfaceSet, old: Settings, meter: FlowMeter, log: Callable[[str], None]) -> None:
+    try:
+        ifs.apply(old, meter)
+    except Exception as exc:  # the first error is the one to report
+        log(f"reload: putting the interfaces back as they were failed too: {exc}")
+
+
+def switch_program(agent: Agent, meter: FlowMeter) -> np.ndarray:
+    """``meter`` in the running program's place on every interface, the old cache exported, the old
+    program closed.  If anything fails, the old program is back where it was (and the error raised)."""
+    previous = agent.meter
+    meter.take_over(previous)  # all or nothing
+    try:
+        done = agent.hand_over(meter)
+    except BaseException:
+        if agent.meter is previous:
+            previous.take_over(meter)
+        raise
+    previous.close()  # its programs are no longer attached anywhere: only the maps go (and their pins)
+    return done
+
+
+def reload_settings(agent: Agent, ifs: InterfaceSet, targets: list[Target], stack: ExitStack,
+                    log: Callable[[str], None], load_settings: Callable[[], Settings],
+                    new_meter: Callable[[KernelSettings], FlowMeter] | None = None) -> bool:
+    """SIGHUP: read the settings again and apply them; False (and the error logged) if either
+    failed, in which case the agent goes on, unchanged, with the settings it had."""
+    try:
+        new = load_settings()
+        with agent.lock:
+            apply_settings(new, agent, ifs, targets, stack, log, new_meter=new_meter)
+    except PyflowError as exc:
+        log(f"reload failed: {exc}; the running settings stay")
+        return False
+    except Exception as exc:  # a reload never stops the agent: whatever it was, it was undone
+        log(f"reload failed: {type(exc).__name__}: {exc}; the running settings stay")
+        return False
+    return True
 
 
 class RateTracker:
@@ -223,20 +309,55 @@ class KernelSide:
     After a clean stop (everything exported) the meter is closed: detached and
     unpinned.  Any other way out leaves what was taken over, or has counted
     since, pinned and attached, exactly as a killed agent would, for the next
-    agent to take over; only a meter this run compiled and never used is closed.
+    agent to take over.
+
+    A start that fails before the agent runs (``agent`` is None) is undone:
+    every attachment taken over from an older program is given back to it
+    (atomic replace again), what this run attached anew is detached, and only
+    then is a meter this run compiled closed.  No interface metered before the
+    start is left unmetered.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log: Callable[[str], None] = lambda _msg: None) -> None:
+        self.log = log
         self.meters: list[FlowMeter] = []  # every meter opened, the one metering last
         self.instances: list[pin.Instance] = []  # found, not (yet) wrapped in a meter
         self.agent: Agent | None = None
         self.fresh: FlowMeter | None = None  # compiled by this run
+        self.meter: FlowMeter | None = None  # the one this run goes on with
+        self.before: set[tuple[str, str]] = set()  # its attachments when it was opened
+        self.taken: list[tuple[FlowMeter, set[tuple[str, str]]]] = []  # older meters and what was taken from them
         self.clean = False
 
+    def roll_back(self) -> None:
+        """A failed start: the older programs back where they were, this run's attachments gone."""
+        meter = self.meter
+        if meter is None:
+            return
+        for old, keys in reversed(self.taken):
+            back = [k for k in keys if k in meter.attachments]
+            if not back:
+                continue
+            try:
+                old.take_over(meter, back)
+            except Exception as exc:  # the rest still goes back
+                self.log(f"start failed, and putting the earlier program back failed too: {exc}")
+                continue
+            self.log(f"start failed: the earlier program (pinned at {old.pinned_at}) is back on "
+                     f"{len(back)} attachment(s), counting as before")
+        taken = {k for _, keys in self.taken for k in keys}  # not given back: they stay, with this meter
+        for name, hook in [k for k in meter.attachments if k not in self.before and k not in taken]:
+            meter.detach(name, hook)
+
     def finish(self) -> None:
+        if not self.clean and self.agent is None:
+            self.roll_back()
         current = self.agent.meter if self.agent is not None else None
         for meter in self.meters:
-            if self.clean or (meter is self.fresh and self.agent is None):
+            # a meter this run compiled and never used goes, unless it still meters something
+            # (a give-back that failed): then it stays for the next agent, like the others
+            unused = meter is self.fresh and self.agent is None and not meter.attachments
+            if self.clean or unused:
                 meter.close()
             else:
                 meter.release()
@@ -248,7 +369,8 @@ class KernelSide:
 
 def start_kernel_side(settings: Settings, pins: pin.NetnsPins, found: list[pin.Instance], side: KernelSide,
                       log: Callable[[str], None]) -> tuple[FlowMeter, list[FlowMeter]]:
-    """The meter to run with (taken over, or compiled in a child) and the older ones it replaced."""
+    """The meter to run with (taken over, or compiled in a child) and the older ones it is to
+    replace (opened, still attached: ``take_over_older`` puts the meter in their place)."""
     wanted = kernel_settings(settings)
     current, old = pick_instance(found, wanted, pin.source_hash())
     t0 = time.monotonic()
@@ -265,17 +387,37 @@ def start_kernel_side(settings: Settings, pins: pin.NetnsPins, found: list[pin.I
             f"its {len(meter.read_flows()[0]):,} cached flows and counters carry on, "
             f"{len(meter.attachments)} attachment(s) still in place")
     side.meters.append(meter)
+    side.meter = meter
+    side.before = set(meter.attachments)
     olds = []
     for inst in old:
         side.instances.remove(inst)
         o = FlowMeter.from_instance(inst)
         side.meters.insert(0, o)
         olds.append(o)
+    return meter, olds
+
+
+def take_over_older(meter: FlowMeter, olds: list[FlowMeter], side: KernelSide, log: Callable[[str], None]) -> None:
+    """The switch: ``meter``'s programs where the older ones' are (each take-over all or nothing;
+    a later failure of the start gives them back, see ``KernelSide.roll_back``)."""
+    for o in olds:
+        side.taken.append((o, set(o.attachments)))
         meter.take_over(o)  # its programs out, ours in, atomically, where it was attached
         log(f"the kernel program pinned at {o.pinned_at} was built with other settings or sources, or lost "
             "its unattached programs: "
             f"replaced it on {len(meter.attachments)} attachment(s); its cache is exported next")
-    return meter, olds
+
+
+def drop_privileges(settings: Settings, user: tuple[int, int] | None, pins: pin.NetnsPins,
+                    found: list[pin.Instance], log: Callable[[str], None]) -> None:
+    """After the privileged start: only the capabilities the agent uses, and (``user``) not uid 0."""
+    pins.give_to(*(user or (0, 0)), [i.path for i in found if i.path is not None])
+    eff = caps.drop(user=user)
+    who = (f"running as user {settings.user} (uid {user[0]}, gid {user[1]})" if user is not None else
+           "running as uid 0 (--user pyflow, made by `make setup`, gives up root as well)")
+    log(f"{who}; capabilities: {' '.join(caps.names(eff)) or 'none'} effective (CAP_PERFMON permitted, for a "
+        "reload's compile); every other one dropped")
 
 
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
@@ -297,15 +439,14 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             encoder_for(ts.version)  # an unknown version fails before anything is loaded
         t_start = time.monotonic()
         check_root()  # before anything is locked, mounted or looked for
+        user = caps.lookup_user(settings.user) if settings.user else None  # a missing user: exit 2, here
         pins = pin.NetnsPins()
         pins.open(log)  # one agent per network namespace: a second one stops here
         stack.callback(pins.close)
-        side = KernelSide()
+        side = KernelSide(log)
         stack.callback(side.finish)
         side.instances = pins.find(log)
-        eff = caps.drop()  # before any thread starts: capabilities are per thread
-        log(f"capabilities: {' '.join(caps.names(eff)) or 'none'} effective (CAP_PERFMON permitted, for a reload's "
-            "compile); every other one dropped")
+        drop_privileges(settings, user, pins, side.instances, log)  # before any thread: capabilities are per thread
         metrics = Metrics()
         if settings.metrics_address:  # a taken port fails before anything is attached
             server = serve(metrics, settings.metrics_address)
@@ -314,7 +455,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         if settings.control_socket:  # a live agent on the same socket fails before anything is attached
             check_socket_path(settings.control_socket)
         meter, olds = start_kernel_side(settings, pins, side.instances, side, log)
-        # host sources before any attach: conntrack events of the first metered flows are not missed
+        # host sources before any attach (conntrack events of the first metered flows are not
+        # missed) and, like every step that may fail, before the switch
         enricher, nat_events = host_sources(settings, stack, log)
         targets: list[Target] = []
 
@@ -323,11 +465,9 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
                 t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
 
         ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
+        ifs.check()  # a missing interface fails before the switch
+        take_over_older(meter, olds, side, log)
         ifs.start()
-        metered = {(a[0], a[2]) for a in ifs.attached()}
-        for name, hook in [k for k in meter.attachments if k not in metered]:
-            log(f"{name}: the earlier agent's {hook} attachment is not in these settings: detached")
-            meter.detach(name, hook)
         log(f"started in {time.monotonic() - t_start:.2f} s (kernel program ready and attached)")
         targets += [
             Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
@@ -337,7 +477,11 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             open_target(t, meter, stack, log)
         agent = Agent(settings, olds[0] if olds else meter, targets, log=log, metrics=metrics, enricher=enricher,
                       nat_events=nat_events)
-        side.agent = agent
+        side.agent = agent  # committed: from here on, a way out leaves everything attached
+        metered = {(a[0], a[2]) for a in ifs.attached()}
+        for name, hook in [k for k in meter.attachments if k not in metered]:
+            log(f"{name}: the earlier agent's {hook} attachment is not in these settings: detached")
+            meter.detach(name, hook)
         for nxt in [*olds[1:], meter]:
             if agent.meter is nxt:
                 continue
@@ -376,14 +520,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             if reload is None or load_settings is None or not reload.is_set():
                 return
             reload.clear()
-            try:
-                new = load_settings()
-            except PyflowError as exc:
-                log(f"reload: {exc}; the running settings stay")
-                return
-            with agent.lock:
-                apply_settings(new, agent, ifs, targets, stack, log,
-                               new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks)))
+            metrics.reloaded(reload_settings(agent, ifs, targets, stack, log, load_settings,
+                                             new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks))))
 
         agent.run(stop, between)
         side.clean = True  # everything exported: detach (done) and unpin on the way out

@@ -93,4 +93,10 @@ fi
 
 say "versions: $(nfdump -V 2>&1 | head -n1); $(tshark -v 2>/dev/null | head -n1); pmacct $(dpkg-query -W -f='${Version}' pmacct); bcc $(dpkg-query -W -f='${Version}' python3-bpfcc)"
 touch .venv/.setup-done
+# The user the agent becomes after its privileged start (`pyflow run --user pyflow`; the systemd
+# unit in examples/systemd and the DaemonSet use it): no home, no shell, no password.
+if ! getent passwd pyflow >/dev/null; then
+    say "creating the system user pyflow (pyflow run --user pyflow)"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pyflow
+fi
 say "done"

@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi, pin
+from pyflow.kernel import abi, caps, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
 from pyflow.sweep import Baseline
 
@@ -185,9 +185,20 @@ def check_root() -> None:
         )
 
 
+def check_load_privileges() -> None:
+    """Root, or (the compile child of an agent run with ``--user``) CAP_BPF, CAP_NET_ADMIN and
+    CAP_PERFMON effective: what loading the meter takes."""
+    if os.geteuid() == 0:
+        return
+    eff = caps.current()["CapEff"]
+    if all(eff >> c & 1 for c in (caps.CAP_BPF, caps.CAP_NET_ADMIN, caps.CAP_PERFMON)):
+        return
+    check_root()
+
+
 def check_environment() -> None:
     """Fail early, with the fix, on the usual reasons bcc cannot work."""
-    check_root()
+    check_load_privileges()
     hdr = headers_dir()
     if not (hdr / "include").exists() and not (hdr / "Makefile").exists():
         raise KernelError(
@@ -470,35 +481,60 @@ class FlowMeter:
         else:
             _quiet(lambda: map_delete(self.maps["l3_links_big"], key))
 
-    def take_over(self, old: FlowMeter) -> None:
+    def take_over(self, old: FlowMeter, keys: Iterable[tuple[str, str]] | None = None) -> None:
         """Put this meter's programs where ``old``'s are, atomically, interface by interface.
 
         XDP: a netlink attach with XDP_FLAGS_REPLACE and ``old``'s program as
         the expected one replaces it in one step (and only it); TC: ``tc filter
         replace`` at the same priority and handle.  No packet meets neither
-        program, none meets both.  ``old`` forgets its attachments (detaching
-        them now would remove ours).
-        """
-        for (ifname, hook), att in list(old.attachments.items()):
-            fd = self.load(hook)
-            self.mark_link_layer(att.ifindex)
-            try:
-                if hook == "xdp":
-                    pin.xdp_set(att.ifindex, fd, XDP_MODES[att.mode], expected_fd=old.load("xdp"))
-                else:
-                    from pyroute2 import IPRoute
+        program, none meets both.  ``old`` forgets the attachments it gave up
+        (detaching them now would remove ours).  ``keys``: only these
+        (ifname, hook) attachments of ``old`` (all by default).
 
-                    with IPRoute() as ipr:
-                        ipr.tc("replace-filter", "bpf", att.ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[hook],
-                               parent=TC_PARENTS[hook], classid=1, direct_action=True, prio=TC_PRIORITY)
-            except pin.NetlinkError as exc:
-                if exc.errno == errno.ENODEV:  # the interface went away meanwhile (and its program with it)
-                    continue
-                raise KernelError(f"cannot put the new program in place on {ifname} ({hook}): {exc}") from exc
-            self.attachments[(ifname, hook)] = dataclasses.replace(att)
-        old.attachments.clear()
+        All or nothing: when one replace fails, the ones already made are put
+        back (``old``'s program again, in one step each) before the error is
+        raised, so every interface ``old`` metered is metered by it still.
+        """
+        wanted = None if keys is None else set(keys)
+        moving = [(k, a) for k, a in old.attachments.items() if wanted is None or k in wanted]
+        done: list[tuple[tuple[str, str], Attachment]] = []
+        try:
+            for key, att in moving:
+                if self._replace(att, old):
+                    done.append((key, att))
+        except BaseException:
+            for key, att in reversed(done):
+                try:
+                    old._replace(att, self)
+                except Exception as exc:  # say so, go on with the others
+                    print(f"pyflow: putting the earlier program back on {key[0]} ({key[1]}): {exc}", file=sys.stderr)
+            raise
+        for key, att in done:
+            self.attachments[key] = dataclasses.replace(att)
+        for key, _ in moving:
+            del old.attachments[key]
         old._attachments_changed()
         self._attachments_changed()
+
+    def _replace(self, att: Attachment, old: FlowMeter) -> bool:
+        """This meter's program in ``old``'s place on one attachment; False: the interface is gone."""
+        fd = self.load(att.hook)
+        self.mark_link_layer(att.ifindex)
+        try:
+            if att.hook == "xdp":
+                pin.xdp_set(att.ifindex, fd, XDP_MODES[att.mode], expected_fd=old.load("xdp"))
+            else:
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    ipr.tc("replace-filter", "bpf", att.ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[att.hook],
+                           parent=TC_PARENTS[att.hook], classid=1, direct_action=True, prio=TC_PRIORITY)
+        except Exception as exc:  # pin.NetlinkError (an OSError) and pyroute2's NetlinkError alike
+            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+            if code == errno.ENODEV:  # the interface went away meanwhile (and its program with it)
+                return False
+            raise KernelError(f"cannot put the new program in place on {att.ifname} ({att.hook}): {exc}") from exc
+        return True
 
     def forget(self, ifname: str) -> None:
         """Drop the attachments of an interface that no longer exists (its programs went with it)."""

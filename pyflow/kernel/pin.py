@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pyflow.errors import KernelError, PyflowError
-from pyflow.kernel import abi
+from pyflow.kernel import abi, caps
 from pyflow.kernel.bpfsys import BpfError, MapBatchReader, _addr, _bpf, map_lookup
 
 if TYPE_CHECKING:
@@ -178,15 +178,33 @@ class _MapInfo(ctypes.Structure):
                 ("name", ctypes.c_char * 16)]
 
 
+#: bpffs directories held open (O_PATH) and reached through /proc/self/fd: after ``--user``
+#: the agent may not search /sys/fs/bpf (root's, mode 0700), only what lies below its fd
+_REACH: dict[Path, int] = {}
+
+
+def reach(path: Path | str) -> Path:
+    """Where the agent (or a child given ``reach_fds()``) finds ``path``: through a held directory."""
+    path = Path(path)
+    for base, fd in _REACH.items():
+        if path == base or base in path.parents:
+            return Path(f"/proc/self/fd/{fd}") / path.relative_to(base)
+    return path
+
+
+def reach_fds() -> tuple[int, ...]:
+    return tuple(_REACH.values())
+
+
 def obj_pin(fd: int, path: str | Path) -> None:
     """BPF_OBJ_PIN: ``fd``'s map or program stays alive at ``path`` (in a bpffs)."""
-    name = ctypes.create_string_buffer(os.fsencode(str(path)))
+    name = ctypes.create_string_buffer(os.fsencode(str(reach(path))))
     _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(name), bpf_fd=fd))
 
 
 def obj_get(path: str | Path) -> int:
     """BPF_OBJ_GET: a new fd on what is pinned at ``path``."""
-    name = ctypes.create_string_buffer(os.fsencode(str(path)))
+    name = ctypes.create_string_buffer(os.fsencode(str(reach(path))))
     return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(name)))
 
 
@@ -533,15 +551,19 @@ class NetnsPins:
         self.dir = root / "pyflow" / f"netns-{self.netns}"
         self.lock = InstanceLock(self.netns, run_dir)
         self.mounted = False
+        self.base_fd: int | None = None
 
     def open(self, log: Callable[[str], None]) -> None:
         """Take the lock (a second agent is refused before it touches anything), mount bpffs if needed."""
         self.lock.acquire(self.dir)
         try:
             self.mounted = ensure_bpffs(self.root)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.base_fd = os.open(self.dir.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except BaseException:
             self.lock.release()
             raise
+        _REACH[self.dir.parent] = self.base_fd
         if self.mounted:
             log(f"mounted a bpffs at {self.root} (none in this mount namespace; `ip netns exec` remounts /sys): "
                 "the pins made there last as long as this mount namespace, the attached programs longer")
@@ -552,11 +574,34 @@ class NetnsPins:
     def compile(self, settings: KernelSettings, bpf_dir: Path = abi.BPF_DIR) -> Instance:
         return compile_pinned(settings, self.dir, self.netns, bpf_dir)
 
+    def give_to(self, uid: int, gid: int, gens: list[Path]) -> None:
+        """Who owns what the agent writes after its start: this namespace's directory and the
+        generations in it that the agent took (it creates, pins in and removes them from now on)
+        become ``uid``'s.  For a user (``--user``), the directories every agent of the host shares
+        (pyflow's in bpffs, the run directory: locks, control sockets) become writable by its group
+        as well, and stay root's.  Nothing else changes hands."""
+        for path in (self.dir, *gens):
+            if uid == 0:  # back from a --user agent's: best effort (a unit without CAP_CHOWN)
+                with contextlib.suppress(PermissionError):
+                    os.chown(reach(path), uid, gid)
+                continue
+            os.chown(reach(path), uid, gid)
+        if uid == 0:
+            return
+        for path in (self.dir.parent, self.lock.path.parent):
+            st = os.stat(path)
+            os.chown(path, -1, gid)
+            os.chmod(path, (st.st_mode & 0o7777) | 0o070)
+
     def close(self) -> None:
         """Release the lock; remove this namespace's directory if no instance is left in it."""
-        for path in (self.dir, self.dir.parent):
+        for path in (reach(self.dir), self.dir.parent):  # the second needs root (/sys/fs/bpf is root's)
             with contextlib.suppress(OSError):
                 path.rmdir()
+        if self.base_fd is not None:
+            _REACH.pop(self.dir.parent, None)
+            os.close(self.base_fd)
+            self.base_fd = None
         self.lock.release()
 
 
@@ -646,7 +691,7 @@ def open_pinned(path: Path) -> Instance:
     """Open the maps and programs pinned in the generation directory ``path``."""
     inst = Instance(manifest={}, maps={}, progs={}, path=path)
     try:
-        for entry in sorted(os.listdir(path)):
+        for entry in sorted(os.listdir(reach(path))):
             fd = obj_get(path / entry)
             inst.owned_fds.append(fd)
             if entry.startswith(PROG_PREFIX):
@@ -668,8 +713,8 @@ def open_pinned(path: Path) -> Instance:
 
 def pin_instance(inst: Instance, path: Path) -> None:
     """Pin every map and program of ``inst`` in the new directory ``path``."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.mkdir(mode=0o700)
+    reach(path.parent).mkdir(mode=0o700, parents=True, exist_ok=True)
+    reach(path).mkdir(mode=0o700)
     try:
         for name, fd in inst.maps.items():
             obj_pin(fd, path / name)
@@ -684,7 +729,7 @@ def pin_instance(inst: Instance, path: Path) -> None:
 def remove_pins(path: Path) -> None:
     """Unpin a generation: its objects live on only while something else holds them."""
     with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
+        shutil.rmtree(reach(path))
 
 
 def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> list[Instance]:
@@ -692,16 +737,15 @@ def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> l
     CAP_SYS_ADMIN) loaded pyflow programs whose manifest names this namespace but that
     no pin leads to, re-pinned here.  Oldest first."""
     found: list[Instance] = []
-    if netns_dir.is_dir():
-        for entry in sorted(os.listdir(netns_dir)):
+    if reach(netns_dir).is_dir():
+        for entry in sorted(os.listdir(reach(netns_dir))):
             path = netns_dir / entry
-            if not entry.startswith("gen-") or not path.is_dir():
+            if not entry.startswith("gen-") or not reach(path).is_dir():
                 continue
             try:
                 found.append(open_pinned(path))
             except (KernelError, OSError) as exc:
-                log(f"ignoring the pinned {path}: {exc}; removing it")
-                remove_pins(path)
+                log(foreign_message(path, exc))
     known = {map_info(i.maps[MANIFEST]).id for i in found}
     try:
         orphans = _programs_of(netns, known)
@@ -714,7 +758,7 @@ def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> l
         orphans = []
     for inst in orphans:
         path = netns_dir / inst.name
-        if path.exists() or not inst.name.startswith("gen-"):
+        if reach(path).exists() or not inst.name.startswith("gen-"):
             path = netns_dir / f"gen-{time.time_ns():020d}"
         pin_instance(inst, path)
         log(f"found the kernel program {inst.name} attached without pins (its agent ran in another mount "
@@ -722,6 +766,45 @@ def find_instances(netns_dir: Path, netns: int, log: Callable[[str], None]) -> l
         found.append(inst)
     found.sort(key=lambda i: (i.manifest.get("created_ns", 0), i.name))
     return found
+
+
+def describe_pinned(path: Path) -> str:
+    """What a pinned generation this pyflow does not read is, as far as can be told: its pins,
+    and its manifest's format, version of the sources and age when there is one."""
+    try:
+        entries = sorted(os.listdir(reach(path)))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    progs = [e[len(PROG_PREFIX):] for e in entries if e.startswith(PROG_PREFIX)]
+    what = f"{len(entries) - len(progs)} map(s), program(s): {', '.join(progs) or 'none'}"
+    doc: dict[str, Any] = {}
+    if MANIFEST in entries:
+        with contextlib.suppress(BpfError, OSError, ValueError, struct.error):
+            fd = obj_get(path / MANIFEST)
+            try:
+                if map_info(fd).value_size == MANIFEST_SIZE:
+                    doc = read_manifest(fd)
+            finally:
+                os.close(fd)
+    if not doc:
+        return f"{what}; no manifest this pyflow reads (another program's pins, or a pyflow before manifests)"
+    created = doc.get("created_ns")
+    age = f", made {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(created / 1e9))}" \
+        if isinstance(created, int) else ""
+    return (f"{what}; a pyflow instance of manifest format {doc.get('format')!r} (this pyflow reads {FORMAT}), "
+            f"sources {doc.get('source', '?')}{age}")
+
+
+def foreign_message(path: Path, exc: BaseException) -> str:
+    """Why a pinned generation is left alone, what it is, and how to remove it."""
+    return (f"leaving the pinned {path} alone: this pyflow cannot read it ({exc}). It holds "
+            f"{describe_pinned(path)}. Its programs may still be attached and counting (`ip -d link show` "
+            f"lists XDP programs by id, `tc filter show dev IFACE ingress` and `egress` the TC ones; "
+            f"`bpftool prog show pinned {path}/{PROG_PREFIX}xdp` tells which): an interface where one is "
+            f"cannot be metered by this pyflow until it is detached (`ip link set dev IFACE xdp off`, "
+            f"`tc filter del dev IFACE ingress pref 1 handle 1 bpf`). Once nothing of it is needed, stop the "
+            f"agent that made it, or export its flows with the pyflow version that made it, then remove it "
+            f"with `rm -r {path}`")
 
 
 def _programs_of(netns: int, known_manifests: set[int]) -> list[Instance]:
@@ -798,14 +881,15 @@ def compile_pinned(settings: KernelSettings, netns_dir: Path, netns: int,
     The child is ``python -m pyflow.kernel.pin compile``: bcc and LLVM live and
     die there.  Its stderr (compiler and verifier output) passes through.
     """
-    netns_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    reach(netns_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     name = f"gen-{time.time_ns():020d}"
     path = netns_dir / name
-    argv = [sys.executable, "-m", "pyflow.kernel.pin", "compile", "--dir", str(path), "--netns", str(netns),
+    argv = [sys.executable, "-m", "pyflow.kernel.pin", "compile", "--dir", str(reach(path)), "--netns", str(netns),
             "--bpf-dir", str(bpf_dir), "--settings", json.dumps(_settings_doc(settings))]
     try:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False,
-                              env={**os.environ, "PYTHONPATH": _package_root()})
+        with caps.for_children():  # not root any more (--user): the child gets the kept capabilities
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False,
+                                  env={**os.environ, "PYTHONPATH": _package_root()}, pass_fds=reach_fds())
     except subprocess.TimeoutExpired:
         remove_pins(path)
         raise KernelError(f"compiling and loading the meter took more than {timeout:.0f} s") from None

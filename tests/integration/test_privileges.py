@@ -13,11 +13,18 @@ memory stays under 64 MiB (bcc and LLVM live only in the compile child).
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
@@ -117,3 +124,121 @@ def test_agent_runs_with_only_the_capabilities_it_uses(pair: Pair, tmp_path: Pat
         tap.close()
     assert rc == 0, proc.output()
     assert not xdp_attached(pair)  # detached without CAP_SYS_ADMIN
+
+
+PROBE = """\
+import errno, os, signal, sys
+target = os.environ.get("PYFLOW_TEST_PROBE", "")
+with open("/proc/self/cmdline", "rb") as f:
+    argv = f.read().split(b"\\0")
+if target and b"run" in argv and not any(b"pyflow.kernel.pin" in a for a in argv):
+
+    def _try(what, fn):
+        try:
+            fn()
+            result = "ALLOWED"
+        except OSError as exc:
+            result = f"refused ({errno.errorcode.get(exc.errno, exc.errno)})"
+        print(f"probe: {what}: {result}", file=sys.stderr, flush=True)
+
+    def _probe(signum, frame):  # runs in the agent's main thread, with the agent's credentials
+        _try("open /etc/shadow for writing", lambda: os.close(os.open("/etc/shadow", os.O_WRONLY)))
+        _try("read /etc/shadow", lambda: os.close(os.open("/etc/shadow", os.O_RDONLY)))
+        _try("chmod a root-owned file", lambda: os.chmod(target, 0o666))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        _try("create a file in /etc", lambda: os.close(os.open("/etc/pyflow-probe", flags)))
+
+    signal.signal(signal.SIGUSR2, _probe)
+"""
+
+
+@pytest.fixture
+def pyflow_user() -> tuple[int, int]:
+    """The system user `make setup` (scripts/setup.sh) creates, created the same way if missing."""
+    try:
+        entry = pwd.getpwnam("pyflow")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", "pyflow"], check=True)
+        entry = pwd.getpwnam("pyflow")
+    return entry.pw_uid, entry.pw_gid
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the user can read (pytest's tmp_path is root's, 0700): the config, the probe."""
+    path = Path(tempfile.mkdtemp(prefix="pyflow-user-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_with_user_the_running_agent_is_not_root(pair: Pair, tmp_path: Path, shared_dir: Path,
+                                                 pyflow_user: tuple[int, int]) -> None:
+    uid, gid = pyflow_user
+    tap = Tap(udp_socket_in(pair.b))
+    conf = shared_dir / "pyflow.toml"
+    ctl = f"/run/pyflow/test-user-{os.getpid()}.sock"  # made by the agent, as the user
+
+    def config(cache: str) -> str:
+        text = CONFIG.format(iface=pair.b_if, cache=cache, port=tap.port)
+        return text.replace('control-socket = ""', f'control-socket = "{ctl}"') + 'user = "pyflow"\n'
+
+    conf.write_text(config("4k"))
+    conf.chmod(0o644)
+    (shared_dir / "probe").mkdir(mode=0o755)
+    (shared_dir / "probe" / "sitecustomize.py").write_text(PROBE)
+    rootfile = shared_dir / "root-only"
+    rootfile.write_text("root's\n")
+    rootfile.chmod(0o600)
+    env = [f"PYTHONPATH={shared_dir / 'probe'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           f"PYFLOW_TEST_PROBE={rootfile}"]
+    proc = Proc(["ip", "netns", "exec", pair.b, "env", *env, PYFLOW, "run", "--config", str(conf)])
+    try:
+        proc.wait_for_line("exporting to", timeout=60)
+        assert f"running as user pyflow (uid {uid}, gid {gid})" in proc.output(), proc.output()
+        pid = proc.p.pid  # ip netns exec and env exec: the same process
+        st = status(pid)
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(gid)] * 4, st
+        assert st["Groups"].strip() == "", st["Groups"]
+        assert_least_privilege(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():  # every thread: not root
+            assert status(pid, task.name)["Uid"].split() == [str(uid)] * 4
+
+        proc.p.send_signal(signal.SIGUSR2)
+        proc.wait_for_line("probe: create a file in /etc", timeout=30)
+        out = proc.output()
+        assert "probe: open /etc/shadow for writing: refused (EACCES)" in out, out
+        assert "probe: read /etc/shadow: refused (EACCES)" in out, out
+        assert "probe: chmod a root-owned file: refused (EPERM)" in out, out
+        assert "probe: create a file in /etc: refused (EACCES)" in out, out
+        assert rootfile.stat().st_mode & 0o777 == 0o600 and not Path("/etc/pyflow-probe").exists()
+
+        deadline = time.monotonic() + 30  # it listens right after the start line
+        while not os.path.exists(ctl):
+            assert time.monotonic() < deadline and proc.p.poll() is None, proc.output()
+            time.sleep(0.05)
+        sock = os.stat(ctl)  # the control socket: the user's, 0600; root may ask too
+        assert (sock.st_uid, sock.st_mode & 0o777) == (uid, 0o600)
+        res = subprocess.run([PYFLOW, "status", "--socket", ctl, "--json"], capture_output=True, text=True,
+                             timeout=30)
+        assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr
+
+        send(pair, 43011, 5, tmp_path)
+        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43011, timeout=30)
+        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (5, 500)
+
+        # a reload that compiles: the child runs as the user, with the kept capabilities (ambient)
+        conf.write_text(config("8k"))
+        proc.p.send_signal(signal.SIGHUP)
+        proc.wait_for_line("reload: settings applied", timeout=60)
+        assert "reload: new kernel program in place (cache-entries=8192)" in proc.output(), proc.output()
+        send(pair, 43012, 3, tmp_path)
+        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43012, timeout=30)
+        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (3, 300)
+        assert_least_privilege(pid)
+    finally:
+        rc = proc.stop(signal.SIGTERM)
+        tap.close()
+    assert rc == 0, proc.output()
+    assert not xdp_attached(pair)

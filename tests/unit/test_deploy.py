@@ -192,7 +192,8 @@ def test_containerfile_builds_with_the_script_and_runs_pyflow_with_its_config() 
     assert rest == [["rm", "-rf", "/src"]]
     instructions = dict(containerfile())
     assert json.loads(instructions["ENTRYPOINT"]) == ["/opt/pyflow/bin/pyflow"]
-    assert json.loads(instructions["CMD"]) == ["run", "--config", "/etc/pyflow/pyflow.toml"]
+    assert json.loads(instructions["CMD"]) == ["run", "--config", "/etc/pyflow/pyflow.toml", "--user", "pyflow"]
+    assert "useradd --system" in (DEPLOY / "container-build.sh").read_text()  # the user --user names
     assert "PYFLOW_PREFIX:-/opt/pyflow}" in (DEPLOY / "container-build.sh").read_text()
     assert instructions["STOPSIGNAL"] == "SIGTERM"  # pyflow exports what is cached, then exits 0
 
@@ -323,7 +324,10 @@ def test_daemonset_runs_on_every_node_in_the_host_network_with_three_capabilitie
     assert sc["runAsUser"] == 0 and sc["readOnlyRootFilesystem"] is True
     # measured: BPF + PERFMON + NET_ADMIN load, attach and run the meter on Linux >= 5.11 (maps are
     # charged to the memory cgroup, no RLIMIT_MEMLOCK); without PERFMON the verifier rejects it
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]}
+    # and SETUID, SETGID, CHOWN for the start to become the user pyflow (--user), then dropped
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SETUID", "SETGID", "CHOWN"]}
+    args = container()["args"]
+    assert args[args.index("--user") + 1] == "pyflow"
     resources_ = container()["resources"]
     assert resources_["requests"]["memory"] and resources_["limits"]["memory"]
 

@@ -40,4 +40,7 @@ def test_unit_reloads_with_sighup_and_stops_with_sigterm() -> None:
     assert u["NoNewPrivileges"] == ["yes"]
     caps = set(u["CapabilityBoundingSet"][0].split())
     assert {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"} <= caps
+    # the start becomes the user pyflow: that takes these three, and nothing more
+    assert caps - {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"} == {"CAP_SETUID", "CAP_SETGID", "CAP_CHOWN"}
+    assert all(cmd.endswith("--user pyflow") for cmd in u["ExecStart"] + u["ExecStartPre"])
     assert set(u["AmbientCapabilities"][0].split()) == caps

@@ -42,7 +42,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -50,7 +50,7 @@ from pyflow import records as rec
 from pyflow.config import Settings
 from pyflow.export.target import ExportClock, Target
 from pyflow.kernel.abi import FLOW_KEY_DTYPE, METERED_COUNTERS, CacheMap, Hook
-from pyflow.kernel.loader import FlowMeter
+from pyflow.kernel.loader import EXPORTED_ROW_DTYPE, FlowMeter
 from pyflow.records import EndReason
 from pyflow.sweep import (
     HIGH_WATER,
@@ -67,7 +67,14 @@ from pyflow.sweep import (
 if TYPE_CHECKING:
     from pyflow.enrich import Enricher
     from pyflow.host.conntrack import NatEventListener
-    from pyflow.metrics import Metrics
+
+class SweepObserver(Protocol):
+    """What the agent reports as it goes (pyflow.metrics.Metrics is the real one; tests pass fakes)."""
+
+    def sweep_took(self, seconds: float) -> None: ...
+
+    def records_left(self, lateness_seconds: np.ndarray, target: str) -> None: ...
+
 
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
                  EndReason.FORCED: "forced", EndReason.LACK_OF_RESOURCES: "lack_of_resources"}
@@ -189,7 +196,7 @@ def _per_ifindex(ifindex: np.ndarray, packets: np.ndarray) -> Iterator[tuple[int
 class Agent:
     def __init__(self, settings: Settings, meter: FlowMeter, targets: Sequence[Target],
                  clocks: Clocks | None = None, log: Callable[[str], None] | None = None,
-                 metrics: Metrics | None = None, enricher: Enricher | None = None,
+                 metrics: SweepObserver | None = None, enricher: Enricher | None = None,
                  nat_events: NatEventListener | None = None) -> None:
         self.settings = settings
         # host-derived fields (masks, gateways, NAT, AS) and conntrack's NAT events, when wanted
@@ -204,7 +211,7 @@ class Agent:
             end_idle_ns=settings.end_idle_ns,
         )
         # what earlier agents already exported of the flows in this meter's cache (pinned maps)
-        self.baseline = meter.load_baseline()
+        self.baseline = Baseline.from_rows(meter.read_exported())
         self.stats = AgentStats()
         # a nearly full map is relieved down to low_water x its size
         self.high_water = HIGH_WATER
@@ -288,7 +295,7 @@ class Agent:
         self._publish(meter, now, t.unsent, metered)
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
-            self.metrics.sweep_duration.observe(self.stats.last_sweep_seconds)
+            self.metrics.sweep_took(self.stats.last_sweep_seconds)
         return batch
 
     def _queue(self, t: _Tick, meter: FlowMeter) -> list[np.ndarray]:
@@ -399,7 +406,7 @@ class Agent:
         while self._pending and (self._pending[0].batch <= upto or self._pending[0].since_ns <= oldest):
             p = self._pending.popleft()
             t0 = time.perf_counter()
-            self.stats.deleted += p.meter.commit(p.deletes, p.old, p.new)
+            self.stats.deleted += p.meter.commit(p.deletes, *p.old.changes(p.new, EXPORTED_ROW_DTYPE))
             self.stats.last_commit_seconds = time.perf_counter() - t0
             if not self._pending:
                 self._skip = self._skip[:0]  # every pending entry is gone
@@ -419,7 +426,7 @@ class Agent:
             (now_ms - records["end_ms"][idle]) / 1e3 - self.rules.inactive_ns / 1e9,
             (now_ms - records["start_ms"][active]) / 1e3 - self.rules.active_ns / 1e9,
         ])
-        self.metrics.export_lateness.observe_many(np.maximum(late, 0.0), target.name)
+        self.metrics.records_left(np.maximum(late, 0.0), target.name)
 
     def _account(self, part: np.ndarray) -> None:
         """Tallies of one part of a sweep's records (column by column: no copies of whole rows)."""
@@ -547,7 +554,7 @@ class Agent:
         done = [*self._sweep(False), *self._sweep(True)]
         self._drain(paced=False)
         self.meter = new_meter
-        self.baseline = new_meter.load_baseline()
+        self.baseline = Baseline.from_rows(new_meter.read_exported())
         self._evict = {m: new_meter.evict_threshold(m) for m in CacheMap}
         self.next_due_ns = 0
         return _cat(done, rec.RECORD_DTYPE)

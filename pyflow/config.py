@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from pyflow.errors import ConfigError
 from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
+from pyflow.paths import DEFAULT_SOCKET
 from pyflow.text import cut
 from pyflow.units import (
     format_duration,
@@ -325,9 +326,7 @@ USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
 def _default_control_socket() -> str:
-    from pyflow.control import DEFAULT_SOCKET  # one per network namespace, see there
-
-    return DEFAULT_SOCKET
+    return DEFAULT_SOCKET  # one per network namespace, see pyflow.paths
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ import numpy as np
 
 from pyflow import __version__
 from pyflow.errors import PyflowError
+from pyflow.paths import DEFAULT_SOCKET
 from pyflow.records import addr_from_16
 from pyflow.units import format_duration
 
@@ -67,23 +68,6 @@ if TYPE_CHECKING:
     from pyflow.agent import Agent
     from pyflow.sweep import Baseline
 
-def default_socket() -> str:
-    """``/run/pyflow/pyflow.sock`` in the host's network namespace; in another one (an agent
-    under ``ip netns exec``), ``/run/pyflow/pyflow-net<inode>.sock``: /run is shared by every
-    network namespace, so agents in different ones never collide, and ``pyflow status`` run
-    in the same namespace as an agent finds it without being told where."""
-    try:
-        mine = os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return "/run/pyflow/pyflow.sock"
-    try:
-        host = os.stat("/proc/1/ns/net").st_ino
-    except OSError:  # PID 1's namespace hidden (a sandbox): name the socket after ours, always
-        host = None
-    return "/run/pyflow/pyflow.sock" if mine == host else f"/run/pyflow/pyflow-net{mine}.sock"
-
-
-DEFAULT_SOCKET = default_socket()
 SORTS = ("bytes", "packets", "age")
 MAX_REQUEST = 4096  # bytes in one request line
 MAX_CLIENTS = 16  # connections at once; a new one pushes out the one idle the longest

@@ -107,6 +107,15 @@ class Metrics:
             self.reload_failures.inc()
         self.last_reload_ok.set(1 if ok else 0)
 
+    # -- the agent's SweepObserver -------------------------------------------------------
+
+    def sweep_took(self, seconds: float) -> None:
+        self.sweep_duration.observe(seconds)
+
+    def records_left(self, lateness_seconds: np.ndarray, target: str) -> None:
+        """Records that just left for ``target``, each this late (seconds after they fell due)."""
+        self.export_lateness.observe_many(lateness_seconds, target)
+
     def attach(self, agent: Agent, interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
                rx_packets: Callable[[], dict[int, int]]) -> None:
         """Read the agent's (and its meter's and targets') state at every scrape."""

@@ -81,6 +81,26 @@ class Baseline:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> Baseline:
+        """From rows with fields id, packets, bytes, start_ns, sorted by id (the kernel's exported table)."""
+        return cls(*(np.asarray(rows[name], dtype=np.uint64) for name in ("id", "packets", "bytes", "start_ns")))
+
+    def changes(self, new: Baseline, row_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """What turns this baseline into ``new``: the ids gone, and ``new``'s rows that are new or
+        changed (as ``row_dtype`` rows: id, packets, bytes, start_ns)."""
+        gone = self.ids[~np.isin(self.ids, new.ids, assume_unique=True)] if len(self) else _empty_u64()
+        changed = np.ones(len(new), dtype=bool)
+        if len(self) and len(new):
+            has, pos = self.join(new.ids)
+            changed = ~(has & (self.packets[pos] == new.packets) & (self.bytes[pos] == new.bytes)
+                        & (self.start_ns[pos] == new.start_ns))
+        rows = np.zeros(int(np.count_nonzero(changed)), dtype=row_dtype)
+        for name, column in (("id", new.ids), ("packets", new.packets), ("bytes", new.bytes),
+                             ("start_ns", new.start_ns)):
+            rows[name] = column[changed]
+        return gone, rows
+
     def join(self, flow_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each flow id: (has a baseline?, index into the baseline arrays)."""
         if len(self.ids) == 0:

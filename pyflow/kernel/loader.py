@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import ipaddress
 import os
 import platform
 import socket
@@ -29,7 +30,7 @@ import numpy as np
 from pyflow.errors import KernelError
 from pyflow.kernel import abi, caps, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
-from pyflow.sweep import Baseline
+from pyflow.kernel.settings import KernelSettings
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = pin.XDP_FLAGS_UPDATE_IF_NOEXIST
 XDP_FLAGS_SKB_MODE = pin.XDP_FLAGS_SKB_MODE
@@ -45,67 +46,6 @@ TC_PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}
 #: filter after them still runs as if pyflow were not there.
 TC_PRIORITY = 1
 TC_HANDLE = 0x1
-
-
-#: The resume map holds flows that go on past their inactive timeout before the agent has taken
-#: their expired entry out; sized from cache-entries, never below this.
-RESUME_MIN = 1024
-
-
-@dataclass(frozen=True)
-class KernelSettings:
-    """What the program is compiled with (passed as -D flags)."""
-
-    cache_entries: int = 65536
-    inactive_timeout_ns: int = 15_000_000_000
-    end_idle_ns: int = 2_000_000_000
-    max_ipv6_ext: int = 6
-    # per-flow detail the kernel keeps (off = no per-packet or first-packet cost)
-    ttl: bool = True  # min/max TTL, per packet
-    length: bool = True  # min/max IP total length, per packet
-    fib: bool = True  # out-interface + gateway by bpf_fib_lookup, per new flow at ingress
-    own_export: bool = True  # skip the agent's own export datagrams (one lookup per UDP packet at TC egress)
-    # RouterOS packet sampling: interval packets sampled, then space skipped (space 0: 1 in interval); 0 = off
-    sampling_interval: int = 0
-    sampling_space: int = 0
-    # tests/bpf only: TC takes a VLAN tag from the skb mark into the skb (a test run cannot set one)
-    test_vlan_from_mark: bool = False
-
-    def __post_init__(self) -> None:
-        # Only integers reach the compiler: a value that is not one cannot inject code.
-        for name in ("cache_entries", "inactive_timeout_ns", "end_idle_ns", "max_ipv6_ext"):
-            value = getattr(self, name)
-            if type(value) is not int or value <= 0:
-                raise KernelError(f"kernel setting {name}={value!r} is not a positive integer")
-        for name in ("sampling_interval", "sampling_space"):
-            value = getattr(self, name)
-            if type(value) is not int or not 0 <= value < 2**31:
-                raise KernelError(f"kernel setting {name}={value!r} is not an integer in 0..2^31-1")
-        if self.sampling_space and not self.sampling_interval:
-            raise KernelError("sampling-space needs a sampling-interval")
-        for name in ("ttl", "length", "fib", "own_export", "test_vlan_from_mark"):
-            if type(getattr(self, name)) is not bool:
-                raise KernelError(f"kernel setting {name}={getattr(self, name)!r} is not a boolean")
-
-    @property
-    def resume_entries(self) -> int:
-        """Size of the resume map: a quarter of the cache, at least RESUME_MIN (docs/architecture.md)."""
-        return max(RESUME_MIN, self.cache_entries // 4)
-
-    def cflags(self) -> list[str]:
-        return [
-            f"-DCACHE_ENTRIES={self.cache_entries}",
-            f"-DINACTIVE_NS={self.inactive_timeout_ns}ULL",
-            f"-DEND_IDLE_NS={self.end_idle_ns}ULL",
-            f"-DMAX_IPV6_EXT={self.max_ipv6_ext}",
-            f"-DRESUME_ENTRIES={self.resume_entries}",
-            f"-DPF_F_TTL={int(self.ttl)}",
-            f"-DPF_F_LENGTH={int(self.length)}",
-            f"-DPF_F_FIB={int(self.fib)}",
-            f"-DPF_OWN_EXPORT={int(self.own_export)}",
-            f"-DSAMPLING_INTERVAL={self.sampling_interval}",
-            f"-DSAMPLING_SPACE={self.sampling_space}",
-        ] + (["-DPF_TEST_VLAN_FROM_MARK=1"] if self.test_vlan_from_mark else [])
 
 
 @dataclass
@@ -133,6 +73,16 @@ def link_type(ifindex: int) -> int | None:
     except (NetlinkError, ValueError):
         return None
     return int(msg["ifi_type"])
+
+
+#: One row of what was exported of a flow cut by the active timeout (the agent's baseline).
+EXPORTED_ROW_DTYPE = np.dtype([("id", "<u8"), ("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
+
+
+def _addr16(addr: str) -> bytes:
+    """An address as the kernel's key has it: 16 bytes, IPv4 v4-mapped."""
+    ip = ipaddress.ip_address(addr)
+    return (b"\x00" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
 
 
 def _errno(exc: BaseException) -> int | None:
@@ -607,57 +557,50 @@ class FlowMeter:
                 continue  # a record this version does not read, or an interface that is gone
             self.attachments[(att.ifname, att.hook)] = att
 
-    def load_baseline(self) -> Baseline:
-        """What was already exported of flows cut by the active timeout (``pf_exported``): a new
-        agent goes on from there, so nothing is exported twice."""
+    def read_exported(self) -> np.ndarray:
+        """What was already exported of flows cut by the active timeout (``pf_exported``), rows of
+        ``EXPORTED_ROW_DTYPE`` sorted by flow id: a new agent goes on from there, so nothing is
+        exported twice."""
         fd = self.maps[pin.EXPORTED]
         reader = MapBatchReader(fd, np.dtype("<u8"), pin.EXPORTED_VALUE_DTYPE, pin.map_info(fd).max_entries)
         keys, values = reader.read()
         order = np.argsort(keys, kind="stable")
-        return Baseline(keys[order].astype(np.uint64), values["packets"][order].astype(np.uint64),
-                        values["bytes"][order].astype(np.uint64), values["start_ns"][order].astype(np.uint64))
+        rows = np.zeros(len(keys), dtype=EXPORTED_ROW_DTYPE)
+        rows["id"] = keys[order]
+        for name in ("packets", "bytes", "start_ns"):
+            rows[name] = values[name][order]
+        return rows
 
-    def save_baseline(self, old: Baseline, new: Baseline) -> None:
-        """Write the difference between two baselines to ``pf_exported``."""
+    def write_exported(self, gone: np.ndarray, rows: np.ndarray) -> None:
+        """``pf_exported`` without the flow ids ``gone``, with ``rows`` (EXPORTED_ROW_DTYPE) new or changed."""
         fd = self.maps[pin.EXPORTED]
-        if len(old):
-            gone = old.ids[~np.isin(old.ids, new.ids, assume_unique=True)]
-            if len(gone):
-                map_delete_batch(fd, np.ascontiguousarray(gone, dtype=np.uint64))
-        if len(new):
-            changed = np.ones(len(new), dtype=bool)
-            if len(old):
-                has, pos = old.join(new.ids)
-                changed = ~(has & (old.packets[pos] == new.packets) & (old.bytes[pos] == new.bytes)
-                            & (old.start_ns[pos] == new.start_ns))
-            if changed.any():
-                vals = np.zeros(int(np.count_nonzero(changed)), dtype=pin.EXPORTED_VALUE_DTYPE)
-                vals["packets"] = new.packets[changed]
-                vals["bytes"] = new.bytes[changed]
-                vals["start_ns"] = new.start_ns[changed]
-                map_update_batch(fd, np.ascontiguousarray(new.ids[changed], dtype=np.uint64), vals)
+        if len(gone):
+            map_delete_batch(fd, np.ascontiguousarray(gone, dtype=np.uint64))
+        if len(rows):
+            vals = np.zeros(len(rows), dtype=pin.EXPORTED_VALUE_DTYPE)
+            for name in ("packets", "bytes", "start_ns"):
+                vals[name] = rows[name]
+            map_update_batch(fd, np.ascontiguousarray(rows["id"], dtype=np.uint64), vals)
 
-    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], old: Baseline, new: Baseline) -> int:
+    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], gone: np.ndarray, rows: np.ndarray) -> int:
         """After an export: the kernel forgets what was exported -- the final entries of each
-        cache map are deleted, the baseline saved.  An agent killed before this leaves it all
-        for the next one to export; how many entries were deleted."""
+        cache map are deleted, the exported table updated (``write_exported``).  An agent
+        killed before this leaves it all for the next one to export; how many entries were deleted."""
         deleted = 0
         for which, keys in deletes.items():
             if len(keys):
                 deleted += map_delete_batch(self.cache_fd(which), np.ascontiguousarray(keys))
-        self.save_baseline(old, new)
+        self.write_exported(gone, rows)
         return deleted
 
     # -- own exports -----------------------------------------------------------
 
     def exclude_own_export(self, src: str, src_port: int, dst: str, dst_port: int) -> None:
         """Never meter UDP datagrams with this 4-tuple: the agent's own exports."""
-        from pyflow.records import addr_to_16
-
         if (src, src_port, dst, dst_port) in self._own_exports:
             return
         self._own_exports.add((src, src_port, dst, dst_port))
-        pin.map_update(self.maps["own_export"], _own_key(addr_to_16(src), src_port, addr_to_16(dst), dst_port),
+        pin.map_update(self.maps["own_export"], _own_key(_addr16(src), src_port, _addr16(dst), dst_port),
                        b"\x01")
 
     def __enter__(self) -> FlowMeter:

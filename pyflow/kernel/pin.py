@@ -51,16 +51,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pyflow.errors import KernelError, PyflowError
 from pyflow.kernel import abi, caps
 from pyflow.kernel.bpfsys import BpfError, MapBatchReader, _addr, _bpf, map_lookup
-
-if TYPE_CHECKING:
-    from pyflow.kernel.loader import KernelSettings
+from pyflow.kernel.settings import KernelSettings
 
 BPFFS_ROOT = Path("/sys/fs/bpf")
 RUN_DIR = Path("/run/pyflow")
@@ -631,8 +629,6 @@ class Instance:
     def settings(self) -> KernelSettings:
         """What it was compiled with (as far as this version knows the settings: enough to read
         and drain an instance another version left)."""
-        from pyflow.kernel.loader import KernelSettings
-
         known = {f.name for f in dataclasses.fields(KernelSettings)}
         doc = {k: v for k, v in dict(self.manifest.get("settings") or {}).items() if k in known}
         doc["cache_entries"] = map_info(self.maps["flows"]).max_entries
@@ -878,13 +874,13 @@ def compile_pinned(settings: KernelSettings, netns_dir: Path, netns: int,
                    bpf_dir: Path = abi.BPF_DIR, timeout: float = 120.0) -> Instance:
     """Compile and load in a short-lived child, pinned in a new generation of ``netns_dir``; open it.
 
-    The child is ``python -m pyflow.kernel.pin compile``: bcc and LLVM live and
+    The child is ``python -m pyflow.kernel.build compile``: bcc and LLVM live and
     die there.  Its stderr (compiler and verifier output) passes through.
     """
     reach(netns_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     name = f"gen-{time.time_ns():020d}"
     path = netns_dir / name
-    argv = [sys.executable, "-m", "pyflow.kernel.pin", "compile", "--dir", str(reach(path)), "--netns", str(netns),
+    argv = [sys.executable, "-m", "pyflow.kernel.build", "compile", "--dir", str(reach(path)), "--netns", str(netns),
             "--bpf-dir", str(bpf_dir), "--settings", json.dumps(_settings_doc(settings))]
     try:
         with caps.for_children():  # not root any more (--user): the child gets the kept capabilities
@@ -909,70 +905,3 @@ def _package_root() -> str:
     root = str(Path(__file__).resolve().parents[2])
     extra = os.environ.get("PYTHONPATH")
     return f"{root}{os.pathsep}{extra}" if extra else root
-
-
-def _child_compile(args: list[str]) -> dict[str, Any]:
-    """In the child: compile, load every program, pin everything in a new directory, write the manifest."""
-    import argparse
-
-    from pyflow.kernel.loader import FlowMeter, KernelSettings
-
-    p = argparse.ArgumentParser(prog="python -m pyflow.kernel.pin compile")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--netns", type=int, required=True)
-    p.add_argument("--bpf-dir", required=True)
-    p.add_argument("--settings", required=True)
-    a = p.parse_args(args)
-    settings = KernelSettings(**json.loads(a.settings))
-    path = Path(a.dir)
-    meter = FlowMeter(settings, bpf_dir=Path(a.bpf_dir))
-    try:
-        for hook in HOOKS:
-            meter.load(hook)
-        inst = Instance(manifest={}, maps=dict(meter.maps), progs={h: meter.prog_fd_of(h) for h in HOOKS})
-        for pfd in inst.progs.values():  # any one program, attached, holds the whole instance
-            for extra in inst.maps.values():
-                try:
-                    prog_bind_map(pfd, extra)
-                except BpfError as exc:  # before Linux 5.10: found through its pins only
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    break
-        manifest = {
-            "format": FORMAT,
-            "name": path.name,
-            "netns": a.netns,
-            "created_ns": time.time_ns(),
-            "settings": _settings_doc(settings),
-            "source": source_hash(Path(a.bpf_dir)),
-            "programs": inst.prog_ids(),
-            "maps": {n: map_info(fd).id for n, fd in sorted(inst.maps.items())},
-            "attachments": [],
-        }
-        write_manifest(inst.maps[MANIFEST], manifest)
-        pin_instance(inst, path)
-        return {"ok": True, "dir": str(path), "programs": manifest["programs"]}
-    finally:
-        meter.release()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "compile":
-        print("usage: python -m pyflow.kernel.pin compile --dir DIR --netns INODE --bpf-dir DIR --settings JSON",
-              file=sys.stderr)
-        return 2
-    try:
-        result = _child_compile(args[1:])
-    except PyflowError as exc:
-        print(RESULT_MARK + json.dumps({"ok": False, "error": str(exc)}), flush=True)
-        return exc.exit_code
-    except Exception as exc:
-        print(RESULT_MARK + json.dumps({"ok": False, "error": f"compiling the meter failed: {exc!r}"}), flush=True)
-        return 3
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

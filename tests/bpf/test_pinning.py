@@ -28,7 +28,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from pyflow.kernel import abi, bpfsys, pin
-from pyflow.kernel.loader import FlowMeter, KernelSettings
+from pyflow.kernel.loader import EXPORTED_ROW_DTYPE, FlowMeter, KernelSettings
 from pyflow.sweep import Baseline
 from tests.bpf.conftest import TEST_IFINDEX, xdp_ctx
 
@@ -216,7 +216,7 @@ def test_compiled_in_a_child_pinned_and_found_again(bpffs: pin.NetnsPins) -> Non
     created = meter.flows_created()
     base = Baseline(np.array([int(values["flow_id"][0])], dtype=np.uint64), np.array([1], dtype=np.uint64),
                     np.array([38], dtype=np.uint64), np.array([12345], dtype=np.uint64))
-    meter.save_baseline(Baseline(), base)
+    meter.write_exported(*Baseline().changes(base, EXPORTED_ROW_DTYPE))
     path = meter.pinned_at
     meter.release()  # what a killed agent leaves: pinned, counting
     assert path is not None and path.is_dir()
@@ -228,11 +228,11 @@ def test_compiled_in_a_child_pinned_and_found_again(bpffs: pin.NetnsPins) -> Non
         keys2, _ = meter2.read_flows()
         assert sorted(keys2["src_port"].tolist()) == [9200, 9201, 9202]
         assert meter2.flows_created() == created
-        loaded = meter2.load_baseline()
+        loaded = Baseline.from_rows(meter2.read_exported())
         assert [x.tolist() for x in (loaded.ids, loaded.packets, loaded.bytes, loaded.start_ns)] == \
             [x.tolist() for x in (base.ids, base.packets, base.bytes, base.start_ns)]
-        meter2.save_baseline(loaded, Baseline())
-        assert len(meter2.load_baseline()) == 0
+        meter2.write_exported(*loaded.changes(Baseline(), EXPORTED_ROW_DTYPE))
+        assert len(meter2.read_exported()) == 0
     finally:
         meter2.close()
     assert not path.exists()  # closed: unpinned

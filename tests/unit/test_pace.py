@@ -21,8 +21,8 @@ from pyflow.export import target as target_mod
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportClock, Target
 from pyflow.kernel import abi
+from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
 from pyflow.records import EndReason
-from pyflow.sweep import Baseline
 from tests.unit.test_sweep import cache
 from tests.unit.test_target import batch
 
@@ -140,8 +140,8 @@ class FakeMeter:
     def settings(self) -> object:
         return type("K", (), {"cache_entries": self.capacity_})()
 
-    def load_baseline(self) -> Baseline:
-        return Baseline()
+    def read_exported(self) -> np.ndarray:
+        return np.zeros(0, EXPORTED_ROW_DTYPE)
 
     def barrier(self) -> None:
         self.barriers += 1
@@ -151,7 +151,7 @@ class FakeMeter:
             for lo in range(0, len(keys), chunk):
                 yield which, keys[lo:lo + chunk], values[lo:lo + chunk]
 
-    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], old: Baseline, new: Baseline) -> int:
+    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], gone: np.ndarray, rows: np.ndarray) -> int:
         n = 0
         for which, keys in deletes.items():
             k, v = self.maps[which]

@@ -258,3 +258,27 @@ def test_conservation_over_many_sweeps(increments: list[tuple[int, int, int]], s
         exported_pk += int(res.records["packets"].sum())
         exported_by += int(res.records["bytes"].sum())
     assert (exported_pk, exported_by) == (counted_pk, counted_by)
+
+
+ROW = np.dtype([("id", "<u8"), ("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
+BASE_ROWS = st.dictionaries(st.integers(1, 40), st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)),
+                            max_size=20)
+
+
+def _base(d: dict[int, tuple[int, int, int]]) -> Baseline:
+    ids = sorted(d)
+    return Baseline(*(np.array(col, dtype=np.uint64) for col in
+                      (ids, [d[i][0] for i in ids], [d[i][1] for i in ids], [d[i][2] for i in ids])))
+
+
+@given(BASE_ROWS, BASE_ROWS)
+def test_baseline_changes_turn_the_old_table_into_the_new(old: dict[int, tuple[int, int, int]],
+                                                          new: dict[int, tuple[int, int, int]]) -> None:
+    """What the kernel's exported table gets at a commit: applied to the old rows, the new ones,
+    and no row that did not change is written."""
+    gone, rows = _base(old).changes(_base(new), ROW)
+    table = {k: v for k, v in old.items() if k not in set(gone.tolist())}
+    table |= {int(r["id"]): (int(r["packets"]), int(r["bytes"]), int(r["start_ns"])) for r in rows}
+    assert table == new
+    assert all(old.get(int(r["id"])) != new[int(r["id"])] for r in rows)
+    assert Baseline.from_rows(rows).ids.tolist() == sorted(int(r["id"]) for r in rows)

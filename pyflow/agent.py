@@ -39,10 +39,11 @@ import sys
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -50,7 +51,7 @@ from pyflow import records as rec
 from pyflow.config import Settings
 from pyflow.export.target import ExportClock, Target
 from pyflow.kernel.abi import FLOW_KEY_DTYPE, METERED_COUNTERS, CacheMap, Hook
-from pyflow.kernel.loader import EXPORTED_ROW_DTYPE, FlowMeter
+from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
 from pyflow.records import EndReason
 from pyflow.sweep import (
     HIGH_WATER,
@@ -67,6 +68,40 @@ from pyflow.sweep import (
 if TYPE_CHECKING:
     from pyflow.enrich import Enricher
     from pyflow.host.conntrack import NatEventListener
+
+class CacheScanner(Iterable[tuple[CacheMap, np.ndarray, np.ndarray]], AbstractContextManager[object], Protocol):
+    """A read of both cache maps in chunks, by a reader of its own (observers': ``pyflow flows``)."""
+
+
+class FlowCache(Protocol):
+    """The kernel's flow cache as the agent uses it (pyflow.kernel.loader.FlowMeter is the real one;
+    tests/unit/fakes.py has an in-memory one): nothing about syscalls."""
+
+    def read_exported(self) -> np.ndarray: ...  # rows of EXPORTED_ROW_DTYPE, sorted by flow id
+
+    def read_chunks(self, chunk: int = ...) -> Iterator[tuple[CacheMap, np.ndarray, np.ndarray]]: ...
+
+    def barrier(self) -> None: ...  # an RCU grace period: no program still writes what was read before
+
+    def commit(self, deletes: dict[CacheMap, np.ndarray], gone: np.ndarray, rows: np.ndarray) -> int: ...
+
+    def capacity(self, which: CacheMap) -> int: ...
+
+    def evict_threshold(self, which: CacheMap) -> int: ...
+
+    def set_evict_threshold(self, which: CacheMap, ns: int) -> None: ...
+
+    def fin_events(self) -> int: ...  # flows that saw their first FIN/RST, ever (per-CPU sum)
+
+    def read_iface_stats(self) -> dict[tuple[int, int], np.ndarray]: ...
+
+    def scan(self, chunk: int = ...) -> CacheScanner: ...
+
+    def detach_all(self) -> None: ...
+
+
+Cache = TypeVar("Cache", bound=FlowCache)
+
 
 class SweepObserver(Protocol):
     """What the agent reports as it goes (pyflow.metrics.Metrics is the real one; tests pass fakes)."""
@@ -146,7 +181,7 @@ class Pending:
     """One sweep's records on their way: what the kernel forgets once every target has sent them."""
 
     batch: int
-    meter: FlowMeter
+    meter: FlowCache
     deletes: dict[CacheMap, np.ndarray]
     ids: np.ndarray  # flow ids of the entries to delete (later sweeps skip them)
     old: Baseline
@@ -193,8 +228,8 @@ def _per_ifindex(ifindex: np.ndarray, packets: np.ndarray) -> Iterator[tuple[int
     yield from zip(idx.tolist(), (int(n) for n in sums.tolist()), strict=True)
 
 
-class Agent:
-    def __init__(self, settings: Settings, meter: FlowMeter, targets: Sequence[Target],
+class Agent(Generic[Cache]):
+    def __init__(self, settings: Settings, meter: Cache, targets: Sequence[Target],
                  clocks: Clocks | None = None, log: Callable[[str], None] | None = None,
                  metrics: SweepObserver | None = None, enricher: Enricher | None = None,
                  nat_events: NatEventListener | None = None) -> None:
@@ -298,7 +333,7 @@ class Agent:
             self.metrics.sweep_took(self.stats.last_sweep_seconds)
         return batch
 
-    def _queue(self, t: _Tick, meter: FlowMeter) -> list[np.ndarray]:
+    def _queue(self, t: _Tick, meter: FlowCache) -> list[np.ndarray]:
         """The sweep's records (host fields added, NAT events joined) onto every target, as one batch."""
         cuts = [c for c in t.cuts if len(c)]
         drops = _cat(t.drops, np.dtype(np.uint64))
@@ -456,7 +491,7 @@ class Agent:
                 out[ifindex] += sum(int(st["counters"][c]) for c in METERED_COUNTERS)
         return dict(out)
 
-    def _publish(self, meter: FlowMeter, now_ns: int, unsent: Tally[int] | None,
+    def _publish(self, meter: FlowCache, now_ns: int, unsent: Tally[int] | None,
                  metered: dict[int, int] | None) -> None:
         """The sweep's ``Observed``, in place of the last one (one reference assignment: atomic)."""
         accounted = None
@@ -540,7 +575,7 @@ class Agent:
         r = self.rules
         return min(self.settings.sweep_interval_ns, r.inactive_ns, r.active_ns)
 
-    def hand_over(self, new_meter: FlowMeter) -> np.ndarray:
+    def hand_over(self, new_meter: Cache) -> np.ndarray:
         """Move to ``new_meter`` without losing a count (call with ``lock`` held).
 
         The caller has already put the new program in the old one's place on

@@ -430,7 +430,7 @@ class ControlServer:
         self._sample_targets()
         seen = agent.observed
         settings = agent.settings
-        capacity = int(agent.meter.settings.cache_entries)
+        capacity = int(agent.meter.capacity(_FLOWS))
         targets = [self._target_view(i, t) for i, t in enumerate(list(agent.targets))]
         stats = agent.stats
         agent_stats = {
@@ -500,7 +500,7 @@ class ControlServer:
         with agent.lock:  # only to take the maps: the meter cannot be swapped or closed meanwhile
             scan = agent.meter.scan(SCAN_CHUNK)
             baseline = agent.baseline  # immutable: the sweep replaces it, never changes it
-            capacity = int(agent.meter.settings.cache_entries)
+            capacity = int(agent.meter.capacity(_FLOWS))
             now_ns = self._boot_ns()
         n = DEFAULT_FLOWS if limit is None else MAX_FLOWS if limit == 0 else min(limit, MAX_FLOWS)
         with scan, self._scans:  # CPU and memory: SCANS reads at a time, whatever the clients
@@ -512,6 +512,9 @@ class ControlServer:
     def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
         """The flows answer as one object (what a client gets)."""
         return json.loads(b"".join(self.flows_stream(sort, limit)))
+
+
+_FLOWS = 0  # kernel.abi.CacheMap.FLOWS, the map cache-entries sizes (no kernel import here: see _top)
 
 
 def _order(values: np.ndarray, sort: str) -> np.ndarray:

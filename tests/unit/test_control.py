@@ -63,6 +63,9 @@ class FakeMeter:
     def scan(self, chunk: int = 8192) -> FakeScan:
         return FakeScan(self, chunk)
 
+    def capacity(self, which: int) -> int:
+        return int(self.settings.cache_entries)
+
 
 class FakeScan:
     """FlowMeter.scan's face: chunks of both maps (here one) as views of one reused buffer."""

@@ -105,3 +105,20 @@ def test_no_import_cycles() -> None:
         if start not in state:
             visit(start, [start])
     assert cycles == []
+
+
+def test_the_flow_cache_seam_has_a_real_and_an_in_memory_side() -> None:
+    """pyflow.agent.FlowCache: what the agent needs of the kernel, and nothing else.  The kernel's
+    FlowMeter and the tests' MemoryFlowCache both offer every member, with the same parameters."""
+    import inspect
+
+    from pyflow.agent import FlowCache
+    from pyflow.kernel.loader import FlowMeter
+    from tests.unit.fakes import MemoryFlowCache
+
+    members = [n for n, v in vars(FlowCache).items() if callable(v) and not n.startswith("_")]
+    assert len(members) == 11
+    for impl in (FlowMeter, MemoryFlowCache):
+        for name in members:
+            want = list(inspect.signature(getattr(FlowCache, name)).parameters)
+            assert list(inspect.signature(getattr(impl, name)).parameters) == want, (impl, name)

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -21,8 +21,8 @@ from pyflow.export import target as target_mod
 from pyflow.export.registry import encoder_for
 from pyflow.export.target import ExportClock, Target
 from pyflow.kernel import abi
-from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
 from pyflow.records import EndReason
+from tests.unit.fakes import MemoryFlowCache as FakeMeter
 from tests.unit.test_sweep import cache
 from tests.unit.test_target import batch
 
@@ -123,61 +123,6 @@ def test_the_queue_is_bounded_and_counts_what_it_drops(monkeypatch: pytest.Monke
 
 
 # -- the agent's tick on an in-memory meter -----------------------------------------------
-
-
-@dataclass
-class FakeMeter:
-    """The FlowMeter face the agent uses, over two in-memory maps."""
-
-    maps: dict[abi.CacheMap, tuple[np.ndarray, np.ndarray]]
-    capacity_: int = 1000
-    evict: dict[abi.CacheMap, int] = field(default_factory=lambda: {m: 0 for m in abi.CacheMap})
-    barriers: int = 0
-    commits: list[int] = field(default_factory=list)
-    fins: int = 0
-
-    @property
-    def settings(self) -> object:
-        return type("K", (), {"cache_entries": self.capacity_})()
-
-    def read_exported(self) -> np.ndarray:
-        return np.zeros(0, EXPORTED_ROW_DTYPE)
-
-    def barrier(self) -> None:
-        self.barriers += 1
-
-    def read_chunks(self, chunk: int = 65536):  # type: ignore[no-untyped-def]
-        for which, (keys, values) in self.maps.items():
-            for lo in range(0, len(keys), chunk):
-                yield which, keys[lo:lo + chunk], values[lo:lo + chunk]
-
-    def commit(self, deletes: dict[abi.CacheMap, np.ndarray], gone: np.ndarray, rows: np.ndarray) -> int:
-        n = 0
-        for which, keys in deletes.items():
-            k, v = self.maps[which]
-            raw = np.dtype((np.void, abi.FLOW_KEY_DTYPE.itemsize))
-            gone = np.isin(k.view(raw), keys.view(raw))
-            self.maps[which] = (k[~gone], v[~gone])
-            n += int(np.count_nonzero(gone))
-        self.commits.append(n)
-        return n
-
-    def capacity(self, which: abi.CacheMap) -> int:
-        return self.capacity_
-
-    def evict_threshold(self, which: abi.CacheMap) -> int:
-        return self.evict[which]
-
-    def set_evict_threshold(self, which: abi.CacheMap, ns: int) -> None:
-        self.evict[which] = ns
-
-    def detach_all(self) -> None:
-        pass
-
-    def fin_events(self) -> int:
-        return self.fins
-
-
 
 
 def agent_on(meter: FakeMeter, targets: list[Target], clock: FakeClock) -> Agent:

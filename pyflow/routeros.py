@@ -76,16 +76,22 @@ _HEX = "0123456789abcdefABCDEF"
 
 def split_commands(text: str, source: str) -> list[Command]:
     """RouterOS script text -> commands of words, with line numbers."""
-    commands: list[Command] = []
-    cmd: Command | None = None
-    i, n, line = 0, len(text), 1
+    return _Scanner(text, source).commands()
 
-    def fail(at: int, msg: str) -> ConfigError:
-        return ConfigError(f"{source}:{at}: {msg}")
 
-    def continuation(pos: int) -> int:
+class _Scanner:
+    """One pass over a script: words, quotes, escapes, line continuations, comments, ';'."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.text, self.source = text, source
+        self.i, self.n, self.line = 0, len(text), 1
+
+    def fail(self, at: int, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}:{at}: {msg}")
+
+    def continuation(self, pos: int) -> int:
         """If a backslash at ``pos`` ends the line (trailing blanks allowed): where the next line's text starts."""
-        j = pos + 1
+        text, n, j = self.text, self.n, pos + 1
         while j < n and text[j] in " \t":
             j += 1
         if j < n and text[j] == "\r":
@@ -95,88 +101,95 @@ def split_commands(text: str, source: str) -> list[Command]:
             while j < n and text[j] in " \t":
                 j += 1
             return j
-        if j >= n:
-            return j
-        return -1
+        return j if j >= n else -1
 
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            nxt = continuation(i)
-            if nxt >= 0:
-                line += text.count("\n", i, nxt)
-                i = nxt
+    def joined(self) -> bool:
+        """At a backslash: if it continues the line, step over it (and count the lines)."""
+        nxt = self.continuation(self.i)
+        if nxt < 0:
+            return False
+        self.line += self.text.count("\n", self.i, nxt)
+        self.i = nxt
+        return True
+
+    def commands(self) -> list[Command]:
+        commands: list[Command] = []
+        cmd: Command | None = None
+        text, n = self.text, self.n
+        while self.i < n:
+            c = text[self.i]
+            if c == "\\" and self.joined():
                 continue
-        if c == "\n":
-            cmd = None
-            line += 1
-            i += 1
-            continue
-        if c in " \t\r":
-            i += 1
-            continue
-        if c == ";":
-            cmd = None
-            i += 1
-            continue
-        if c == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-            continue
-        # a word: up to white space, ';' or the end of the line, outside quotes
+            if c in "\n;":
+                cmd = None
+                self.line += c == "\n"
+                self.i += 1
+            elif c in " \t\r":
+                self.i += 1
+            elif c == "#":
+                while self.i < n and text[self.i] != "\n":
+                    self.i += 1
+            else:
+                word = self.word()
+                if cmd is None:
+                    cmd = Command(word.line)
+                    commands.append(cmd)
+                cmd.words.append(word)
+        return commands
+
+    def word(self) -> Word:
+        """A word: up to white space, ';' or the end of the line, outside quotes."""
         chars: list[str] = []
         eq = -1
-        word_line = line
-        while i < n and text[i] not in " \t\r\n;":
-            c = text[i]
+        word_line = self.line
+        text, n = self.text, self.n
+        while self.i < n and text[self.i] not in " \t\r\n;":
+            c = text[self.i]
             if c == "\\":
-                nxt = continuation(i)
-                if nxt >= 0:
-                    line += text.count("\n", i, nxt)
-                    i = nxt
-                    continue
-                chars.append(c)
-                i += 1
+                if not self.joined():
+                    chars.append(c)
+                    self.i += 1
             elif c == '"':
-                start_line = line
-                i += 1
-                while True:
-                    if i >= n or text[i] == "\n":
-                        raise fail(start_line, "unterminated quote: a \" value has no closing \" "
-                                               "(a value spanning lines needs \\ at the end of each line)")
-                    c = text[i]
-                    if c == '"':
-                        i += 1
-                        break
-                    if c == "\\":
-                        nxt = continuation(i)
-                        if nxt >= 0:
-                            line += text.count("\n", i, nxt)
-                            i = nxt
-                            continue
-                        esc = text[i + 1] if i + 1 < n else ""
-                        if esc in _ESCAPES:
-                            chars.append(_ESCAPES[esc])
-                            i += 2
-                        elif esc in _HEX and i + 2 < n and text[i + 2] in _HEX and esc:
-                            chars.append(chr(int(text[i + 1:i + 3], 16)))
-                            i += 3
-                        else:
-                            raise fail(line, f"unknown escape \\{esc} in a quoted value (RouterOS knows "
-                                             '\\" \\\\ \\n \\r \\t \\$ \\? \\_ \\a \\b \\f \\v and \\XX hex)')
-                    else:
-                        chars.append(c)
-                        i += 1
+                self.quoted(chars)
             else:
                 if c == "=" and eq < 0:
                     eq = len(chars)
                 chars.append(c)
-                i += 1
-        if cmd is None:
-            cmd = Command(word_line)
-            commands.append(cmd)
-        cmd.words.append(Word("".join(chars), word_line, eq))
-    return commands
+                self.i += 1
+        return Word("".join(chars), word_line, eq)
+
+    def quoted(self, chars: list[str]) -> None:
+        """A quoted value (at its opening quote) into ``chars``, escapes resolved."""
+        text, n = self.text, self.n
+        start_line = self.line
+        self.i += 1
+        while True:
+            if self.i >= n or text[self.i] == "\n":
+                raise self.fail(start_line, "unterminated quote: a \" value has no closing \" "
+                                            "(a value spanning lines needs \\ at the end of each line)")
+            c = text[self.i]
+            if c == '"':
+                self.i += 1
+                return
+            if c == "\\":
+                if not self.joined():
+                    chars.append(self.escape())
+            else:
+                chars.append(c)
+                self.i += 1
+
+    def escape(self) -> str:
+        """The character a backslash escape at ``i`` stands for (and step over it)."""
+        text, i, n = self.text, self.i, self.n
+        esc = text[i + 1] if i + 1 < n else ""
+        if esc in _ESCAPES and esc:
+            self.i += 2
+            return _ESCAPES[esc]
+        if esc in _HEX and i + 2 < n and text[i + 2] in _HEX and esc:
+            self.i += 3
+            return chr(int(text[i + 1:i + 3], 16))
+        raise self.fail(self.line, f"unknown escape \\{esc} in a quoted value (RouterOS knows "
+                                   '\\" \\\\ \\n \\r \\t \\$ \\? \\_ \\a \\b \\f \\v and \\XX hex)')
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import struct
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import UDP, IPv6
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 
 from pyflow.kernel.bpfsys import prog_test_run
 from pyflow.kernel.loader import FlowMeter, KernelSettings, _import_bcc
@@ -27,9 +27,12 @@ def _mean_ns(fd: int, pkt: bytes, repeat: int) -> float:
 def _measure(label: str, settings: KernelSettings, empty_fd: int, v4: bytes, v6: bytes,
              repeat: int) -> list[tuple[str, float, float]]:
     rows = []
+    qinq = bytes(Ether() / Dot1AD(vlan=100) / Dot1Q(vlan=7) / IP(src="192.0.2.1", dst="198.51.100.2")
+                 / TCP(sport=40000, dport=443, flags="A") / (b"x" * 64))
     with FlowMeter(settings) as meter:
         fd = meter.load()
-        for name, pkt in (("existing flow, IPv4 TCP", v4), ("existing flow, IPv6 UDP", v6)):
+        for name, pkt in (("existing flow, IPv4 TCP", v4), ("existing flow, IPv6 UDP", v6),
+                          ("existing flow, QinQ IPv4 TCP", qinq)):
             prog_test_run(fd, pkt, ctx=_ctx(pkt))  # create the entry
             base = statistics.median(_mean_ns(empty_fd, pkt, REPEAT) for _ in range(repeat))
             ours = statistics.median(_mean_ns(fd, pkt, REPEAT) for _ in range(repeat))

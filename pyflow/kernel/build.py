@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pyflow.errors import PyflowError
-from pyflow.kernel.bpfsys import BpfError
+from pyflow.kernel.bpfsys import BpfError, prog_bind_map
 from pyflow.kernel.loader import FlowMeter
 from pyflow.kernel.pin import (
     FORMAT,
@@ -26,7 +26,6 @@ from pyflow.kernel.pin import (
     _settings_doc,
     map_info,
     pin_instance,
-    prog_bind_map,
     source_hash,
     write_manifest,
 )

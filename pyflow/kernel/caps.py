@@ -42,6 +42,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pyflow.errors import ConfigError, KernelError
+from pyflow.kernel.libc import libc as _libc
 
 CAP_CHOWN = 0
 CAP_SETGID = 6
@@ -67,7 +68,6 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 class _Header(ctypes.Structure):

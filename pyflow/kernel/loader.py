@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi, caps, pin
+from pyflow.kernel import abi, bpfsys, caps, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
 from pyflow.kernel.settings import KernelSettings
 
@@ -196,11 +196,11 @@ class FlowMeter:
         self.attachments: dict[tuple[str, str], Attachment] = {}
         self._readers: dict[abi.CacheMap, MapBatchReader] = {}
         self._chunks: dict[tuple[abi.CacheMap, int], MapChunks] = {}
-        self._stats_readers: dict[str, pin.PerCpuReader] = {}
+        self._stats_readers: dict[str, bpfsys.PerCpuReader] = {}
         self._stats_lock = threading.Lock()  # the per-CPU readers' buffers: the sweep's and scrapes' reads
         self._own_exports: set[tuple[str, int, str, int]] = set()
         self._own_fds: list[int] = []
-        self._cpus = pin.possible_cpus()
+        self._cpus = bpfsys.possible_cpus()
         self._closed = False
 
     @classmethod
@@ -219,7 +219,7 @@ class FlowMeter:
     def _forget_own_exports(self) -> None:
         """An earlier agent's export 4-tuples: its sockets are gone, its entries would only fill the map."""
         fd = self.maps["own_export"]
-        keys, _ = MapBatchReader(fd, abi.OWN_KEY_DTYPE, np.dtype("u1"), pin.map_info(fd).max_entries).read()
+        keys, _ = MapBatchReader(fd, abi.OWN_KEY_DTYPE, np.dtype("u1"), bpfsys.map_info(fd).max_entries).read()
         if len(keys):
             map_delete_batch(fd, keys.copy())
 
@@ -252,10 +252,10 @@ class FlowMeter:
             if fd >= 0:
                 self.maps[name.decode()] = fd
         # the agent's own state next to the program's: what was exported, and the manifest
-        exported = pin.map_create(pin.BPF_MAP_TYPE_HASH, 8, pin.EXPORTED_VALUE_DTYPE.itemsize,
-                                  self.settings.cache_entries, pin.EXPORTED, flags=pin.BPF_F_NO_PREALLOC)
+        exported = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_HASH, 8, pin.EXPORTED_VALUE_DTYPE.itemsize,
+                                  self.settings.cache_entries, pin.EXPORTED, flags=bpfsys.BPF_F_NO_PREALLOC)
         self._own_fds.append(exported)
-        manifest = pin.map_create(pin.BPF_MAP_TYPE_ARRAY, 4, pin.MANIFEST_SIZE, 1, pin.MANIFEST)
+        manifest = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, pin.MANIFEST_SIZE, 1, pin.MANIFEST)
         self._own_fds.append(manifest)
         self.maps[pin.EXPORTED] = exported
         self.maps[pin.MANIFEST] = manifest
@@ -294,7 +294,7 @@ class FlowMeter:
 
     def prog_id(self, hook: str) -> int:
         if hook not in self._prog_ids:
-            self._prog_ids[hook] = pin.prog_info(self.load(hook)).id
+            self._prog_ids[hook] = bpfsys.prog_info(self.load(hook)).id
         return self._prog_ids[hook]
 
     def attach(self, ifname: str, mode: str = "auto", hook: str = "xdp") -> Attachment:
@@ -424,10 +424,10 @@ class FlowMeter:
         if fd is None:
             return
         key, value = struct.pack("=I", ifindex), struct.pack("=B", int(l3))
-        if ifindex < pin.map_info(fd).max_entries:
-            pin.map_update(fd, key, value)
+        if ifindex < bpfsys.map_info(fd).max_entries:
+            bpfsys.map_update(fd, key, value)
         elif l3:
-            pin.map_update(self.maps["l3_links_big"], key, value)
+            bpfsys.map_update(self.maps["l3_links_big"], key, value)
         else:
             _quiet(lambda: map_delete(self.maps["l3_links_big"], key))
 
@@ -562,7 +562,7 @@ class FlowMeter:
         ``EXPORTED_ROW_DTYPE`` sorted by flow id: a new agent goes on from there, so nothing is
         exported twice."""
         fd = self.maps[pin.EXPORTED]
-        reader = MapBatchReader(fd, np.dtype("<u8"), pin.EXPORTED_VALUE_DTYPE, pin.map_info(fd).max_entries)
+        reader = MapBatchReader(fd, np.dtype("<u8"), pin.EXPORTED_VALUE_DTYPE, bpfsys.map_info(fd).max_entries)
         keys, values = reader.read()
         order = np.argsort(keys, kind="stable")
         rows = np.zeros(len(keys), dtype=EXPORTED_ROW_DTYPE)
@@ -600,7 +600,7 @@ class FlowMeter:
         if (src, src_port, dst, dst_port) in self._own_exports:
             return
         self._own_exports.add((src, src_port, dst, dst_port))
-        pin.map_update(self.maps["own_export"], _own_key(_addr16(src), src_port, _addr16(dst), dst_port),
+        bpfsys.map_update(self.maps["own_export"], _own_key(_addr16(src), src_port, _addr16(dst), dst_port),
                        b"\x01")
 
     def __enter__(self) -> FlowMeter:
@@ -631,7 +631,7 @@ class FlowMeter:
         """Entries one cache map holds at most (cache-entries, resume entries)."""
         if which == abi.CacheMap.FLOWS:
             return self.settings.cache_entries
-        return pin.map_info(self.cache_fd(which)).max_entries
+        return bpfsys.map_info(self.cache_fd(which)).max_entries
 
     def read_chunks(self, chunk: int = 65536) -> Iterator[tuple[abi.CacheMap, np.ndarray, np.ndarray]]:
         """Every entry of both cache maps, in chunks: (map, keys, values) views of reused buffers,
@@ -675,13 +675,14 @@ class FlowMeter:
 
     def set_evict_threshold(self, which: abi.CacheMap, ns: int) -> None:
         """Entries of this map last seen before ``ns`` are expired for the kernel from now on."""
-        pin.map_update(self.maps["evict_before"], struct.pack("=I", int(which)), struct.pack("=Q", ns))
+        bpfsys.map_update(self.maps["evict_before"], struct.pack("=I", int(which)), struct.pack("=Q", ns))
 
     def _percpu(self, name: str, key_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         reader = self._stats_readers.get(name)
         if reader is None:
             fd = self.maps[name]
-            reader = pin.PerCpuReader(fd, key_dtype, abi.IFACE_STATS_DTYPE, pin.map_info(fd).max_entries, self._cpus)
+            size = bpfsys.map_info(fd).max_entries
+            reader = bpfsys.PerCpuReader(fd, key_dtype, abi.IFACE_STATS_DTYPE, size, self._cpus)
             self._stats_readers[name] = reader
         return reader.read()
 
@@ -702,7 +703,7 @@ class FlowMeter:
             keys, per_cpu = self._percpu("iface_stats", abi.IFACE_KEY_DTYPE)
             for i in range(len(keys)):
                 out[(int(keys[i]["ifindex"]), int(keys[i]["hook"]))] = _sum_cpus(per_cpu[i])
-        overflow = pin.percpu_lookup(self.maps["overflow_stats"], b"\0\0\0\0", abi.IFACE_STATS_DTYPE, self._cpus)
+        overflow = bpfsys.percpu_lookup(self.maps["overflow_stats"], b"\0\0\0\0", abi.IFACE_STATS_DTYPE, self._cpus)
         if overflow is not None:
             total = _sum_cpus(overflow)
             if total["counters"].any():
@@ -711,12 +712,12 @@ class FlowMeter:
 
     def fin_events(self) -> int:
         """Flows that saw their first TCP FIN or RST since the program was loaded (all CPUs)."""
-        n = pin.percpu_lookup(self.maps["fin_seen"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)
+        n = bpfsys.percpu_lookup(self.maps["fin_seen"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)
         return 0 if n is None else int(n.sum())
 
     def flows_created(self) -> int:
         """Entries the kernel has created since the program was loaded (all CPUs)."""
-        seq = pin.percpu_lookup(self.maps["flow_seq"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)
+        seq = bpfsys.percpu_lookup(self.maps["flow_seq"], b"\0\0\0\0", np.dtype("<u8"), self._cpus)
         return 0 if seq is None else int(seq.sum())
 
     def read_counters(self) -> dict[abi.Counter, int]:
@@ -733,7 +734,7 @@ class FlowMeter:
         period (synchronize_rcu), and the meter runs inside an RCU read-side
         section; this is the barrier of the idle-delete protocol.
         """
-        pin.map_update(self.maps["barrier"], b"\0\0\0\0", struct.pack("=I", self.maps["barrier_inner"]))
+        bpfsys.map_update(self.maps["barrier"], b"\0\0\0\0", struct.pack("=I", self.maps["barrier_inner"]))
 
 
 class CacheScan:

@@ -48,7 +48,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,36 +56,24 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError, PyflowError
-from pyflow.kernel import abi, caps
-from pyflow.kernel.bpfsys import BpfError, MapBatchReader, _addr, _bpf, map_lookup
+from pyflow.kernel import abi, bpfsys, caps
+from pyflow.kernel.bpfsys import (
+    BpfError,
+    map_fd_by_id,
+    map_info,
+    map_lookup,
+    map_update,
+    prog_fd_by_id,
+    prog_ids,
+    prog_info,
+)
+from pyflow.kernel.libc import libc as _libc
 from pyflow.kernel.settings import KernelSettings
 
 BPFFS_ROOT = Path("/sys/fs/bpf")
 RUN_DIR = Path("/run/pyflow")
 BPF_FS_MAGIC = 0xCAFE4A11
 FORMAT = 1  # manifest format
-
-# bpf(2) commands
-BPF_MAP_CREATE = 0
-BPF_MAP_LOOKUP_ELEM = 1
-BPF_MAP_UPDATE_ELEM = 2
-BPF_MAP_DELETE_ELEM = 3
-BPF_OBJ_PIN = 6
-BPF_OBJ_GET = 7
-BPF_PROG_GET_NEXT_ID = 11
-BPF_PROG_GET_FD_BY_ID = 13
-BPF_MAP_GET_FD_BY_ID = 14
-BPF_OBJ_GET_INFO_BY_FD = 15
-BPF_PROG_BIND_MAP = 35
-
-BPF_MAP_TYPE_HASH = 1
-BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERCPU_HASH = 5
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
-BPF_MAP_TYPE_RINGBUF = 27
-BPF_F_NO_PREALLOC = 1
-BPF_ANY = 0
 
 #: The agent's own maps, created next to the program's.
 EXPORTED = "pf_exported"
@@ -121,59 +109,11 @@ PROG_PREFIX = "prog_"
 #: program names as the kernel keeps them (BPF_OBJ_NAME_LEN: 15 characters)
 KERNEL_PROG_NAMES = {"pyflow_xdp": "xdp", "pyflow_tc_ingre": "tc_ingress", "pyflow_tc_egres": "tc_egress"}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 
 def _errno_error(what: str) -> OSError:
     err = ctypes.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}")
-
-
-# -- bpf(2) ------------------------------------------------------------------------
-
-
-class _ObjAttr(ctypes.Structure):
-    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32),
-                ("path_fd", ctypes.c_int32), ("_pad", ctypes.c_uint32)]
-
-
-class _IdAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
-
-
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
-                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16)]
-
-
-class _ElemAttr(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
-
-
-class _BindAttr(ctypes.Structure):
-    _fields_ = [("prog_fd", ctypes.c_uint32), ("map_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
-
-
-class _ProgInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
-                ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16)]
-
-
-class _MapInfo(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16)]
 
 
 #: bpffs directories held open (O_PATH) and reached through /proc/self/fd: after ``--user``
@@ -196,135 +136,12 @@ def reach_fds() -> tuple[int, ...]:
 
 def obj_pin(fd: int, path: str | Path) -> None:
     """BPF_OBJ_PIN: ``fd``'s map or program stays alive at ``path`` (in a bpffs)."""
-    name = ctypes.create_string_buffer(os.fsencode(str(reach(path))))
-    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=ctypes.addressof(name), bpf_fd=fd))
+    bpfsys.obj_pin(fd, os.fsencode(str(reach(path))))
 
 
 def obj_get(path: str | Path) -> int:
     """BPF_OBJ_GET: a new fd on what is pinned at ``path``."""
-    name = ctypes.create_string_buffer(os.fsencode(str(reach(path))))
-    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(name)))
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    return _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
-
-
-def map_fd_by_id(map_id: int) -> int:
-    return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id))
-
-
-def prog_ids() -> Iterator[int]:
-    """Every loaded program's id (BPF_PROG_GET_NEXT_ID; needs CAP_SYS_ADMIN)."""
-    current = 0
-    for _ in range(1 << 20):
-        attr = _IdAttr(id=current)
-        try:
-            _bpf(BPF_PROG_GET_NEXT_ID, attr)
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return
-            raise
-        current = attr.next_id
-        yield current
-
-
-@dataclass(frozen=True)
-class ProgInfo:
-    id: int
-    name: str
-    map_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class MapInfo:
-    id: int
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
-    name: str
-
-
-def prog_info(fd: int) -> ProgInfo:
-    info = _ProgInfo()
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
-    ids = (ctypes.c_uint32 * max(1, info.nr_map_ids))()
-    n = info.nr_map_ids
-    info2 = _ProgInfo(nr_map_ids=n, map_ids=ctypes.addressof(ids))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info2), info=ctypes.addressof(info2)))
-    return ProgInfo(id=info2.id, name=info2.name.decode(errors="replace"),
-                    map_ids=tuple(ids[i] for i in range(min(n, info2.nr_map_ids))))
-
-
-def map_info(fd: int) -> MapInfo:
-    info = _MapInfo()
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
-    return MapInfo(id=info.id, type=info.type, key_size=info.key_size, value_size=info.value_size,
-                   max_entries=info.max_entries, flags=info.map_flags, name=info.name.decode(errors="replace"))
-
-
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str, flags: int = 0,
-               inner_map_fd: int = 0) -> int:
-    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries,
-                          map_flags=flags, inner_map_fd=inner_map_fd, map_name=name.encode()[:15])
-    return _bpf(BPF_MAP_CREATE, attr)
-
-
-def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
-    """BPF_MAP_UPDATE_ELEM of one element (for a map-in-map, ``value`` is the inner map's fd)."""
-    kbuf = ctypes.create_string_buffer(key, len(key))
-    vbuf = ctypes.create_string_buffer(value, len(value))
-    _bpf(BPF_MAP_UPDATE_ELEM, _ElemAttr(map_fd=fd, key=_addr(kbuf), value=_addr(vbuf), flags=flags))
-
-
-def prog_bind_map(prog_fd: int, map_fd: int) -> None:
-    """BPF_PROG_BIND_MAP: the program holds ``map`` (and lists it) without using it (Linux 5.10)."""
-    _bpf(BPF_PROG_BIND_MAP, _BindAttr(prog_fd=prog_fd, map_fd=map_fd))
-
-
-# -- per-CPU values ------------------------------------------------------------------
-
-
-def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
-    """How many CPUs a per-CPU map has a value for (the kernel's num_possible_cpus)."""
-    text = Path(path).read_text().strip()
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n += (int(hi) if hi else int(lo)) - int(lo) + 1
-    return n
-
-
-def percpu_dtype(dtype: np.dtype, cpus: int) -> np.dtype:
-    """One per-CPU value as the kernel copies it: every CPU's value, each rounded up to 8 bytes."""
-    slot = (dtype.itemsize + 7) // 8 * 8
-    one = np.dtype({"names": ["v"], "formats": [dtype], "offsets": [0], "itemsize": slot})
-    return np.dtype((one, (cpus,)))
-
-
-def percpu_lookup(fd: int, key: bytes, dtype: np.dtype, cpus: int) -> np.ndarray | None:
-    """One key of a per-CPU map: an array of ``cpus`` values of ``dtype`` (None: no such key)."""
-    pdt = percpu_dtype(dtype, cpus)
-    raw = map_lookup(fd, key, pdt.itemsize)
-    if raw is None:
-        return None
-    return np.frombuffer(raw, dtype=pdt.base, count=cpus)["v"].copy()
-
-
-class PerCpuReader:
-    """Every element of a per-CPU map (hash or array) with batch lookups: keys, values[n, cpus]."""
-
-    def __init__(self, fd: int, key_dtype: np.dtype, value_dtype: np.dtype, max_entries: int, cpus: int) -> None:
-        self.cpus = cpus
-        self.value_dtype = value_dtype
-        self._reader = MapBatchReader(fd, key_dtype, percpu_dtype(value_dtype, cpus), max_entries,
-                                      chunk=min(max_entries, 1024))
-
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        keys, values = self._reader.read()
-        return keys, values["v"]
+    return bpfsys.obj_get(os.fsencode(str(reach(path))))
 
 
 # -- rtnetlink: XDP and TC attachments -------------------------------------------------

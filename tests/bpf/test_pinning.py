@@ -103,24 +103,24 @@ def test_raw_reads_equal_bccs(harness: Harness) -> None:
 
 def test_per_cpu_values_land_on_their_cpu(harness: Harness) -> None:
     cpus = sorted(os.sched_getaffinity(0))
-    n_possible = pin.possible_cpus()
+    n_possible = bpfsys.possible_cpus()
     assert n_possible >= len(cpus)
     fd = harness.meter.maps["iface_slots"]
     slot = (TEST_IFINDEX * len(abi.Hook) + int(abi.Hook.XDP)).to_bytes(4, "little")
-    before = pin.percpu_lookup(fd, slot, abi.IFACE_STATS_DTYPE, n_possible)
+    before = bpfsys.percpu_lookup(fd, slot, abi.IFACE_STATS_DTYPE, n_possible)
     assert before is not None and before.shape == (n_possible,)
     runs = {cpu: 3 + 2 * i for i, cpu in enumerate(cpus)}
     for cpu, n in runs.items():
         with on_cpu(cpu):
             for j in range(n):
                 harness.run(udp(8000 + cpu, payload=j))
-    after = pin.percpu_lookup(fd, slot, abi.IFACE_STATS_DTYPE, n_possible)
+    after = bpfsys.percpu_lookup(fd, slot, abi.IFACE_STATS_DTYPE, n_possible)
     assert after is not None
     moved = after["counters"][:, C.METERED] - before["counters"][:, C.METERED]
     assert {cpu: int(moved[cpu]) for cpu in cpus} == runs
     assert int(moved.sum()) == sum(runs.values())
     # and the per-CPU batch reader sees the same
-    keys, per_cpu = pin.PerCpuReader(fd, np.dtype("<u4"), abi.IFACE_STATS_DTYPE, 3 * 1024, n_possible).read()
+    keys, per_cpu = bpfsys.PerCpuReader(fd, np.dtype("<u4"), abi.IFACE_STATS_DTYPE, 3 * 1024, n_possible).read()
     row = int(np.flatnonzero(keys == int.from_bytes(slot, "little"))[0])
     assert per_cpu[row].tobytes() == after.tobytes()
 

@@ -126,12 +126,11 @@ def test_same_five_tuple_on_two_vlans_is_two_flows(h: Harness) -> None:
 @pytest.fixture
 def l3_lo(h: Harness) -> Iterator[Harness]:
     """lo marked as an L3 link, as mark_link_layer does for a tun or WireGuard device."""
-    from pyflow.kernel import pin
 
     fd = h.meter.maps["l3_links"]
-    pin.map_update(fd, struct.pack("=I", TEST_IFINDEX), b"\x01")
+    bpfsys.map_update(fd, struct.pack("=I", TEST_IFINDEX), b"\x01")
     yield h
-    pin.map_update(fd, struct.pack("=I", TEST_IFINDEX), b"\x00")
+    bpfsys.map_update(fd, struct.pack("=I", TEST_IFINDEX), b"\x00")
 
 
 @pytest.mark.parametrize("hook", ["xdp", "tc_ingress", "tc_egress"])

@@ -29,7 +29,7 @@ from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
 from pyflow.errors import KernelError
-from pyflow.kernel import pin
+from pyflow.kernel import bpfsys, pin
 from pyflow.kernel.loader import FlowMeter, KernelSettings
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, ip, udp_socket_in
@@ -247,7 +247,7 @@ def test_a_pinned_instance_this_pyflow_cannot_read_is_left_alone(two_links: tupl
     pair, _ = two_links
     gen = pins_dir(pair.b) / "gen-00000000000000000001"
     gen.mkdir(parents=True, mode=0o700)
-    fd = pin.map_create(pin.BPF_MAP_TYPE_ARRAY, 4, pin.MANIFEST_SIZE, 1, pin.MANIFEST)
+    fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, pin.MANIFEST_SIZE, 1, pin.MANIFEST)
     try:
         pin.write_manifest(fd, {"format": 99, "source": "0123456789abcdef", "created_ns": time.time_ns()})
         pin.obj_pin(fd, gen / pin.MANIFEST)

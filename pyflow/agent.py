@@ -289,6 +289,7 @@ class Agent:
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.sweep_duration.observe(self.stats.last_sweep_seconds)
+            self.metrics.analyse(batch)  # traffic analytics ([analytics]), after the sweep's own time
         return batch
 
     def _queue(self, t: _Tick, meter: FlowMeter) -> list[np.ndarray]:

@@ -577,7 +577,12 @@ class AnalyticsSettings:
 
     def __post_init__(self) -> None:
         _check_bool("analytics.enabled", self.enabled)
-        _check_duration("analytics.window", self.window_ns, MIN_ANALYTICS_WINDOW_NS, MAX_ANALYTICS_WINDOW_NS)
+        w, lo, hi = self.window_ns, MIN_ANALYTICS_WINDOW_NS, MAX_ANALYTICS_WINDOW_NS
+        if type(w) is not int:
+            raise SettingError("analytics.window", f"analytics window {w!r} is not a duration")
+        if not lo <= w <= hi:
+            raise SettingError("analytics.window", f"analytics window {format_duration(w)} is outside "
+                                                   f"{format_duration(lo)}..{format_duration(hi)}")
         _check_int("analytics.top", self.top, 1, MAX_ANALYTICS_TOP, "analytics top")
         for attr, what in (("thresholds", "threshold"), ("floors", "floor")):
             given = dict(getattr(self, attr))

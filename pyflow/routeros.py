@@ -639,6 +639,7 @@ def print_settings(s: Settings) -> str:
         ("as-file", s.as_file or "(none)"),
         ("control-socket", s.control_socket or '""  (off)'),
     ])
+    out += analytics_lines(s)
     out += ["", "pyflow interfaces (what is metered, and how)"]
     names = list(s.interfaces) if s.interfaces != ("all",) else ["all"]
     names += [o.name for o in s.interface_options if o.name not in names]
@@ -648,6 +649,23 @@ def print_settings(s: Settings) -> str:
         rows.append(("", [name, o.direction if o else s.direction, o.hook if o else s.hook], ""))
     out += _table(["INTERFACE", "DIRECTION", "HOOK"], rows)
     return "\n".join(out) + "\n"
+
+
+def analytics_lines(s: Settings) -> list[str]:
+    """[analytics]: on or off, window, top N, and each signal's threshold and floor."""
+    from pyflow.config import SIGNAL_DEFAULTS
+
+    a = s.analytics
+    out = ["", "pyflow analytics (traffic analytics on the metrics endpoint)"]
+    out += _aligned([("enabled", format_bool(a.enabled)), ("window", format_duration(a.window_ns)),
+                     ("top", str(a.top))])
+    rows = [("", [name.replace("_", "-"), f"{a.threshold(name):g}", _num(a.floor(name)), SIGNAL_DEFAULTS[name][2]], "")
+            for name, _ in a.thresholds]
+    return out + _table(["SIGNAL", "THRESHOLD", "FLOOR", "FLOOR-UNIT"], rows)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
 
 
 def host_interfaces() -> set[str] | None:

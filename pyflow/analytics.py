@@ -7,10 +7,10 @@ I/O and keeps no per-record Python objects; every step is a numpy pass over colu
 
 Time is cut into *intervals* of INTERVAL_S (5 s).  Each interval keeps, per batch fed to it:
 
-* per source address: bytes, a rate (the sum over its flows of bytes / max(duration, interval)),
+* per source address: bytes, flows, a rate (the sum over its flows of bytes / max(duration, interval)),
   and the distinct ``address:port`` endpoints it reached with short flows (duration at most
   SHORT_FLOW_MS; counted distinct within one sweep's batch, summed over the interval's batches);
-* per destination address: bytes; per (protocol, service port) of TCP, UDP and SCTP: bytes
+* per destination address: bytes and flows; per (protocol, service port) of TCP, UDP and SCTP: bytes
   (the service port is the lower of the two ports);
 * HyperLogLog registers (2**HLL_P of them: standard error 1.04 / sqrt(4096) = 1.6 %) of the
   sources, of the destinations, and of the sources of low-byte flows (at most LOW_BYTES each);
@@ -21,7 +21,8 @@ it, so memory is bounded whatever the traffic: an address cut from an interval l
 interval's share (at most the smallest kept value of it).  When an interval ends:
 
 * the window (the last ``window / INTERVAL_S`` intervals) is merged: the top N sources and
-  destinations by bytes, the top N ports, the unique sources and destinations (register max);
+  destinations by bytes and the top N by flows (at most 2N each), the top N ports by bytes,
+  the unique sources and destinations (register max);
 * the five signals are measured on the interval that ended and scored against a learned
   baseline (``Detector``), then the view the metrics read is replaced in one assignment.
 
@@ -315,14 +316,14 @@ class View:
 # --------------------------------------------------------------------------
 
 _V16 = np.dtype("V16")
-SRC_BYTES, SRC_RATE, SRC_ENDPOINTS = 0, 1, 2
+BYTES, FLOWS, SRC_RATE, SRC_ENDPOINTS = 0, 1, 2, 3
 
 
 class Interval:
     def __init__(self, index: int, rows: int) -> None:
         self.index = index
-        self.src = Table(3, _V16, rows)  # bytes, rate (bytes/s), short-flow endpoints
-        self.dst = Table(1, _V16, rows)
+        self.src = Table(4, _V16, rows)  # bytes, flows, rate (bytes/s), short-flow endpoints
+        self.dst = Table(2, _V16, rows)  # bytes, flows
         self.ports = Table(1, np.dtype(np.uint64), rows)
         self.hll_src = np.zeros(_HLL_M, dtype=np.uint8)
         self.hll_dst = np.zeros(_HLL_M, dtype=np.uint8)
@@ -341,7 +342,8 @@ class Interval:
         dur_ms = (r["end_ms"].astype(np.int64) - r["start_ms"].astype(np.int64))
         rate = nbytes / np.maximum(dur_ms / 1e3, INTERVAL_S)
         endpoints = self._endpoints(r, src_h, dst_h, dur_ms)
-        k, v, i = group_sum(src_h, [nbytes, rate])
+        ones = np.ones(len(r))
+        k, v, i = group_sum(src_h, [nbytes, ones, rate])
         e = np.zeros(len(k))
         ek, ev = endpoints
         if len(ek):  # every source with short flows is in k: look each one up
@@ -350,7 +352,7 @@ class Interval:
             e[hit] = ev[pos[hit]]
         self.src.add(k, r["src_addr"][i], np.concatenate([v, e[:, None]], axis=1))
         hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
-        k, v, i = group_sum(dst_h, [nbytes])
+        k, v, i = group_sum(dst_h, [nbytes, ones])
         hll_add(self.hll_dst, k)
         self.dst.add(k, r["dst_addr"][i], v)
         key = port_keys(r)
@@ -453,8 +455,12 @@ class Analytics:
             tables = [getattr(iv, direction) for iv in window]
             cols = tables[0].values.shape[1]
             merged = Table.merged(tables, cols, _V16, self.rows)
-            talkers[direction] = [(format_address(bytes(merged.reps[i])), float(merged.values[i, 0]))
-                                  for i in merged.top(n).tolist()]
+            # the top N by bytes, then those of the top N by flows not among them (a scanner's
+            # flows are many and small)
+            rows = merged.top(n, BYTES).tolist()
+            rows += [i for i in merged.top(n, FLOWS).tolist() if i not in rows]
+            talkers[direction] = [(format_address(bytes(merged.reps[i])), float(merged.values[i, BYTES]))
+                                  for i in rows]
         ports = Table.merged([iv.ports for iv in window], 1, np.dtype(np.uint64), self.rows)
         port_list = [(*port_of(int(ports.keys[i])), float(ports.values[i, 0])) for i in ports.top(n).tolist()]
         src_regs = np.maximum.reduce([iv.hll_src for iv in window])

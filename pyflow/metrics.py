@@ -341,7 +341,8 @@ class AnalyticsCollector(Collector):
             yield counter
         v = a.view
         talkers = GaugeMetricFamily("pyflow_top_talker_bytes", "Bytes of the top N source and destination addresses "
-                                    "over the analytics window (only the top N have a series).",
+                                    "by bytes and of the top N by flows, over the analytics window (only they have "
+                                    "a series: at most 2N per direction).",
                                     labels=["direction", "address"])
         for direction, rows in v.talkers.items():
             for address, value in rows:

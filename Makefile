@@ -5,6 +5,8 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 # What `make run` meters and where it exports (override: make run ARGS='...')
 ARGS  ?= --interface all --target 127.0.0.1:2055/ipfix
+# Where `make run` listens with `pyflow collect` and prints each record ('' = no collector)
+COLLECT ?= 127.0.0.1:2055
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' pyflow/__init__.py)
 # The container engine `make image` uses: podman, else docker (override: make image ENGINE=docker)
 ENGINE ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
@@ -22,7 +24,12 @@ setup: ## install everything (packages, kernel headers, collectors, venv); as ro
 $(STAMP):
 	bash scripts/setup.sh
 
-run: $(STAMP) ## set up if needed, then meter all interfaces, IPFIX to 127.0.0.1:2055
+run: $(STAMP) ## set up if needed, meter all interfaces, IPFIX to 127.0.0.1:2055, print what arrives there
+	@set -m 2>/dev/null; trap 'sleep 0.5; kill $$collector 2>/dev/null; wait $$collector 2>/dev/null' EXIT; \
+	if [ -n "$(COLLECT)" ]; then \
+	  echo "make run: printing the records that arrive at $(COLLECT) (pyflow collect; make run COLLECT= to skip)" >&2; \
+	  $(VENV)/bin/pyflow collect --listen $(COLLECT) & collector=$$!; \
+	fi; \
 	$(VENV)/bin/pyflow run $(ARGS)
 
 test: $(STAMP) lint ## set up if needed, then lint and run every test (unit, bpf, integration)

@@ -78,7 +78,8 @@ def write_report(args: argparse.Namespace, path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe"),
+    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe",
+                                        "analytics"),
                     action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
@@ -96,11 +97,11 @@ def main() -> int:
     if args.write:
         return write_report(args, Path(args.write))
     sizes = [int(x) for x in args.sizes.split(",")]
-    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe"]
+    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe", "analytics"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
     if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale", "observe")):
         print("hotpath, mapread, live, footprint, scale and observe need root (BPF, namespaces); skipped\n")
-        which = [w for w in which if w == "sweep"]
+        which = [w for w in which if w in ("sweep", "analytics")]
     # each suite is imported when it runs: --only X does not depend on the other suites' imports
     if "hotpath" in which:
         from bench import hotpath
@@ -132,6 +133,10 @@ def main() -> int:
         from bench import observe
 
         observe.run(args.observe_size, args.observe_seconds)
+    if "analytics" in which:
+        from bench import analytics
+
+        analytics.run(args.repeat)
     return 0
 
 

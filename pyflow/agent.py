@@ -110,6 +110,8 @@ class SweepObserver(Protocol):
 
     def records_left(self, lateness_seconds: np.ndarray, target: str) -> None: ...
 
+    def analyse(self, batch: Sequence[np.ndarray]) -> None: ...  # one sweep's records (traffic analytics)
+
 
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
                  EndReason.FORCED: "forced", EndReason.LACK_OF_RESOURCES: "lack_of_resources"}
@@ -331,6 +333,7 @@ class Agent(Generic[Cache]):
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.sweep_took(self.stats.last_sweep_seconds)
+            self.metrics.analyse(batch)  # traffic analytics ([analytics]), after the sweep's own time
         return batch
 
     def _queue(self, t: _Tick, meter: FlowCache) -> list[np.ndarray]:

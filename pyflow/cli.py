@@ -24,6 +24,7 @@ from pyflow import __version__
 from pyflow.commands import add_commands, table
 from pyflow.config import (
     DEFAULT_VERSION,
+    AnalyticsSettings,
     SettingError,
     Settings,
     count,
@@ -31,6 +32,7 @@ from pyflow.config import (
     normalize_version,
     parse_interface,
     parse_target,
+    signal_values,
     size,
     yes_no,
 )
@@ -118,6 +120,13 @@ settings (RouterOS name: flag; config file key):
   pyflow's own             --sweep-interval 10s --metrics-address 127.0.0.1:9796
                            --xdp-mode auto --direction ingress --hook auto --as-file FILE;
                            in the file's [pyflow] table, same names
+  analytics                --analytics yes|no (default yes) --analytics-window 1m
+                           --analytics-top 10 --analytics-threshold SIGNAL=SCORE[,...]
+                           --analytics-floor SIGNAL=VALUE[,...]; in the file's [analytics]
+                           table: enabled, window, top, SIGNAL-threshold, SIGNAL-floor
+                           (signals: flow-rate, many-sources-low-bytes, single-source-rate,
+                           icmp-flows, short-flows-many-destinations; README, "Traffic
+                           analytics")
 
 durations are written as RouterOS does: 500ms, 15s, 30m, 1h30m, 1d, 00:30:00;
 sizes as 4096, 16k, 1M; switches as yes or no.
@@ -154,6 +163,8 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   [pyflow]                             # sweep-interval, metrics-address, xdp-mode,
   sweep-interval = "10s"               # direction, hook, as-file, control-socket,
   user = "pyflow"                      # the user it becomes after its start
+  [analytics]                          # enabled, window, top, SIGNAL-threshold,
+  enabled = "no"                       # SIGNAL-floor (e.g. flow-rate-floor = 500)
   Unknown keys, wrong types and bad values are errors naming the key and line.
   A full example: examples/pyflow.toml.
 """
@@ -355,6 +366,18 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                           "without it they are 0, as RouterOS sends when it runs no BGP")
     own.add_argument("--metrics-address", metavar="HOST:PORT",
                      help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
+    an = p.add_argument_group("traffic analytics (metrics endpoint; README, \"Traffic analytics\")")
+    an.add_argument("--analytics", type=_arg(yes_no, "analytics"), metavar="yes|no",
+                    help="top talkers, traffic mix and anomaly signals as metrics (default: yes; no: none of "
+                         "them, e.g. where addresses in metrics are sensitive)")
+    an.add_argument("--analytics-window", type=_duration_arg("analytics window"), metavar="DURATION",
+                    help="the sliding window of the top talkers, top ports and unique counts (10s..5m; default 1m)")
+    an.add_argument("--analytics-top", type=_arg(count, "analytics top"), metavar="N",
+                    help="how many talkers per direction and ports get a series (1..100; default 10)")
+    an.add_argument("--analytics-threshold", action="append", metavar="SIGNAL=SCORE[,...]",
+                    help="a signal's score threshold (default 6 for each)")
+    an.add_argument("--analytics-floor", action="append", metavar="SIGNAL=VALUE[,...]",
+                    help="a signal's floor: below this value it never fires (defaults: README)")
     own.add_argument("--control-socket", metavar="PATH",
                      help="Unix socket `pyflow status/flows/top` ask the running agent on; '' turns it off "
                           "(default: /run/pyflow/pyflow.sock, or pyflow-net<inode>.sock in another network "
@@ -548,11 +571,34 @@ def build_settings(base: Layer | None, args: argparse.Namespace) -> Settings:
         except ConfigError as exc:
             raise ConfigError(f"--ipfix: {exc}") from None
     values["ipfix"] = fields
+    values["analytics"] = _analytics_settings(values.get("analytics") or {}, args, where)
 
     try:
         return Settings(**values)
     except SettingError as exc:
         place = where.get(exc.key) or where.get(exc.key.split(".")[0])
+        raise ConfigError(f"{place}: {exc}" if place else str(exc)) from None
+
+
+def _analytics_settings(given: dict[str, Any], args: argparse.Namespace, where: dict[str, str]) -> AnalyticsSettings:
+    """[analytics] from the file (``given``), the flags over it; an error says where it was set."""
+    kwargs = {k: v for k, v in given.items() if k not in ("thresholds", "floors")}
+    per_signal = {"thresholds": dict(given.get("thresholds", {})), "floors": dict(given.get("floors", {}))}
+    for attr, dest in (("enabled", "analytics"), ("window_ns", "analytics_window"), ("top", "analytics_top")):
+        if _flag(args, dest) is not None:
+            kwargs[attr] = _flag(args, dest)
+            where[f"analytics.{attr.removesuffix('_ns')}"] = "--" + dest.replace("_", "-")
+    for attr, dest, flag in (("thresholds", "analytics_threshold", "--analytics-threshold"),
+                             ("floors", "analytics_floor", "--analytics-floor")):
+        for text in _flag(args, dest) or ():
+            for sig, value in signal_values(flag, text).items():
+                per_signal[attr][sig] = value
+                where[f"analytics.{sig.replace('_', '-')}-{attr[:-1]}"] = flag
+    try:
+        return AnalyticsSettings(**kwargs, thresholds=tuple(per_signal["thresholds"].items()),
+                                 floors=tuple(per_signal["floors"].items()))
+    except SettingError as exc:
+        place = where.get(exc.key) or where.get("analytics")
         raise ConfigError(f"{place}: {exc}" if place else str(exc)) from None
 
 

@@ -373,6 +373,7 @@ class Settings:
     interface_lists: tuple[InterfaceList, ...] = ()
     interface_spec: tuple[str, ...] = ()  # ``interfaces`` as written (may name lists); () = the same
     disabled_targets: tuple[TargetSettings, ...] = ()  # target entries with disabled=yes: kept, not used
+    analytics: AnalyticsSettings = field(default_factory=lambda: AnalyticsSettings())  # [analytics]
 
     def __post_init__(self) -> None:
         for key in ("enabled", "packet-sampling"):
@@ -562,3 +563,84 @@ def count(name: str, text: str | int) -> int:
 def yes_no(name: str, text: str | bool) -> bool:
     """RouterOS ``yes``/``no`` (or true/false, or a TOML boolean)."""
     return _parsed(name, parse_bool, text)
+
+
+# --------------------------------------------------------------------------
+# [analytics]: traffic analytics on the metrics endpoint (pyflow.analytics)
+# --------------------------------------------------------------------------
+
+#: The five anomaly signals, in the order they are printed; each has a score threshold and a floor.
+SIGNALS = ("flow_rate", "many_sources_low_bytes", "single_source_rate", "icmp_flows",
+           "short_flows_many_destinations")
+#: Per signal: (default score threshold, default floor, the floor's unit).  The floors are absolute
+#: values of the signal itself, below which it never fires however unusual (a quiet host).
+SIGNAL_DEFAULTS: dict[str, tuple[float, float, str]] = {
+    "flow_rate": (6.0, 100.0, "flows/s"),
+    "many_sources_low_bytes": (6.0, 50.0, "sources/s"),
+    "single_source_rate": (6.0, 10_000_000.0, "bytes/s"),
+    "icmp_flows": (6.0, 20.0, "flows/s"),
+    "short_flows_many_destinations": (6.0, 20.0, "destinations/s"),
+}
+MIN_ANALYTICS_WINDOW_NS, MAX_ANALYTICS_WINDOW_NS = 10 * 10**9, 5 * 60 * 10**9
+MAX_ANALYTICS_TOP = 100
+
+
+def _number(key: str, value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0 \
+            or value == float("inf"):
+        raise SettingError(key, f"{what} {value!r} is not a number >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AnalyticsSettings:
+    """``[analytics]``: on or off, the sliding window and top N of the talker metrics, and each
+    signal's score threshold and floor (``thresholds``/``floors``: signal -> value; a signal
+    left out has its default, SIGNAL_DEFAULTS)."""
+
+    enabled: bool = True
+    window_ns: int = 60 * 10**9
+    top: int = 10
+    thresholds: tuple[tuple[str, float], ...] = ()
+    floors: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bool("analytics.enabled", self.enabled)
+        w, lo, hi = self.window_ns, MIN_ANALYTICS_WINDOW_NS, MAX_ANALYTICS_WINDOW_NS
+        if type(w) is not int:
+            raise SettingError("analytics.window", f"analytics window {w!r} is not a duration")
+        if not lo <= w <= hi:
+            raise SettingError("analytics.window", f"analytics window {format_duration(w)} is outside "
+                                                   f"{format_duration(lo)}..{format_duration(hi)}")
+        _check_int("analytics.top", self.top, 1, MAX_ANALYTICS_TOP, "analytics top")
+        for attr, what in (("thresholds", "threshold"), ("floors", "floor")):
+            given = dict(getattr(self, attr))
+            for name, value in given.items():
+                if name not in SIGNALS:
+                    raise SettingError(f"analytics.{name.replace('_', '-')}-{what}",
+                                       f"unknown signal {name!r} (known: {', '.join(SIGNALS)})")
+                _number(f"analytics.{name.replace('_', '-')}-{what}", value, f"{name} {what}")
+            col = 0 if what == "threshold" else 1
+            full = tuple((s, float(given.get(s, SIGNAL_DEFAULTS[s][col]))) for s in SIGNALS)
+            object.__setattr__(self, attr, full)
+
+    def threshold(self, signal: str) -> float:
+        return dict(self.thresholds)[signal]
+
+    def floor(self, signal: str) -> float:
+        return dict(self.floors)[signal]
+
+
+def signal_values(name: str, text: str) -> dict[str, float]:
+    """``flow_rate=8,icmp-flows=50`` (a flag's value) -> {signal: number}."""
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",")):
+        sig, sep, value = item.partition("=")
+        sig = sig.strip().replace("-", "_")
+        if not sep or sig not in SIGNALS:
+            raise SettingError(name, f"{name}: {item!r} is not SIGNAL=NUMBER (signals: {', '.join(SIGNALS)})")
+        try:
+            out[sig] = _number(name, float(value), f"{name} {sig}")
+        except ValueError:
+            raise SettingError(name, f"{name}: {value!r} is not a number (in {item!r})") from None
+    return out

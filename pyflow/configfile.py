@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from pyflow.config import (
+    SIGNALS,
     InterfaceList,
     InterfaceOptions,
     SettingError,
@@ -338,7 +339,15 @@ PYFLOW_KEYS: dict[str, tuple[str, Convert]] = {
     "control-socket": ("control_socket", _text),
     "user": ("user", _text),
 }
-TABLES = ("traffic-flow", "target", "ipfix", "interface-list", "interface", "pyflow")
+#: [analytics]: key -> (AnalyticsSettings argument, converter); plus SIGNAL-threshold and SIGNAL-floor
+ANALYTICS_KEYS: dict[str, tuple[str, Convert]] = {
+    "enabled": ("enabled", yes_no),
+    "window": ("window_ns", _duration),
+    "top": ("top", count),
+}
+ANALYTICS_SIGNAL_KEYS = {f"{sig.replace('_', '-')}-{what}": (sig, what) for sig in SIGNALS
+                         for what in ("threshold", "floor")}
+TABLES = ("traffic-flow", "target", "ipfix", "interface-list", "interface", "pyflow", "analytics")
 ARRAY_TABLES = ("target", "interface")
 _TABLE_KEYS: dict[str, Sequence[str]] = {
     "traffic-flow": tuple(TRAFFIC_FLOW_KEYS),
@@ -346,6 +355,7 @@ _TABLE_KEYS: dict[str, Sequence[str]] = {
     "ipfix": TOGGLES,
     "interface": tuple(INTERFACE_KEYS),
     "pyflow": tuple(PYFLOW_KEYS),
+    "analytics": (*ANALYTICS_KEYS, *ANALYTICS_SIGNAL_KEYS),
 }
 
 
@@ -399,7 +409,26 @@ class _Reader:
         self._ipfix(doc.get("ipfix", {}))
         self._lists(doc.get("interface-list", {}))
         self._interfaces(doc.get("interface", []))
+        self._analytics(doc.get("analytics", {}))
         return self.layer
+
+    def _analytics(self, table: Mapping[str, Any]) -> None:
+        """[analytics] -> ``values["analytics"]``: AnalyticsSettings arguments (cli.build_settings)."""
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            path = ("analytics", key)
+            if key in ANALYTICS_KEYS:
+                attr, conv = ANALYTICS_KEYS[key]
+                out[attr] = self.convert(path, conv, f"analytics {key}", value)
+            elif key in ANALYTICS_SIGNAL_KEYS:
+                sig, what = ANALYTICS_SIGNAL_KEYS[key]
+                out.setdefault(f"{what}s", {})[sig] = self.convert(path, _signal_number, f"analytics {key}", value)
+            else:
+                raise self.unknown(path, key, "analytics")
+            self.layer.where[f"analytics.{key}"] = self.loc.where(path)
+        if table:
+            self.layer.values["analytics"] = out
+            self.layer.where["analytics"] = self.loc.where(("analytics",))
 
     def _scalar_table(self, doc: Mapping[str, Any], table: str, keys: dict[str, tuple[str, Convert]]) -> None:
         for key, value in doc.get(table, {}).items():
@@ -490,6 +519,18 @@ class _Reader:
                 raise self.fail(("interface", i, exc.key), str(exc)) from None
             self.layer.interface_options[opts.name] = opts
             self.layer.where[f"interface.{opts.name}"] = self.loc.where(("interface", i))
+
+
+def _signal_number(name: str, value: Any) -> float:
+    """A score threshold or a floor: a number >= 0 (TOML integer or float, or in quotes)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise SettingError(name, f"{name}: {value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise SettingError(name, f"{name}: {_show(value)} is not a number >= 0")
+    return float(value)
 
 
 def _member_names(name: str, value: Any) -> tuple[str, ...]:
@@ -627,7 +668,8 @@ def dump_toml(doc: Mapping[str, Any], header: str = "", notes: Mapping[DocPath, 
     out: list[str] = [f"# {visible(line)}".rstrip() for line in header.splitlines()]
     comments = {"traffic-flow": "/ip traffic-flow", "target": "/ip traffic-flow target",
                 "ipfix": "/ip traffic-flow ipfix", "interface-list": "/interface list, /interface list member",
-                "interface": "pyflow: how an interface is metered", "pyflow": "pyflow's own settings"}
+                "interface": "pyflow: how an interface is metered", "pyflow": "pyflow's own settings",
+                "analytics": "pyflow: traffic analytics on the metrics endpoint"}
     for table in TABLES:
         if table not in doc or not doc[table]:
             continue

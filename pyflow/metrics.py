@@ -43,6 +43,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pyflow import __version__
+from pyflow.analytics import PROTOCOL_LABELS, Analytics
 from pyflow.errors import PyflowError
 from pyflow.kernel import abi
 
@@ -120,6 +121,31 @@ class Metrics:
                rx_packets: Callable[[], dict[int, int]]) -> None:
         """Read the agent's (and its meter's and targets') state at every scrape."""
         self.registry.register(PyflowCollector(agent, self.start_time, interfaces, rx_packets))
+        self._agent = agent
+        self.registry.register(AnalyticsCollector(self))
+
+    # -- traffic analytics ([analytics], pyflow.analytics) ----------------------------------
+
+    analytics: Analytics | None = None
+    _agent: Agent | None = None
+
+    def analyse(self, batch: Sequence[np.ndarray]) -> None:
+        """A sweep's records into the traffic analytics (the agent calls this once per sweep).
+        Built on first use from the agent's settings, and again when a reload changed them."""
+        agent = self._agent
+        if agent is None:
+            return
+        wanted = agent.settings.analytics
+        if not wanted.enabled:
+            self.analytics = None
+            return
+        now = agent.clocks.boot_ns() / 1e9
+        if self.analytics is None or self.analytics.settings != wanted:
+            old = self.analytics
+            self.analytics = Analytics(wanted, clock=lambda: agent.clocks.boot_ns() / 1e9)
+            if old is not None:
+                self.analytics.totals = old.totals  # counters never go back
+        self.analytics.feed(batch, now)
 
 
 class ArrayHistogram(Collector):
@@ -319,3 +345,63 @@ def serve(metrics: Metrics, address: str) -> Any:
         raise PyflowError(f"cannot serve metrics on {address}: {exc.strerror or exc} "
                           "(another process on that port? choose --metrics-address, or '' to turn it off)") from exc
     return server
+
+
+class AnalyticsCollector(Collector):
+    """The traffic analytics' metrics (docs/metrics.md, "Traffic analytics"): what the last ended
+    interval made (``Analytics.view``) and the per-protocol counters; no series while analytics
+    are off.  Label values are bounded: N talkers per direction, N ports, 9 protocols, 5 signals."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.metrics.analytics
+        if a is None:
+            return
+        flows, packets, nbytes = a.totals
+        for name, what, values in (("flows", "Flow records", flows), ("packets", "Packets", packets),
+                                   ("bytes", "Bytes (IP)", nbytes)):
+            counter = CounterMetricFamily(f"pyflow_traffic_{name}",
+                                          f"{what} in the exported flow records, by protocol.", labels=["protocol"])
+            for label, n in zip(PROTOCOL_LABELS, values, strict=True):
+                counter.add_metric([label], float(n))
+            yield counter
+        v = a.view
+        talkers = GaugeMetricFamily("pyflow_top_talker_bytes", "Bytes of the top N source and destination addresses "
+                                    "by bytes and of the top N by flows, over the analytics window (only they have "
+                                    "a series: at most 2N per direction).",
+                                    labels=["direction", "address"])
+        for direction, rows in v.talkers.items():
+            for address, value in rows:
+                talkers.add_metric([direction, address], value)
+        yield talkers
+        ports = GaugeMetricFamily("pyflow_top_port_bytes", "Bytes of the top N (protocol, service port) pairs over "
+                                  "the analytics window (TCP, UDP, SCTP; the lower of the two ports).",
+                                  labels=["protocol", "port"])
+        for proto, port, value in v.ports:
+            ports.add_metric([proto, str(port)], value)
+        yield ports
+        yield GaugeMetricFamily("pyflow_unique_sources", "Distinct source addresses over the analytics window "
+                                "(HyperLogLog estimate, standard error 1.6 %).", value=v.unique_sources)
+        yield GaugeMetricFamily("pyflow_unique_destinations", "Distinct destination addresses over the analytics "
+                                "window (HyperLogLog estimate, standard error 1.6 %).", value=v.unique_destinations)
+        fams = {
+            "value": GaugeMetricFamily("pyflow_anomaly_value", "The signal over the last 5 s interval, in its floor's "
+                                       "unit (flows/s, sources/s, bytes/s, destinations/s).", labels=["signal"]),
+            "baseline": GaugeMetricFamily("pyflow_anomaly_baseline", "The signal's learned mean.", labels=["signal"]),
+            "score": GaugeMetricFamily("pyflow_anomaly_score", "(value - baseline) / spread (README, \"Traffic "
+                                       "analytics\"); 0 during the warm-up.", labels=["signal"]),
+            "active": GaugeMetricFamily("pyflow_anomaly_active", "1 when the score is at least the signal's threshold "
+                                        "and the value at least its floor.", labels=["signal"]),
+        }
+        for name, sig in v.signals.items():
+            for attr, fam in fams.items():
+                fam.add_metric([name], float(getattr(sig, attr)))
+        yield from fams.values()
+        yield GaugeMetricFamily("pyflow_analytics_warm", "1 once the anomaly signals have learnt their warm-up "
+                                "(30 s of records).", value=1.0 if v.warm else 0.0)
+

@@ -673,6 +673,7 @@ def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
         ("control-socket", visible(s.control_socket) or '""  (off)'),
         ("user", visible(s.user) or '""  (stays root)'),
     ])
+    out += analytics_lines(s)
     out += ["", "pyflow interfaces (what is metered, and how)"]
     names = list(s.interfaces) if s.interfaces != ("all",) else ["all"]
     names += [o.name for o in s.interface_options if o.name not in names]
@@ -682,6 +683,23 @@ def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
         rows.append(("", [name, o.direction if o else s.direction, o.hook if o else s.hook], ""))
     out += _table(["INTERFACE", "DIRECTION", "HOOK"], rows)
     return "\n".join(out) + "\n"
+
+
+def analytics_lines(s: Settings) -> list[str]:
+    """[analytics]: on or off, window, top N, and each signal's threshold and floor."""
+    from pyflow.config import SIGNAL_DEFAULTS
+
+    a = s.analytics
+    out = ["", "pyflow analytics (traffic analytics on the metrics endpoint)"]
+    out += _aligned([("enabled", format_bool(a.enabled)), ("window", format_duration(a.window_ns)),
+                     ("top", str(a.top))])
+    rows = [("", [name.replace("_", "-"), f"{a.threshold(name):g}", _num(a.floor(name)), SIGNAL_DEFAULTS[name][2]], "")
+            for name, _ in a.thresholds]
+    return out + _table(["SIGNAL", "THRESHOLD", "FLOOR", "FLOOR-UNIT"], rows)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
 
 
 def host_interfaces() -> set[str] | None:

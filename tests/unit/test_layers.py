@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "pyflow.links": (1, "model"),
     "pyflow.config": (2, "config"), "pyflow.configfile": (2, "config"), "pyflow.routeros": (2, "config"),
     "pyflow.kernel": (3, "kernel"), "pyflow.host": (3, "host"), "pyflow.interfaces": (3, "host"),
-    "pyflow.enrich": (3, "host"), "pyflow.export": (3, "export"),
+    "pyflow.enrich": (3, "host"), "pyflow.export": (3, "export"), "pyflow.analytics": (3, "analytics"),
     "pyflow.agent": (4, "agent"),
     "pyflow.runner": (5, "service"), "pyflow.control": (5, "service"), "pyflow.metrics": (5, "service"),
     "pyflow.follow": (5, "service"),

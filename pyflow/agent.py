@@ -160,6 +160,10 @@ class Agent:
         self.meter = meter
         self.targets = list(targets)
         self.clocks = clocks or Clocks()
+        # The exporter's boot instant (wall ms), fixed for the session: every header's sysUptime is
+        # measured from it (ExportClock), so collectors derive the same boot time from each one.  The
+        # host's boot by default; the earlier agent's when its session goes on (export.session).
+        self.boot_unix_ms = (self.clocks.wall_ns() - self.clocks.boot_ns()) // 10**6
         self.rules = SweepRules(
             active_ns=settings.active_flow_timeout_ns,
             inactive_ns=settings.inactive_flow_timeout_ns,
@@ -189,7 +193,7 @@ class Agent:
     def _clock(self) -> tuple[int, int, ExportClock]:
         b = self.clocks.boot_ns()
         w = self.clocks.wall_ns()
-        return b, w - b, ExportClock(unix_ns=w, uptime_ms=b // 10**6)
+        return b, w - b, ExportClock.at(w, self.boot_unix_ms)
 
     def _export_clock(self) -> tuple[ExportClock, int]:
         b, _, clock = self._clock()

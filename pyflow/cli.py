@@ -85,7 +85,8 @@ settings (RouterOS name: flag; config file key):
   sampling-interval        --sampling-interval N: N packets sampled (N >= 1 with
                            packet-sampling=yes) ...
   sampling-space           --sampling-space M: ... then M packets skipped; M = 0: one
-                           packet in N. Both must be 0 with packet-sampling=no
+                           packet in N. With packet-sampling=no both are kept, printed by
+                           check and not applied (a warning says so), as in RouterOS
   target dst-address/port/version
                            --target HOST[:PORT][/VERSION], repeat for several targets;
                            IPv6 as [2001:db8::1]:2055/ipfix; PORT defaults to 2055,
@@ -542,7 +543,8 @@ def load_settings(args: argparse.Namespace) -> Loaded:
     """The settings ``run`` and ``check`` work with, and the warnings reading them gave."""
     base, warnings = _file_layer(args)
     source = getattr(args, "routeros", None) or getattr(args, "config", None)
-    return Loaded(build_settings(base, args), source, list(warnings))
+    settings = build_settings(base, args)
+    return Loaded(settings, source, [*warnings, *settings.warnings()])
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -14,6 +14,7 @@ from pyflow.control import ControlServer, check_socket_path
 from pyflow.enrich import Enricher
 from pyflow.errors import ConfigError, PyflowError
 from pyflow.export.registry import encoder_for
+from pyflow.export.session import Session, read_session
 from pyflow.export.target import ExportContext, Sampling, Target
 from pyflow.follow import InterfaceSet, LinkWatcher
 from pyflow.host.conntrack import NatEventListener
@@ -47,9 +48,11 @@ def kernel_settings(settings: Settings) -> KernelSettings:
 
 
 def export_context(settings: Settings, ts: TargetSettings, interfaces: tuple[tuple[int, str], ...]) -> ExportContext:
-    """What one target's encoder needs: interface names, time mode, fields, the sampling it announces."""
+    """What one target's encoder needs: interface names (when it asks for them), time mode, fields,
+    the sampling it announces (when sampling is on), what its IPFIX sequence numbers count."""
     sampling = Sampling(*settings.sampling) if settings.packet_sampling else None
-    return ExportContext(sampling=sampling, interfaces=interfaces, time_mode=ts.time_mode, fields=settings.ipfix)
+    return ExportContext(sampling=sampling, interfaces=interfaces if ts.interface_names else (),
+                         time_mode=ts.time_mode, fields=settings.ipfix, sequence=ts.sequence)
 
 
 def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
@@ -72,6 +75,8 @@ def open_target(t: Target, meter: FlowMeter, stack: ExitStack, log: Callable[[st
     stack.callback(t.close)
     t.open()
     exclude_own_exports(meter, t)
+    if t.rebind_error:
+        log(f"{t.name}: {t.rebind_error}: collectors that key exporters on the port see a new one")
     log(f"exporting to {t.name}")
 
 
@@ -88,7 +93,8 @@ def in_process_meter(ks: KernelSettings) -> FlowMeter:
 
 
 def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list[Target], stack: ExitStack,
-                   log: Callable[[str], None], new_meter: Callable[[KernelSettings], FlowMeter] | None = None) -> None:
+                   log: Callable[[str], None], new_meter: Callable[[KernelSettings], FlowMeter] | None = None,
+                   session: Session | None = None) -> None:
     """SIGHUP: apply re-read settings without losing a count (called with the agent's lock held).
 
     What the kernel program is compiled with (cache size, inactive timeout, the
@@ -119,6 +125,8 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
         previous.close()  # its programs are no longer attached anywhere: only the maps go (and their pins)
         log(f"reload: new kernel program in place (cache-entries={new.cache_entries}); "
             f"{len(done)} records exported from the old cache")
+        if session is not None:
+            session.save()  # the export session goes on in the new program's maps
     kept = {t.settings: t for t in targets}
     new_targets = []
     for ts in new.targets:
@@ -126,6 +134,8 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
         if t is None:
             t = Target(ts, encoder_for(ts.version), ctx=export_context(new, ts, ifs.names()))
             open_target(t, agent.meter, stack, log)
+            if session is not None:
+                session.attach(t)
         elif new_kernel != old_kernel:
             exclude_own_exports(agent.meter, t)
         new_targets.append(t)
@@ -320,7 +330,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
 
         def interfaces_changed(ifs: InterfaceSet) -> None:
             for t in targets:  # the interface-name options data follows the host
-                t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
+                if t.settings.interface_names:
+                    t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
 
         ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
         ifs.start()
@@ -333,10 +344,17 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
             for ts in settings.targets
         ]
+        kept = read_session(next((b for m in [meter, *reversed(olds)] if (b := m.load_session())), b""))
+        session = Session(0, targets, lambda blob: agent.meter.save_session(blob), log)
+        resumed = session.resume(kept)
+        if resumed:
+            log(f"going on with the earlier agent's export session: {', '.join(resumed)}")
         for t in targets:
             open_target(t, meter, stack, log)
+            session.attach(t)
         agent = Agent(settings, olds[0] if olds else meter, targets, log=log, metrics=metrics, enricher=enricher,
                       nat_events=nat_events)
+        session.boot_unix_ms = agent.boot_unix_ms = kept.boot_unix_ms or agent.boot_unix_ms
         side.agent = agent
         for nxt in [*olds[1:], meter]:
             if agent.meter is nxt:
@@ -347,6 +365,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             previous.close()
             side.meters.remove(previous)
             log(f"exported {len(done)} records from the replaced program's cache")
+        session.save()  # in the maps the agent goes on with
         metrics.attach(
             agent,
             interfaces=ifs.attached,
@@ -383,7 +402,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
                 return
             with agent.lock:
                 apply_settings(new, agent, ifs, targets, stack, log,
-                               new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks)))
+                               new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks)), session=session)
 
         agent.run(stop, between)
         side.clean = True  # everything exported: detach (done) and unpin on the way out

@@ -52,7 +52,7 @@ def test_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", "--config", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
     assert "           interfaces: eth0,uplinks\n" in out
-    assert "2 X 192.0.2.52    2055  5 " in out
+    assert "2 X 0.0.0.0      192.0.2.52    2055  5 " in out
     assert "1 eth1       both       tc\n" in out
 
 

@@ -97,7 +97,11 @@ settings (RouterOS name: flag; config file key):
                            as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
                            ,max-rate=N (pyflow's: flow records a second at most, paced in
                            2 ms steps so a burst of expiring flows does not overrun the
-                           collector's socket buffer; default 100000, 0 = unpaced);
+                           collector's socket buffer; default 100000, 0 = unpaced)
+                           ,interface-names=yes (v9/IPFIX: interface-name options records;
+                           default no) ,sequence=rfc (IPFIX with options records: count
+                           them in the sequence as RFC 7011 and Wireshark do; default
+                           flows, as nfdump counts);
                            --target replaces the file's targets
   target v9-template-refresh / v9-template-timeout
                            --v9-template-refresh 20 --v9-template-timeout 30m
@@ -132,7 +136,8 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   port = 2055
   version = "ipfix"                    # 1, 5, 9 or ipfix; also src-address,
                                        # v9-template-refresh, v9-template-timeout,
-                                       # time, max-rate, comment, disabled
+                                       # time, max-rate, interface-names,
+                                       # sequence, comment, disabled
   [ipfix]                              # /ip traffic-flow ipfix
   nat-events = "yes"
   [interface-list]                     # /interface list (+ member)

@@ -11,7 +11,7 @@ import numpy as np
 
 from bench.fill import synthetic_cache
 from pyflow.export import ipfix
-from pyflow.export.target import ExportClock
+from pyflow.export.context import ExportClock
 from pyflow.sweep import Baseline, Horizon, SweepRules, sweep_chunk
 
 S = 10**9
@@ -76,8 +76,8 @@ def run(sizes: list[int], repeat: int, median_time: Callable[[Callable[[], objec
 
 def run_formats(n: int, repeat: int, median_time: Callable[[Callable[[], object], int], float]) -> None:
     """Encode the same record batch in every format (what each target does per sweep)."""
+    from pyflow.export.context import ExportContext
     from pyflow.export.registry import ENCODERS
-    from pyflow.export.target import ExportContext
 
     keys, values = synthetic_cache(n, NOW)
     recs = sweep(keys, values, final=True)

@@ -49,7 +49,8 @@ import numpy as np
 
 from pyflow import records as rec
 from pyflow.config import Settings
-from pyflow.export.target import ExportClock, Target
+from pyflow.export.context import ExportClock
+from pyflow.export.target import Target
 from pyflow.kernel.abi import FLOW_KEY_DTYPE, METERED_COUNTERS, CacheMap, Hook
 from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
 from pyflow.records import EndReason
@@ -242,6 +243,10 @@ class Agent(Generic[Cache]):
         self.meter = meter
         self.targets = list(targets)
         self.clocks = clocks or Clocks()
+        # The exporter's boot instant (wall ms), fixed for the session: every header's sysUptime is
+        # measured from it (ExportClock), so collectors derive the same boot time from each one.  The
+        # host's boot by default; the earlier agent's when its session goes on (export.session).
+        self.boot_unix_ms = (self.clocks.wall_ns() - self.clocks.boot_ns()) // 10**6
         self.rules = SweepRules(
             active_ns=settings.active_flow_timeout_ns,
             inactive_ns=settings.inactive_flow_timeout_ns,
@@ -274,7 +279,7 @@ class Agent(Generic[Cache]):
     def _clock(self) -> tuple[int, int, ExportClock]:
         b = self.clocks.boot_ns()
         w = self.clocks.wall_ns()
-        return b, w - b, ExportClock(unix_ns=w, uptime_ms=b // 10**6)
+        return b, w - b, ExportClock.at(w, self.boot_unix_ms)
 
     def _export_clock(self) -> tuple[ExportClock, int]:
         b, _, clock = self._clock()

@@ -93,7 +93,8 @@ settings (RouterOS name: flag; config file key):
   sampling-interval        --sampling-interval N: N packets sampled (N >= 1 with
                            packet-sampling=yes) ...
   sampling-space           --sampling-space M: ... then M packets skipped; M = 0: one
-                           packet in N. Both must be 0 with packet-sampling=no
+                           packet in N. With packet-sampling=no both are kept, printed by
+                           check and not applied (a warning says so), as in RouterOS
   target dst-address/port/version
                            --target HOST[:PORT][/VERSION], repeat for several targets;
                            IPv6 as [2001:db8::1]:2055/ipfix; PORT defaults to 2055,
@@ -104,7 +105,11 @@ settings (RouterOS name: flag; config file key):
                            as RouterOS sends; default time=absolute: flowStart/EndMilliseconds)
                            ,max-rate=N (pyflow's: flow records a second at most, paced in
                            2 ms steps so a burst of expiring flows does not overrun the
-                           collector's socket buffer; default 100000, 0 = unpaced);
+                           collector's socket buffer; default 100000, 0 = unpaced)
+                           ,interface-names=yes (v9/IPFIX: interface-name options records;
+                           default no) ,sequence=rfc (IPFIX with options records: count
+                           them in the sequence as RFC 7011 and Wireshark do; default
+                           flows, as nfdump counts);
                            --target replaces the file's targets
   target v9-template-refresh / v9-template-timeout
                            --v9-template-refresh 20 --v9-template-timeout 30m
@@ -152,7 +157,8 @@ config file (--config FILE, TOML; RouterOS's names, `pyflow check` prints the re
   port = 2055
   version = "ipfix"                    # 1, 5, 9 or ipfix; also src-address,
                                        # v9-template-refresh, v9-template-timeout,
-                                       # time, max-rate, comment, disabled
+                                       # time, max-rate, interface-names,
+                                       # sequence, comment, disabled
   [ipfix]                              # /ip traffic-flow ipfix
   nat-events = "yes"
   [interface-list]                     # /interface list (+ member)
@@ -606,7 +612,8 @@ def load_settings(args: argparse.Namespace) -> Loaded:
     """The settings ``run`` and ``check`` work with, and the warnings reading them gave."""
     base, warnings = _file_layer(args)
     source = getattr(args, "routeros", None) or getattr(args, "config", None)
-    return Loaded(build_settings(base, args), source, list(warnings))
+    settings = build_settings(base, args)
+    return Loaded(settings, source, [*warnings, *settings.warnings()])
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -60,6 +60,7 @@ VERSIONS = ("1", "5", "9", "ipfix")
 DEFAULT_PORT = 2055
 DEFAULT_VERSION = "9"  # RouterOS's default for a new target
 TIME_MODES = ("absolute", "routeros")
+SEQUENCE_RULES = ("flows", "rfc")  # what an IPFIX target's sequence number counts (export.ipfix)
 
 
 def normalize_version(text: str | int) -> str:
@@ -124,6 +125,12 @@ class TargetSettings:
     comment: str = ""  # RouterOS's comment= (shown by check; not sent anywhere)
     # pyflow's own: flow records a second at most (paced export; 0 = as fast as the socket takes them)
     max_rate: int = DEFAULT_MAX_RATE
+    # pyflow's own (v9/IPFIX): send interface-name options records with the templates
+    interface_names: bool = False
+    # pyflow's own (IPFIX): what the sequence number counts: "flows" (flow records, as nfdump
+    # checks) or "rfc" (every data record, options too, as RFC 7011 and Wireshark); the same
+    # numbers as long as no options records are sent
+    sequence: str = "flows"
 
     def __post_init__(self) -> None:
         if self.time_mode not in TIME_MODES:
@@ -152,6 +159,10 @@ class TargetSettings:
         _check_int("v9-template-refresh", self.v9_template_refresh, 1, MAX_COUNT)
         _check_duration("v9-template-timeout", self.v9_template_timeout_ns, MIN_TIMEOUT_NS, MAX_TIMEOUT_NS)
         _check_int("max-rate", self.max_rate, 0, MAX_COUNT)
+        _check_bool("interface-names", self.interface_names)
+        if self.sequence not in SEQUENCE_RULES:
+            raise SettingError("sequence", f"target sequence {self.sequence!r} is not one of "
+                                           f"{', '.join(SEQUENCE_RULES)}")
         if not isinstance(self.comment, str):
             raise SettingError("comment", f"target comment {self.comment!r} is not text")
 
@@ -174,8 +185,9 @@ def parse_target(text: str, default_version: str = DEFAULT_VERSION, **defaults: 
 
     Options use RouterOS's target property names: ``src-address``,
     ``v9-template-refresh``, ``v9-template-timeout``, and pyflow's ``time``
-    (absolute or routeros) and ``max-rate`` (records a second, 0 = unpaced).  ``defaults`` are TargetSettings fields the
-    options override.
+    (absolute or routeros), ``max-rate`` (records a second, 0 = unpaced),
+    ``interface-names`` (yes/no) and ``sequence`` (flows or rfc).  ``defaults``
+    are TargetSettings fields the options override.
     """
     spec, *opts = text.strip().split(",")
     version = default_version
@@ -220,6 +232,8 @@ _TARGET_OPTIONS = {
     "v9-template-timeout": ("v9_template_timeout_ns", lambda n, v: duration(n, v)),
     "time": ("time_mode", lambda _n, v: v),
     "max-rate": ("max_rate", _int_option),
+    "interface-names": ("interface_names", lambda n, v: yes_no(n, v)),
+    "sequence": ("sequence", lambda _n, v: v),
 }
 
 
@@ -474,18 +488,12 @@ class Settings:
     def _check_sampling(self) -> None:
         _check_int("sampling-interval", self.sampling_interval, 0, MAX_COUNT)
         _check_int("sampling-space", self.sampling_space, 0, MAX_COUNT)
-        if self.sampling_space and not self.sampling_interval:
+        if self.packet_sampling and self.sampling_space and not self.sampling_interval:
             raise SettingError("sampling-space", f"sampling-space={self.sampling_space} needs a sampling-interval "
                                                  "(the packets sampled before sampling-space packets are skipped)")
         if self.packet_sampling and self.sampling_interval < 1:
             raise SettingError("packet-sampling", "packet-sampling=yes needs sampling-interval=N (N >= 1: "
                                                   "N packets sampled, then sampling-space packets skipped)")
-        if not self.packet_sampling:
-            for key, value in (("sampling-interval", self.sampling_interval),
-                               ("sampling-space", self.sampling_space)):
-                if value:
-                    raise SettingError(key, f"{key}={value} but packet-sampling=no: set packet-sampling=yes, "
-                                            f"or {key}=0")
 
     def _check_targets(self) -> None:
         for attr in ("targets", "disabled_targets"):
@@ -501,6 +509,15 @@ class Settings:
                                                   f"(targets {seen[t.endpoint]} and {i}): each target needs its "
                                                   "own dst-address and port")
             seen[t.endpoint] = i
+
+    def warnings(self) -> list[str]:
+        """What these valid settings keep but do not do (RouterOS accepts them the same way)."""
+        out = []
+        if not self.packet_sampling and (self.sampling_interval or self.sampling_space):
+            out.append(f"sampling-interval={self.sampling_interval} sampling-space={self.sampling_space} are kept "
+                       "but not applied: packet-sampling=no (every packet is metered; set packet-sampling=yes "
+                       "to sample)")
+        return out
 
     @property
     def sampling(self) -> tuple[int, int]:

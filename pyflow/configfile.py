@@ -321,6 +321,8 @@ TARGET_KEYS: dict[str, tuple[str, Convert]] = {
     "v9-template-timeout": ("v9_template_timeout_ns", _duration),
     "time": ("time_mode", _text),
     "max-rate": ("max_rate", count),
+    "interface-names": ("interface_names", yes_no),
+    "sequence": ("sequence", _text),
     "comment": ("comment", _text),
     "disabled": ("disabled", yes_no),
 }

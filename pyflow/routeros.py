@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyflow.config import BUILTIN_LISTS, SettingError, Settings, check_ifname
+from pyflow.config import BUILTIN_LISTS, SettingError, Settings, TargetSettings, check_ifname
 from pyflow.configfile import DocPath, Locator
 from pyflow.errors import ConfigError
 from pyflow.fields import TOGGLES
@@ -647,11 +647,14 @@ def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
     if targets:
         if s.disabled_targets:
             out.append("Flags: X - DISABLED")
+        # RouterOS's columns as it prints them (version IPFIX in capitals, 0.0.0.0 for no src-address),
+        # then what RouterOS shows only with `print detail`, then pyflow's own per-target settings
         out += _table(
-            ["DST-ADDRESS", "PORT", "VERSION", "SRC-ADDRESS", "V9-TEMPLATE-REFRESH", "V9-TEMPLATE-TIMEOUT", "TIME",
-             "MAX-RATE"],
-            [(flags, [t.dst_address, str(t.port), t.version, t.src_address or "", str(t.v9_template_refresh),
-                      format_duration(t.v9_template_timeout_ns), t.time_mode, str(t.max_rate)], t.comment)
+            ["SRC-ADDRESS", "DST-ADDRESS", "PORT", "VERSION", "V9-TEMPLATE-REFRESH", "V9-TEMPLATE-TIMEOUT", "TIME",
+             "MAX-RATE", "INTERFACE-NAMES", "SEQUENCE"],
+            [(flags, [_src_address(t), t.dst_address, str(t.port), t.version.upper(), str(t.v9_template_refresh),
+                      format_duration(t.v9_template_timeout_ns), t.time_mode, str(t.max_rate),
+                      format_bool(t.interface_names), t.sequence], t.comment)
              for flags, t in targets],
         )
     else:
@@ -700,6 +703,13 @@ def analytics_lines(s: Settings) -> list[str]:
 
 def _num(x: float) -> str:
     return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+def _src_address(t: TargetSettings) -> str:
+    """As RouterOS prints an unset src-address: the unspecified address of the target's family."""
+    if t.src_address:
+        return t.src_address
+    return "::" if t.family_is_v6 else "0.0.0.0"
 
 
 def host_interfaces() -> set[str] | None:

@@ -15,8 +15,10 @@ from pyflow.config import Settings, TargetSettings
 from pyflow.control import ControlServer, check_socket_path
 from pyflow.enrich import Enricher
 from pyflow.errors import ConfigError, PyflowError
+from pyflow.export.context import ExportContext, Sampling
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportContext, Sampling, Target
+from pyflow.export.session import Session, read_session
+from pyflow.export.target import Target
 from pyflow.follow import InterfaceSet, LinkWatcher
 from pyflow.host.conntrack import NatEventListener
 from pyflow.interfaces import rx_packets
@@ -49,9 +51,11 @@ def kernel_settings(settings: Settings) -> KernelSettings:
 
 
 def export_context(settings: Settings, ts: TargetSettings, interfaces: tuple[tuple[int, str], ...]) -> ExportContext:
-    """What one target's encoder needs: interface names, time mode, fields, the sampling it announces."""
+    """What one target's encoder needs: interface names (when it asks for them), time mode, fields,
+    the sampling it announces (when sampling is on), what its IPFIX sequence numbers count."""
     sampling = Sampling(*settings.sampling) if settings.packet_sampling else None
-    return ExportContext(sampling=sampling, interfaces=interfaces, time_mode=ts.time_mode, fields=settings.ipfix)
+    return ExportContext(sampling=sampling, interfaces=interfaces if ts.interface_names else (),
+                         time_mode=ts.time_mode, fields=settings.ipfix, sequence=ts.sequence)
 
 
 def exclude_own_exports(meter: FlowMeter, target: Target) -> None:
@@ -74,6 +78,8 @@ def open_target(t: Target, meter: FlowMeter, stack: ExitStack, log: Callable[[st
     stack.callback(t.close)
     t.open()
     exclude_own_exports(meter, t)
+    if t.rebind_error:
+        log(f"{t.name}: {t.rebind_error}: collectors that key exporters on the port see a new one")
     log(f"exporting to {t.name}")
 
 
@@ -90,7 +96,8 @@ def in_process_meter(ks: KernelSettings) -> FlowMeter:
 
 
 def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list[Target], stack: ExitStack,
-                   log: Callable[[str], None], new_meter: Callable[[KernelSettings], FlowMeter] | None = None) -> None:
+                   log: Callable[[str], None], new_meter: Callable[[KernelSettings], FlowMeter] | None = None,
+                   session: Session | None = None) -> None:
     """SIGHUP: apply re-read settings without losing a count (called with the agent's lock held).
 
     What the kernel program is compiled with (cache size, inactive timeout, the
@@ -138,7 +145,12 @@ def apply_settings(new: Settings, agent: Agent, ifs: InterfaceSet, targets: list
         ifs.use(meter)
         log(f"reload: new kernel program in place (cache-entries={new.cache_entries}); "
             f"{len(done)} records exported from the old cache")
+        if session is not None:
+            session.save()  # the export session goes on in the new program's maps
     _swap_targets(new, agent, ifs, targets, new_targets, added, list(kept.values()), stack, log)
+    if session is not None:
+        for t in added:
+            session.attach(t)
     agent.settings = new
     agent.rules = SweepRules(active_ns=new.active_flow_timeout_ns, inactive_ns=new.inactive_flow_timeout_ns,
                              end_idle_ns=new.end_idle_ns)
@@ -216,13 +228,14 @@ def switch_program(agent: Agent, meter: FlowMeter) -> np.ndarray:
 
 def reload_settings(agent: Agent, ifs: InterfaceSet, targets: list[Target], stack: ExitStack,
                     log: Callable[[str], None], load_settings: Callable[[], Settings],
-                    new_meter: Callable[[KernelSettings], FlowMeter] | None = None) -> bool:
+                    new_meter: Callable[[KernelSettings], FlowMeter] | None = None,
+                    session: Session | None = None) -> bool:
     """SIGHUP: read the settings again and apply them; False (and the error logged) if either
     failed, in which case the agent goes on, unchanged, with the settings it had."""
     try:
         new = load_settings()
         with agent.lock:
-            apply_settings(new, agent, ifs, targets, stack, log, new_meter=new_meter)
+            apply_settings(new, agent, ifs, targets, stack, log, new_meter=new_meter, session=session)
     except PyflowError as exc:
         log(f"reload failed: {exc}; the running settings stay")
         return False
@@ -462,7 +475,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
 
         def interfaces_changed(ifs: InterfaceSet) -> None:
             for t in targets:  # the interface-name options data follows the host
-                t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
+                if t.settings.interface_names:
+                    t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
 
         ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
         ifs.check()  # a missing interface fails before the switch
@@ -473,10 +487,17 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
             for ts in settings.targets
         ]
+        kept = read_session(next((b for m in [meter, *reversed(olds)] if (b := m.load_session())), b""))
+        session = Session(0, targets, lambda blob: agent.meter.save_session(blob), log)
+        resumed = session.resume(kept)
+        if resumed:
+            log(f"going on with the earlier agent's export session: {', '.join(resumed)}")
         for t in targets:
             open_target(t, meter, stack, log)
+            session.attach(t)
         agent = Agent(settings, olds[0] if olds else meter, targets, log=log, metrics=metrics, enricher=enricher,
                       nat_events=nat_events)
+        session.boot_unix_ms = agent.boot_unix_ms = kept.boot_unix_ms or agent.boot_unix_ms
         side.agent = agent  # committed: from here on, a way out leaves everything attached
         metered = {(a[0], a[2]) for a in ifs.attached()}
         for name, hook in [k for k in meter.attachments if k not in metered]:
@@ -491,6 +512,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
             previous.close()
             side.meters.remove(previous)
             log(f"exported {len(done)} records from the replaced program's cache")
+        session.save()  # in the maps the agent goes on with
         metrics.attach(
             agent,
             interfaces=ifs.attached,
@@ -521,7 +543,8 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
                 return
             reload.clear()
             metrics.reloaded(reload_settings(agent, ifs, targets, stack, log, load_settings,
-                                             new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks))))
+                                             new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks)),
+                                             session=session))
 
         agent.run(stop, between)
         side.clean = True  # everything exported: detach (done) and unpin on the way out

@@ -17,12 +17,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pyflow.export.context import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.options import ipfix_options
-from pyflow.export.target import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.templates import (
     ExportTemplates,
     Section,
     Template,
+    TemplateSchedule,
     WholeSet,
     check_max_size,
     export_templates,
@@ -50,16 +51,19 @@ class IpfixState:
     """What one exporter (per collector and Observation Domain) carries between messages.
 
     ``sequence`` is the Sequence Number for the *next* message: the count of
-    flow Data Records sent before it, mod 2^32.  Template records never
-    count, so a template-only message shares its number with the next one.
+    Data Records sent before it, mod 2^32.  Template records never count, so a
+    template-only message shares its number with the next one.
 
-    Options data records (interface names, sampling) are not counted either,
-    although RFC 7011 §3.1 counts every Data Record.  That follows nfdump,
-    which increments its expected sequence per flow record only: sending
-    templates + options + 2 flow records three times, nfcapd 1.7.1 reported
-    "Sequence Errors: 2" with RFC counting and 0 without (options re-sent with
-    every template refresh would make each refresh a sequence error).  With
-    no options configured both rules give the same numbers.
+    Whether options data records (interface names, sampling) count is the
+    target's choice (``ExportContext.sequence``, ``pyflow.config.SEQUENCE_RULES``):
+    "flows" counts flow records only, "rfc" every data record.
+    RFC 7011 §3.1 counts every Data Record, and Wireshark/tshark flags a
+    message whose number does not follow that rule; nfdump 1.7.1 increments
+    its expected sequence per flow record only: sending templates + options
+    + 2 flow records three times, nfcapd reported "Sequence Errors: 2" with
+    RFC counting and 0 without.  No rule pleases both while options records
+    are in the stream, which is why, by default, they are only there when
+    sampling is on or a target asks for interface names.
     """
 
     sequence: int = 0
@@ -83,7 +87,7 @@ def encode(
     records: np.ndarray,
     state: IpfixState,
     clock: ExportClock,
-    send_templates: bool,
+    send_templates: bool | TemplateSchedule,
     max_size: int = DEFAULT_MAX_SIZE,
     ctx: ExportContext = _DEFAULT_CONTEXT,
     templates: ExportTemplates | Mapping[int, Template] | None = None,
@@ -98,31 +102,42 @@ def encode(
     the batch order is kept.  Export Time is ``clock.unix_s``; derived
     fields (22/21/160) come from ``clock``.
 
-    With ``send_templates`` the first message(s) carry, before any flow data,
-    a Template Set holding every template, then the options templates and
-    options records ``ctx`` calls for (interface names, sampling; see
-    ``options.py``), in that order (RFC 7011 §8.2: a template precedes its
-    data).  An empty batch then yields those messages alone.  Returns the
-    messages and the state for the next call.
+    With ``send_templates`` (True, or a :class:`~pyflow.export.templates.TemplateSchedule`
+    naming the messages) a message carries, before any flow data, a Template
+    Set holding every template, then the options templates and options
+    records ``ctx`` calls for (interface names, sampling; see ``options.py``),
+    in that order (RFC 7011 §8.2: a template precedes its data).  An empty
+    batch with templates due at once yields those messages alone.  The
+    Sequence Number counts what ``ctx.sequence`` says (:class:`IpfixState`).
+    Returns the messages and the state for the next call.
     """
     if templates is None:
         templates = templates_for(ctx)
     elif not isinstance(templates, ExportTemplates):
         templates = ExportTemplates(templates)
-    sections: list[Section] = []
-    if send_templates:
+    schedule = TemplateSchedule.of(send_templates)
+    every = templates.all()
+
+    def template_sections() -> list[Section]:
         options_sets, options_data = ipfix_options(ctx, state.observation_domain_id)
-        every = templates.all()
-        sections += [WholeSet(ipfix_template_set(every), len(every)), *options_sets, *options_data]
-    sections += flow_queues(records, templates, clock)
-    check_max_size(sections, HEADER_LENGTH, max_size)
+        return [WholeSet(ipfix_template_set(every), len(every)), *options_sets, *options_data]
+
+    sections: list[Section] = [*flow_queues(records, templates, clock)]
+    check_max_size([*template_sections(), *sections] if schedule.first is not None else sections, HEADER_LENGTH,
+                   max_size)
 
     messages = []
     sequence = state.sequence % _SEQUENCE_MODULUS
-    for body in message_bodies(sections, max_size - HEADER_LENGTH):
+    count_all = ctx.sequence == "rfc"
+    for body in message_bodies(sections, max_size - HEADER_LENGTH, template_sections, schedule):
         header = _HEADER.pack(
             IPFIX_VERSION, HEADER_LENGTH + len(body.data), clock.unix_s, sequence, state.observation_domain_id
         )
         messages.append(header + body.data)
-        sequence = (sequence + body.flow_records) % _SEQUENCE_MODULUS
+        sequence = (sequence + (body.data_records if count_all else body.flow_records)) % _SEQUENCE_MODULUS
     return messages, replace(state, sequence=sequence)
+
+
+def carries_templates(message: bytes) -> bool:
+    """Whether an IPFIX message begins with a Template Set (as every message with templates does)."""
+    return len(message) >= HEADER_LENGTH + 2 and message[HEADER_LENGTH:HEADER_LENGTH + 2] == b"\x00\x02"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pyflow.export.target import ExportClock, Sampling
+from pyflow.export.context import ExportClock, Sampling
 from pyflow.records import RECORD_DTYPE
 
 V1_VERSION = 1
@@ -306,6 +306,9 @@ def _headers(dtype: np.dtype, version: int, counts: np.ndarray, clock: ExportClo
     headers["version"] = version
     headers["count"] = counts
     headers["sys_uptime"] = clock.uptime_ms % _MOD32
+    # sysUptime is the wall ms since the fixed boot instant (ExportClock), so a collector's
+    # secs x 1000 + nsecs // 10^6 - sysUptime is that instant exactly, in every datagram
+    # (nsecs keeps its sub-ms part, as RouterOS sends it: a float derivation is within 1 ms)
     unix_s, unix_ns = divmod(clock.unix_ns, 10**9)
     headers["unix_secs"] = unix_s % _MOD32
     headers["unix_nsecs"] = unix_ns

@@ -49,8 +49,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pyflow.export.context import ExportContext, Sampling
 from pyflow.export.ie import BY_NAME, AbstractType, InformationElement
-from pyflow.export.target import ExportContext, Sampling
 from pyflow.export.templates import MIN_DATA_TEMPLATE_ID, DataQueue, WholeSet, set_bytes, v9_field_types
 
 IPFIX_OPTIONS_TEMPLATE_SET_ID = 3

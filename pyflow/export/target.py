@@ -17,107 +17,34 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
+import json
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from pyflow.config import TargetSettings
-from pyflow.fields import ROUTEROS_DEFAULTS, FieldSet
-
-# UDP payload that fits a 1500-byte MTU without fragmentation.
-MAX_PAYLOAD_V4 = 1500 - 20 - 8
-MAX_PAYLOAD_V6 = 1500 - 40 - 8
-
-
-@dataclass(frozen=True)
-class ExportClock:
-    """The export instant in every form a format needs (taken once per sweep)."""
-
-    unix_ns: int  # wall clock
-    uptime_ms: int  # ms since the agent's start: the sysUptime of v1/v5/v9
-
-    @property
-    def unix_s(self) -> int:
-        return self.unix_ns // 10**9
-
-    @property
-    def boot_unix_ms(self) -> int:
-        """Wall time (ms) at which sysUptime was 0: systemInitTimeMilliseconds."""
-        return self.unix_ns // 10**6 - self.uptime_ms
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """RouterOS packet-sampling (``sampling-interval`` N, ``sampling-space`` M).
-
-    M > 0: N consecutive packets sampled, then M consecutive packets omitted
-    (IPFIX samplingPacketInterval 305 = N, samplingPacketSpace 306 = M).
-    M = 0: one packet in every N (305 = 1, 306 = N - 1).
-    """
-
-    interval: int
-    space: int = 0
-
-    @property
-    def selected(self) -> int:
-        return 1 if self.space == 0 else self.interval
-
-    @property
-    def skipped(self) -> int:
-        return self.interval - 1 if self.space == 0 else self.space
-
-    @property
-    def rate(self) -> int:
-        """The "1 in N" multiplier collectors scale counts by (integer, as pmacct computes it)."""
-        return (self.selected + self.skipped) // self.selected
-
-
-@dataclass(frozen=True)
-class ExportContext:
-    """What an encoder needs besides the records, the same for every call of one target.
-
-    ``interfaces`` (ifindex, name) feed the interface-name options records;
-    ``time_mode`` "absolute" sends flowStart/EndMilliseconds (152/153),
-    "routeros" sends flowStart/EndSysUpTime (22/21) plus systemInitTimeMilliseconds
-    (160) in every record, as RouterOS does.  ``fields`` are RouterOS's
-    ``/ip traffic-flow ipfix`` toggles (``pyflow.fields``): the v9 and IPFIX
-    templates are built from them, and with ``nat-events`` on, records whose
-    ``nat_event`` is not 0 go out as NAT events (v1/v5 never carry those).
-    """
-
-    sampling: Sampling | None = None
-    interfaces: tuple[tuple[int, str], ...] = ()
-    time_mode: str = "absolute"
-    engine_type: int = 0
-    engine_id: int = 0
-    fields: FieldSet = ROUTEROS_DEFAULTS
-
-
-class VersionEncoder(Protocol):
-    """What a target needs of one export format."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def uses_templates(self) -> bool: ...
-
-    @property
-    def carries_ipv6(self) -> bool: ...
-
-    def initial_state(self, observation_domain: int) -> Any: ...
-
-    def encode(self, records: np.ndarray, state: Any, clock: ExportClock, send_templates: bool,
-               max_size: int, ctx: ExportContext) -> tuple[list[bytes], Any]: ...
+from pyflow.export.context import (
+    MAX_PAYLOAD_V4,
+    MAX_PAYLOAD_V6,
+    ExportClock,
+    ExportContext,
+    TemplateSchedule,
+    VersionEncoder,
+)
 
 
 @dataclass
 class TemplateClock:
-    """RouterOS's rules: re-send templates every ``refresh`` export packets and every ``timeout``."""
+    """RouterOS's rules: re-send templates every ``refresh`` export packets and every ``timeout``.
+
+    ``refresh`` R: a packet with templates, then at most R packets without,
+    counted datagram by datagram, also within one large export (``schedule``).
+    """
 
     refresh_packets: int
     timeout_ns: int
@@ -129,12 +56,24 @@ class TemplateClock:
             return True
         return self.packets_since >= self.refresh_packets or now_ns - self.last_sent_ns >= self.timeout_ns
 
+    def schedule(self, now_ns: int) -> TemplateSchedule:
+        """Which datagrams of an export now must begin with templates."""
+        every = self.refresh_packets + 1
+        if self.due(now_ns):
+            return TemplateSchedule(0, every)
+        return TemplateSchedule(self.refresh_packets - self.packets_since, every)
+
     def sent(self, now_ns: int, datagrams: int, with_templates: bool) -> None:
-        if with_templates:
-            self.last_sent_ns = now_ns
-            self.packets_since = max(0, datagrams - 1)
+        self.sent_datagrams(now_ns, [with_templates] + [False] * max(0, datagrams - 1))
+
+    def sent_datagrams(self, now_ns: int, carried: Sequence[bool]) -> None:
+        """Datagrams went out; ``carried[i]``: the i-th began with templates."""
+        last = max((i for i, c in enumerate(carried) if c), default=None)
+        if last is None:
+            self.packets_since += len(carried)
         else:
-            self.packets_since += datagrams
+            self.last_sent_ns = now_ns
+            self.packets_since = len(carried) - 1 - last
 
 
 #: Records one target holds waiting to be sent, at most (about 250 bytes each).
@@ -207,17 +146,53 @@ class Target:
         self._slice: tuple[int, np.ndarray] | None = None
         self._out: collections.deque[bytes] = collections.deque()
         self._cost = 1.0  # records per datagram of the slice (what one datagram spends of the pace)
+        self.observation_domain = observation_domain
+        # called after every encode that changed the state, before its datagrams leave (the runner
+        # keeps the session with the pinned instance there: write ahead of the send)
+        self.on_encoded: Callable[[Target], None] | None = None
+        self.bind_port: int | None = None  # the source port to bind again (a resumed session's)
+        self.rebind_error: str | None = None  # why that port could not be had again (a new one was taken)
 
     @property
     def name(self) -> str:
         return self.settings.describe()
 
+    # -- the session: what a collector keys the exporter's stream on --------------------------
+
+    def template_fingerprint(self) -> str:
+        """What the templates and options records this target sends depend on (stable across processes)."""
+        c = self.ctx
+        doc = [self.encoder.name, c.time_mode, sorted(c.fields.enabled), c.engine_type, c.engine_id, c.sequence,
+               None if c.sampling is None else [c.sampling.interval, c.sampling.space],
+               [list(i) for i in c.interfaces]]
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
+
+    def session_doc(self) -> dict[str, Any]:
+        """Sequence state, template clock and source port: what the next agent goes on with."""
+        return {"port": self.local_port() or self.bind_port, "state": self.encoder.state_doc(self.state),
+                "templates": self.template_fingerprint(), "last_sent_ns": self.clock.last_sent_ns,
+                "packets_since": self.clock.packets_since}
+
+    def resume(self, doc: Any) -> None:
+        """Go on with an earlier agent's session of this target (before ``open``): its sequence
+        numbers, its source port, and its template clock if the templates are the same.
+        ValueError for a document this version cannot read (nothing is changed then)."""
+        try:
+            state = self.encoder.state_from(doc["state"], self.observation_domain)
+            port, last, since = doc.get("port"), doc.get("last_sent_ns"), doc.get("packets_since")
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise ValueError(f"unreadable session of {self.name}: {exc!r}") from None
+        self.state = state
+        if type(port) is int and 0 < port < 65536:
+            self.bind_port = port
+        if doc.get("templates") == self.template_fingerprint() and type(last) is int and type(since) is int:
+            self.clock.last_sent_ns, self.clock.packets_since = last, max(0, since)
+
     def open(self) -> None:
         fam = socket.AF_INET6 if self.settings.family_is_v6 else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_DGRAM)
         try:
-            if self.settings.src_address:
-                sock.bind((self.settings.src_address, 0))
+            self._bind(sock)
             sock.setblocking(False)
             # connect(): the kernel reports ICMP port unreachable on the next send,
             # and the source port stays stable (collectors key templates on it).
@@ -226,6 +201,20 @@ class Target:
             # Unroutable now may be routable later: keep the socket, count, retry on send.
             self.stats.send_errors[_errname(exc)] += 1
         self.sock = sock
+
+    def _bind(self, sock: socket.socket) -> None:
+        """The source address, and the resumed session's source port when there is one (collectors
+        that key an exporter on its port see the same one); a port taken meanwhile is noted and
+        another one used."""
+        host = self.settings.src_address or ("::" if self.settings.family_is_v6 else "0.0.0.0")
+        if self.bind_port:
+            try:
+                sock.bind((host, self.bind_port))
+                return
+            except OSError as exc:
+                self.rebind_error = f"source port {self.bind_port} not available again ({_errname(exc)})"
+        if self.settings.src_address:
+            sock.bind((host, 0))
 
     def local_port(self) -> int | None:
         if self.sock is None:
@@ -264,16 +253,18 @@ class Target:
             if dropped:
                 self.stats.not_representable += dropped
                 records = records[~drop]
-        templates = self.encoder.uses_templates and self.clock.due(now_ns)
-        if len(records) == 0 and not templates:
+        schedule = self.clock.schedule(now_ns) if self.encoder.uses_templates else TemplateSchedule()
+        if len(records) == 0 and schedule.first != 0:
             return [], records
-        datagrams, self.state = self.encoder.encode(records, self.state, clock, templates, self.max_size,
+        datagrams, self.state = self.encoder.encode(records, self.state, clock, schedule, self.max_size,
                                                      self.ctx)
         self.stats.records += len(records)
         if self.encoder.uses_templates:
-            self.clock.sent(now_ns, len(datagrams), templates)
-            if templates and datagrams:
-                self.stats.templates += 1
+            carried = [self.encoder.carries_templates(d) for d in datagrams]
+            self.clock.sent_datagrams(now_ns, carried)
+            self.stats.templates += sum(carried)
+        if datagrams and self.on_encoded is not None:
+            self.on_encoded(self)
         return datagrams, records
 
     def enqueue(self, records: np.ndarray, batch: int) -> None:

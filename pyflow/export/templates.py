@@ -33,18 +33,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pyflow.export.context import ExportClock, TemplateSchedule
 from pyflow.export.ie import BY_NAME, InformationElement
 from pyflow.fields import END_TIME, ROUTEROS_DEFAULTS, START_TIME, SYSTEM_INIT_TIME, TIME_ROLES, FieldSet
 from pyflow.records import RECORD_DTYPE
 
-if TYPE_CHECKING:
-    from pyflow.export.target import ExportClock
-
 IPFIX_TEMPLATE_SET_ID = 2
+NO_TEMPLATES = TemplateSchedule()  # no message of the call begins with templates
 V9_TEMPLATE_FLOWSET_ID = 0
 MIN_DATA_TEMPLATE_ID = 256  # 0..255 are set/flowset ids, never template ids
 
@@ -363,6 +361,7 @@ class MessageBody:
     data: bytes
     records: int  # every record: templates, options templates, flow and options data (v9 Count)
     flow_records: int  # flow data records only
+    data_records: int = 0  # every data record: flow and options data (RFC 7011's sequence counts these)
 
 
 def flow_queues(
@@ -415,7 +414,9 @@ def check_max_size(sections: Sequence[Section], header_length: int, max_size: in
         raise ValueError(f"max_size {max_size} must be within {needed}..{MAX_MESSAGE_SIZE}")
 
 
-def message_bodies(sections: Sequence[Section], room: int) -> Iterator[MessageBody]:
+def message_bodies(sections: Sequence[Section], room: int,
+                   templates: Callable[[], Sequence[Section]] | None = None,
+                   schedule: TemplateSchedule = NO_TEMPLATES) -> Iterator[MessageBody]:
     """Greedily fill messages of ``room`` bytes with the sections, strictly in order.
 
     A whole set that does not fit, or a queue that could not be emptied,
@@ -423,34 +424,56 @@ def message_bodies(sections: Sequence[Section], room: int) -> Iterator[MessageBo
     data, options must precede flow data).  :func:`check_max_size` guarantees
     every message makes progress.  Empty queues produce nothing, so a call
     with no templates and no records yields no message at all.
+
+    ``templates`` makes fresh template (and options) sections; a message the
+    ``schedule`` names begins with them.  While an earlier copy is still on
+    its way (many options records), the next is not added: data always moves.
     """
     pending = deque(s for s in sections if isinstance(s, WholeSet) or s.remaining)
+    due, index = schedule.first, 0
+    last: Section | None = None  # the last section of the templates most recently added
+    while True:
+        if templates is not None and due is not None and index >= due and (pending or index == 0) \
+                and not any(s is last for s in pending):
+            fresh = [s for s in templates() if isinstance(s, WholeSet) or s.remaining]
+            if fresh:
+                pending.extendleft(reversed(fresh))
+                last = fresh[-1]
+            due = None if schedule.every is None else index + schedule.every
+        if not pending:
+            return
+        yield _one_body(pending, room)
+        index += 1
+
+
+def _one_body(pending: deque[Section], room: int) -> MessageBody:
+    """The next message's body, taken from the front of ``pending``."""
+    parts: list[bytes | memoryview] = []
+    left, records, flow_records, data_records = room, 0, 0, 0
     while pending:
-        parts: list[bytes | memoryview] = []
-        left, records, flow_records = room, 0, 0
-        while pending:
-            section = pending[0]
-            if isinstance(section, WholeSet):
-                if len(section.data) > left:
+        section = pending[0]
+        if isinstance(section, WholeSet):
+            if len(section.data) > left:
+                break
+            parts.append(section.data)
+            left -= len(section.data)
+            records += section.records
+        else:
+            while True:  # one set, or more when padding made take_set stop short (see there)
+                taken, n = section.take_set(left)
+                parts += taken
+                left -= sum(len(p) for p in taken)
+                records += n
+                data_records += n
+                flow_records += n if section.flow else 0
+                if not n or not section.remaining or section.set_length(1) > left:
                     break
-                parts.append(section.data)
-                left -= len(section.data)
-                records += section.records
-            else:
-                while True:  # one set, or more when padding made take_set stop short (see there)
-                    taken, n = section.take_set(left)
-                    parts += taken
-                    left -= sum(len(p) for p in taken)
-                    records += n
-                    flow_records += n if section.flow else 0
-                    if not n or not section.remaining or section.set_length(1) > left:
-                        break
-                if section.remaining:
-                    break
-            pending.popleft()
-        if not parts:  # only reachable when check_max_size was skipped; never loop forever
-            raise ValueError(f"a section does not fit in {room} bytes")
-        yield MessageBody(b"".join(parts), records, flow_records)
+            if section.remaining:
+                break
+        pending.popleft()
+    if not parts:  # only reachable when check_max_size was skipped; never loop forever
+        raise ValueError(f"a section does not fit in {room} bytes")
+    return MessageBody(b"".join(parts), records, flow_records, data_records)
 
 
 # --------------------------------------------------------------------------

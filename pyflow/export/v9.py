@@ -25,12 +25,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pyflow.export.context import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.options import v9_options
-from pyflow.export.target import MAX_PAYLOAD_V4, ExportClock, ExportContext
 from pyflow.export.templates import (
     ExportTemplates,
     Section,
     Template,
+    TemplateSchedule,
     WholeSet,
     check_max_size,
     export_templates,
@@ -76,7 +77,7 @@ def encode(
     records: np.ndarray,
     state: V9State,
     clock: ExportClock,
-    send_templates: bool,
+    send_templates: bool | TemplateSchedule,
     max_size: int = DEFAULT_MAX_SIZE,
     ctx: ExportContext = _DEFAULT_CONTEXT,
     templates: ExportTemplates | Mapping[int, Template] | None = None,
@@ -88,31 +89,42 @@ def encode(
     (:func:`templates_for`).  Data FlowSets follow template order: IPv4
     flows, IPv6 flows, then NAT events (records with ``nat_event`` != 0,
     which need ``nat-events=yes``); batch order within a template.  With
-    ``send_templates`` the first packet(s) carry, before any flow data, the
-    Template FlowSet, then the options templates and options records ``ctx``
-    calls for (``options.py``).  sysUptime is ``clock.uptime_ms`` mod 2^32,
-    UNIX Secs ``clock.unix_s``.  Returns the packets and the state for the
-    next call.
+    ``send_templates`` (True, or a :class:`~pyflow.export.templates.TemplateSchedule`
+    naming the packets) a packet carries, before any flow data, the Template
+    FlowSet, then the options templates and options records ``ctx`` calls for
+    (``options.py``).  The header's clock: UNIX Secs ``clock.unix_s`` and
+    sysUptime ``clock.whole_second_uptime_ms`` mod 2^32, the uptime at that
+    whole second, so ``UNIX Secs x 1000 - sysUptime`` is ``clock.boot_unix_ms``
+    in every packet (what nfdump and pmacct take as the exporter's boot
+    time, and add FIRST/LAST_SWITCHED to).  Returns the packets and the
+    state for the next call.
     """
     if templates is None:
         templates = templates_for(ctx)
     elif not isinstance(templates, ExportTemplates):
         templates = ExportTemplates(templates)
-    sections: list[Section] = []
-    if send_templates:
-        every = templates.all()
-        template_flowset = WholeSet(v9_template_flowset(every), len(every))
+    schedule = TemplateSchedule.of(send_templates)
+    every = templates.all()
+
+    def template_sections() -> list[Section]:
         options_flowsets, options_data = v9_options(ctx, state.source_id)
-        sections += [template_flowset, *options_flowsets, *options_data]
-    sections += flow_queues(records, templates, clock, align=FLOWSET_ALIGNMENT)
-    check_max_size(sections, HEADER_LENGTH, max_size)
+        return [WholeSet(v9_template_flowset(every), len(every)), *options_flowsets, *options_data]
+
+    sections: list[Section] = [*flow_queues(records, templates, clock, align=FLOWSET_ALIGNMENT)]
+    check_max_size([*template_sections(), *sections] if schedule.first is not None else sections, HEADER_LENGTH,
+                   max_size)
 
     packets = []
     sequence = state.sequence % _MODULUS
-    uptime = clock.uptime_ms % _MODULUS
-    for body in message_bodies(sections, max_size - HEADER_LENGTH):
+    uptime = clock.whole_second_uptime_ms % _MODULUS
+    for body in message_bodies(sections, max_size - HEADER_LENGTH, template_sections, schedule):
         packets.append(
             _HEADER.pack(V9_VERSION, body.records, uptime, clock.unix_s, sequence, state.source_id) + body.data
         )
         sequence = (sequence + 1) % _MODULUS
     return packets, replace(state, sequence=sequence)
+
+
+def carries_templates(packet: bytes) -> bool:
+    """Whether a v9 packet begins with a Template FlowSet (as every packet with templates does)."""
+    return len(packet) >= HEADER_LENGTH + 2 and packet[HEADER_LENGTH:HEADER_LENGTH + 2] == b"\x00\x00"

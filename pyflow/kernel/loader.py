@@ -259,6 +259,9 @@ class FlowMeter:
         self._own_fds.append(manifest)
         self.maps[pin.EXPORTED] = exported
         self.maps[pin.MANIFEST] = manifest
+        session = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, pin.SESSION_SIZE, 1, pin.SESSION)
+        self._own_fds.append(session)
+        self.maps[pin.SESSION] = session
 
     def load(self, hook: str = "xdp") -> int:
         """The fd of ``hook``'s program: loaded now (compiling first if needed), or the pinned one."""
@@ -592,6 +595,19 @@ class FlowMeter:
                 deleted += map_delete_batch(self.cache_fd(which), np.ascontiguousarray(keys))
         self.write_exported(gone, rows)
         return deleted
+
+    def load_session(self) -> bytes:
+        """What the last agent on these maps kept of its export session (b"": nothing, or no place for it)."""
+        fd = self.maps.get(pin.SESSION)
+        return pin.read_blob(fd, pin.SESSION_SIZE) if fd is not None else b""
+
+    def save_session(self, blob: bytes) -> bool:
+        """Keep ``blob`` (opaque here) for the next agent; False: these maps have no place for it."""
+        fd = self.maps.get(pin.SESSION)
+        if fd is None or self._closed:
+            return False
+        pin.write_blob(fd, pin.SESSION_SIZE, blob, "export session")
+        return True
 
     # -- own exports -----------------------------------------------------------
 

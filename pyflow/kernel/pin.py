@@ -79,6 +79,11 @@ FORMAT = 1  # manifest format
 EXPORTED = "pf_exported"
 MANIFEST = "pf_manifest"
 MANIFEST_SIZE = 64 * 1024
+#: The export session (opaque to this layer: sequence numbers, template clocks, source ports),
+#: rewritten as it changes, so the next agent goes on with it.  Optional: an instance pinned by
+#: an earlier version has none, and its successor starts a new session.
+SESSION = "pf_session"
+SESSION_SIZE = 16 * 1024
 #: What the agent remembers of a flow cut by the active timeout (sweep.Baseline, one row).
 EXPORTED_VALUE_DTYPE = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
 #: Every map of an instance, as bcc names them (sample_pos only exists with sampling on).
@@ -103,6 +108,7 @@ MAP_SIZES = {
     "evict_before": (4, 8),
     EXPORTED: (8, EXPORTED_VALUE_DTYPE.itemsize),
     MANIFEST: (4, MANIFEST_SIZE),
+    SESSION: (4, SESSION_SIZE),
 }
 HOOKS = ("xdp", "tc_ingress", "tc_egress")
 PROG_PREFIX = "prog_"
@@ -489,6 +495,21 @@ def write_manifest(fd: int, doc: dict[str, Any]) -> None:
     if len(data) > MANIFEST_SIZE - 4:
         raise KernelError(f"the pinned manifest would be {len(data)} bytes, more than {MANIFEST_SIZE - 4}")
     map_update(fd, b"\0\0\0\0", struct.pack("=I", len(data)) + data + bytes(MANIFEST_SIZE - 4 - len(data)))
+
+
+def read_blob(fd: int, size: int) -> bytes:
+    """The bytes kept in a one-element array map of ``size``-byte values (length-prefixed); b"" if none."""
+    raw = map_lookup(fd, b"\0\0\0\0", size)
+    if raw is None:
+        return b""
+    (length,) = struct.unpack_from("=I", raw)
+    return bytes(raw[4:4 + length]) if 0 < length <= size - 4 else b""
+
+
+def write_blob(fd: int, size: int, data: bytes, what: str) -> None:
+    if len(data) > size - 4:
+        raise KernelError(f"the pinned {what} would be {len(data)} bytes, more than {size - 4}")
+    map_update(fd, b"\0\0\0\0", struct.pack("=I", len(data)) + data + bytes(size - 4 - len(data)))
 
 
 def _check_map(name: str, fd: int) -> None:

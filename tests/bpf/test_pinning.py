@@ -27,6 +27,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
+from pyflow.errors import KernelError
 from pyflow.kernel import abi, bpfsys, pin
 from pyflow.kernel.loader import EXPORTED_ROW_DTYPE, FlowMeter, KernelSettings
 from pyflow.sweep import Baseline
@@ -198,7 +199,7 @@ def test_compiled_in_a_child_pinned_and_found_again(bpffs: pin.NetnsPins) -> Non
     inst = bpffs.compile(settings)
     assert inst.path is not None and inst.path.parent == bpffs.dir
     names = sorted(os.listdir(inst.path))
-    assert names == sorted([*pin.REQUIRED_MAPS, "prog_xdp", "prog_tc_ingress", "prog_tc_egress"])
+    assert names == sorted([*pin.REQUIRED_MAPS, pin.SESSION, "prog_xdp", "prog_tc_ingress", "prog_tc_egress"])
     meter = FlowMeter.from_instance(inst)
     assert meter.settings == settings and meter.bpf is None
     m = inst.manifest
@@ -217,6 +218,11 @@ def test_compiled_in_a_child_pinned_and_found_again(bpffs: pin.NetnsPins) -> Non
     base = Baseline(np.array([int(values["flow_id"][0])], dtype=np.uint64), np.array([1], dtype=np.uint64),
                     np.array([38], dtype=np.uint64), np.array([12345], dtype=np.uint64))
     meter.write_exported(*Baseline().changes(base, EXPORTED_ROW_DTYPE))
+    assert meter.load_session() == b""  # a new instance: no export session yet
+    session = b'{"format":1,"boot_unix_ms":1700000000000,"targets":{}}'
+    assert meter.save_session(session)
+    with pytest.raises(KernelError, match="export session would be"):
+        meter.save_session(bytes(pin.SESSION_SIZE))
     path = meter.pinned_at
     meter.release()  # what a killed agent leaves: pinned, counting
     assert path is not None and path.is_dir()
@@ -231,6 +237,7 @@ def test_compiled_in_a_child_pinned_and_found_again(bpffs: pin.NetnsPins) -> Non
         loaded = Baseline.from_rows(meter2.read_exported())
         assert [x.tolist() for x in (loaded.ids, loaded.packets, loaded.bytes, loaded.start_ns)] == \
             [x.tolist() for x in (base.ids, base.packets, base.bytes, base.start_ns)]
+        assert meter2.load_session() == session  # the export session goes on with the instance
         meter2.write_exported(*loaded.changes(Baseline(), EXPORTED_ROW_DTYPE))
         assert len(meter2.read_exported()) == 0
     finally:

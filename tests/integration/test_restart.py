@@ -193,7 +193,7 @@ def test_clean_sigterm_unpins_and_detaches(pair: Pair) -> None:
         # the agent's own mount namespace, seen through /proc
         mine = Path(f"/proc/{proc.p.pid}/root") / gen.relative_to("/")
         assert sorted(p.name for p in mine.iterdir()) == sorted(
-            [*pin.REQUIRED_MAPS, "prog_xdp", "prog_tc_ingress", "prog_tc_egress"])
+            [*pin.REQUIRED_MAPS, pin.SESSION, "prog_xdp", "prog_tc_ingress", "prog_tc_egress"])
         assert left_in_kernel(pair.b) == [gen.name]
     finally:
         rc = proc.stop(signal.SIGTERM)

@@ -64,10 +64,7 @@ CASES = [
     Bad("sampling-no-interval", TF + 'packet-sampling = "yes"\n', 2, ("packet-sampling=yes needs sampling-interval",)),
     Bad("sampling-space-alone", TF + 'packet-sampling = "yes"\nsampling-space = 5\n', 3,
         ("sampling-space=5 needs a sampling-interval",)),
-    Bad("sampling-without-switch", TF + "sampling-interval = 10\n", 2,
-        ("sampling-interval=10 but packet-sampling=no",)),
-    Bad("sampling-space-without-switch", TF + "sampling-interval = 10\nsampling-space = 3\n", 2,
-        ("sampling-interval=10 but packet-sampling=no",)),
+    # (sampling-interval/-space with packet-sampling=no are kept, not applied: test_config.py)
     Bad("sampling-huge", TF + 'packet-sampling = "yes"\nsampling-interval = 4294967296\n', 3,
         ("sampling-interval 4294967296 is outside 0..2147483647",)),
     Bad("sampling-negative", TF + "sampling-interval = -1\n", 2, ("sampling-interval", "-1 is negative")),
@@ -243,9 +240,9 @@ def test_unreadable_and_missing_files(tmp_path: Path, no_kernel: list[str],
 
 
 FLAG_CASES = [
-    (["--target", "127.0.0.1", "--sampling-space", "5"], "--sampling-space: sampling-space=5 needs a sampling"),
+    (["--target", "127.0.0.1", "--packet-sampling", "yes", "--sampling-space", "5"],
+     "--sampling-space: sampling-space=5 needs a sampling"),
     (["--target", "127.0.0.1", "--packet-sampling", "yes"], "--packet-sampling: packet-sampling=yes needs"),
-    (["--target", "127.0.0.1", "--sampling-interval", "3"], "--sampling-interval: sampling-interval=3 but"),
     (["--target", "127.0.0.1", "--target", "127.0.0.1:2055/ipfix"], "--target '127.0.0.1:2055/ipfix': target "
                                                                      "127.0.0.1:2055 is given twice"),
     (["--target", "127.0.0.1", "--interface", "eth0", "--interface", "all"], "--interface: interfaces: all cannot"),

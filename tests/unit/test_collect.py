@@ -21,11 +21,11 @@ from pyflow.collect import (
     record_json,
 )
 from pyflow.export import ipfix, legacy, v9
+from pyflow.export.context import ExportClock, ExportContext, Sampling
 from pyflow.export.ie import BY_NAME
 from pyflow.export.ipfix import IpfixState
 from pyflow.export.legacy import V5State
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportClock, ExportContext, Sampling
 from pyflow.export.v9 import V9State
 from pyflow.records import RECORD_DTYPE, V4_MAPPED_PREFIX, addr_to_16, empty
 from tests.unit.test_ipfix import CLOCK, FLOW_V4, FLOW_V6, make_batch, on_the_wire

@@ -137,7 +137,6 @@ def test_routeros_defaults_of_the_new_settings() -> None:
     ("kwargs", "key", "message"),
     [({"packet_sampling": True}, "packet-sampling", "needs sampling-interval"),
      ({"packet_sampling": True, "sampling_interval": 0, "sampling_space": 3}, "sampling-space", "needs a sampling"),
-     ({"sampling_interval": 5}, "sampling-interval", "sampling-interval=5 but packet-sampling=no"),
      ({"packet_sampling": True, "sampling_interval": 2**31}, "sampling-interval", "outside 0..2147483647"),
      ({"packet_sampling": True, "sampling_interval": 1, "sampling_space": -1}, "sampling-space", "outside"),
      ({"packet_sampling": "yes"}, "packet-sampling", "is not yes or no"),

@@ -53,7 +53,7 @@ def test_check_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", "--config", str(EXAMPLE)]) == 0
     out = capsys.readouterr().out
     assert "           interfaces: eth0,uplinks\n" in out
-    assert "2 X 192.0.2.52    2055  5 " in out
+    assert "2 X 0.0.0.0      192.0.2.52    2055  5 " in out
     assert "1 eth1       both       tc\n" in out
     # this host's links, as far as rtnetlink shows them without root: lo is never metered
     assert "this host's links (what `pyflow run` would meter here):" in out
@@ -186,7 +186,7 @@ def test_enabled_no_refuses_to_run(tmp_path: Path, fake_meter: list[Settings],
 def test_packet_sampling_reaches_the_kernel_and_the_collectors(
         tmp_path: Path, fake_meter: list[Settings], capsys: pytest.CaptureFixture[str]) -> None:
     """packet-sampling=yes compiles the pattern into the program and every target announces it."""
-    from pyflow.export.target import Sampling
+    from pyflow.export.context import Sampling
     from pyflow.runner import export_context, kernel_settings
 
     argv = ["run", "--interface", "lo", "--target", "127.0.0.1", "--metrics-address", "",

@@ -393,8 +393,9 @@ def test_configmap_and_daemonset_arguments_are_a_valid_pyflow_run(tmp_path: Path
     assert res.returncode == 0, res.stderr
     assert re.search(r"^\s+enabled: yes$", res.stdout, re.M)
     assert re.search(r"^metrics-address: 192\.0\.2\.10:9796$", res.stdout, re.M)
-    target = re.search(r"^0 (\S+)\s+(\d+)\s+(\S+)", res.stdout.split("/ip traffic-flow target print")[1], re.M)
-    assert target is not None and target.group(3) in ("9", "ipfix")  # what both collectors below take
+    target = re.search(r"^0 (\S+)\s+(\S+)\s+(\d+)\s+(\S+)", res.stdout.split("/ip traffic-flow target print")[1],
+                       re.M)  # SRC-ADDRESS DST-ADDRESS PORT VERSION, as RouterOS prints them
+    assert target is not None and target.group(4) in ("9", "IPFIX")  # what both collectors below take
 
 
 # --------------------------------------------------------------------------------------------

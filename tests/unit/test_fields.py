@@ -24,9 +24,10 @@ from pyflow.cli import RUN_EPILOG, build_parser, settings_from_args
 from pyflow.config import Settings, TargetSettings
 from pyflow.errors import ConfigError
 from pyflow.export import ipfix, v9
+from pyflow.export.context import ExportClock, ExportContext
 from pyflow.export.ipfix import IpfixState
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportClock, ExportContext, Target
+from pyflow.export.target import Target
 from pyflow.export.templates import (
     FIRST_LAYOUT_TEMPLATE_ID,
     ExportTemplates,

@@ -26,9 +26,9 @@ from scapy.packet import Raw
 from scapy.utils import wrpcap
 
 from pyflow.export import ipfix
+from pyflow.export.context import ExportClock, ExportContext
 from pyflow.export.ie import BY_ID, BY_NAME, INFORMATION_ELEMENTS, AbstractType, InformationElement
 from pyflow.export.ipfix import IpfixState
-from pyflow.export.target import ExportClock, ExportContext
 from pyflow.export.templates import (
     DERIVED_COLUMNS,
     IPV4_FLOW,

@@ -38,9 +38,10 @@ from scapy.utils import wrpcap
 
 from pyflow.config import TargetSettings
 from pyflow.export import legacy
+from pyflow.export.context import MAX_PAYLOAD_V4, MAX_PAYLOAD_V6, ExportClock, ExportContext, Sampling
 from pyflow.export.legacy import V5State, encode_v1, encode_v5
 from pyflow.export.registry import ENCODERS
-from pyflow.export.target import MAX_PAYLOAD_V4, MAX_PAYLOAD_V6, ExportClock, ExportContext, Sampling, Target
+from pyflow.export.target import Target
 from pyflow.records import V4_MAPPED_PREFIX, addr_to_16, empty
 from tests.integration.procs import Proc, nfacctd_in, nfdump_records, wait_udp_drained
 from tests.unit.nfcapd import collect, requires_nfdump

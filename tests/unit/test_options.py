@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pyflow.export import ipfix, options, v9
+from pyflow.export.context import ExportClock, ExportContext, Sampling
 from pyflow.export.ie import BY_NAME
 from pyflow.export.ipfix import IpfixState
 from pyflow.export.options import (
@@ -28,7 +29,6 @@ from pyflow.export.options import (
     sampling_row,
     v9_options,
 )
-from pyflow.export.target import ExportClock, ExportContext, Sampling
 from pyflow.export.templates import DataQueue, WholeSet
 from pyflow.records import empty
 from tests.unit.nfcapd import collect, requires_nfdump

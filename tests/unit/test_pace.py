@@ -18,8 +18,9 @@ import pytest
 from pyflow.agent import Agent, Clocks
 from pyflow.config import Settings, TargetSettings
 from pyflow.export import target as target_mod
+from pyflow.export.context import ExportClock
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportClock, Target
+from pyflow.export.target import Target
 from pyflow.kernel import abi
 from pyflow.records import EndReason
 from tests.unit.fakes import MemoryFlowCache as FakeMeter

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pyflow.config import TargetSettings
+from pyflow.export.context import ExportClock
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportClock, Target, TemplateClock
+from pyflow.export.target import Target, TemplateClock
 from pyflow.export.templates import IPV4_FLOW
 from pyflow.records import addr_to_16, empty
 

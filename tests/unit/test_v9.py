@@ -29,9 +29,10 @@ from scapy.layers.netflow import (
 
 from pyflow.config import TargetSettings
 from pyflow.export import v9
+from pyflow.export.context import ExportClock, ExportContext, Sampling
 from pyflow.export.ie import BY_ID
 from pyflow.export.registry import encoder_for
-from pyflow.export.target import ExportClock, ExportContext, Sampling, Target
+from pyflow.export.target import Target
 from pyflow.export.templates import build_template
 from pyflow.export.v9 import V9_TEMPLATES, V9State
 from pyflow.records import V4_MAPPED_PREFIX, empty

@@ -194,9 +194,10 @@ def _bpf_id(opts: Any) -> int:
     known = opts.get_attr("TCA_BPF_ID")
     if known is not None:
         return int(known)
-    for _name, nla in opts["attrs"]:
-        header = nla["header"] if hasattr(nla, "__getitem__") else None
-        if header and header.get("type", 0) & 0x3FFF == TCA_BPF_ID and header.get("length", 0) >= 8:
+    for name, nla in opts["attrs"]:
+        if name != "UNKNOWN":  # decoded values; an unmapped attribute keeps its header and place in the buffer
+            continue
+        if nla["header"]["type"] & 0x3FFF == TCA_BPF_ID and nla["header"]["length"] >= 8:
             return int(struct.unpack_from("=I", nla.data, nla.offset + 4)[0])
     return 0
 

@@ -8,7 +8,9 @@ Two one-instruction programs stand in for the meter (loaded with BPF_PROG_LOAD, 
 * the attached ids are read per mode (native on a veth, generic);
 * the TC filter: added, found by its program id, replaced in one step, removed; the qdisc
   reports whether any filter is left;
-* the link type, and an interface that is gone.
+* the link type, and an interface that is gone;
+* link notifications (pyflow/host/rtevents.py, what the link and route watchers read): never
+  blocking, an overflow (ENOBUFS) reported as lost, and reading goes on after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -23,9 +26,11 @@ from typing import TypeVar
 
 import pytest
 
+from pyflow.follow import RTMGRP_LINK
+from pyflow.host.rtevents import Drained, RtnlEvents
 from pyflow.kernel import netlink, pin
 from pyflow.kernel.bpfsys import _bpf
-from tests.integration.netns import Pair, in_netns
+from tests.integration.netns import Pair, in_netns, ip
 
 T = TypeVar("T")
 BPF_PROG_LOAD = 5
@@ -137,3 +142,23 @@ def test_link_facts_and_a_link_that_is_gone(pair: Pair) -> None:
         in_b(pair, lambda: netlink.xdp_prog_ids(gone))
     assert nodev.value.errno == errno.ENODEV
     assert in_b(pair, lambda: netlink.tc_filter_prog(gone, INGRESS, PRIO, HANDLE)) is None
+
+
+def test_link_events_overflowing_the_buffer_are_reported_lost_and_reading_goes_on(pair: Pair) -> None:
+    events = in_b(pair, lambda: RtnlEvents(RTMGRP_LINK, rcvbuf=1024))  # the kernel's minimum, about 2 KiB
+    names = [f"pfev{i}" for i in range(10)]
+    try:
+        assert events.drain(10) == Drained(0, False, None)  # nothing yet: never blocks
+        for i, n in enumerate(names):  # each veth pair: several notifications of a KiB or more
+            ip("-n", pair.b, "link", "add", n, "type", "veth", "peer", "name", f"pfep{i}")
+        first = events.drain(1000)
+        assert first.lost and first.error is None
+        ip("-n", pair.b, "link", "set", names[0], "up")  # one more, after the overflow
+        ready, _, _ = select.select([events.fileno()], [], [], 5)
+        assert ready
+        after = events.drain(1000)
+        assert after.reads >= 1 and not after.lost and after.error is None
+    finally:
+        events.close()
+        for n in names:
+            ip("-n", pair.b, "link", "del", n, check=False)

@@ -36,9 +36,10 @@ from pyroute2.netlink.rtnl.ifinfmsg import (
     XDP_FLAGS_UPDATE_IF_NOEXIST,
 )
 
-__all__ = ["XDP_FLAGS_DRV_MODE", "XDP_FLAGS_REPLACE", "XDP_FLAGS_SKB_MODE", "XDP_FLAGS_UPDATE_IF_NOEXIST",
-           "NetlinkError", "clsact_add", "clsact_del", "link_type", "tc_filter_add", "tc_filter_del",
-           "tc_filter_prog", "tc_filters_left", "upper_with_xdp", "xdp_prog_ids", "xdp_set"]
+__all__ = ["CLSACT_PARENTS", "TCA_BPF_ID", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_REPLACE", "XDP_FLAGS_SKB_MODE",
+           "XDP_FLAGS_UPDATE_IF_NOEXIST", "NetlinkError", "clsact_add", "clsact_del", "error_from", "link_type",
+           "tc_filter_add", "tc_filter_del", "tc_filter_of", "tc_filter_prog", "tc_filters_left", "upper_with_xdp",
+           "xdp_attrs", "xdp_ids_of", "xdp_prog_ids", "xdp_set"]
 
 TCA_BPF_ID = 11  # linux/pkt_cls.h; not in pyroute2 0.9's map of the bpf filter's options
 #: clsact's ingress and egress parents (TC_H_CLSACT:TC_H_MIN_INGRESS / _EGRESS)

@@ -78,9 +78,8 @@ def write_report(args: argparse.Namespace, path: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe",
-                                        "analytics"),
-                    action="append")
+    ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "conntrack", "live", "footprint", "scale",
+                                       "observe", "analytics"), action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
     ap.add_argument("--scale-sizes", default="100000,451000",
@@ -90,6 +89,7 @@ def main() -> int:
     ap.add_argument("--observe-size", type=int, default=1_000_000,
                     help="cached flows for observe (sweeps with and without 20 scrapes/s + 20 status/s)")
     ap.add_argument("--observe-seconds", type=float, default=30.0, help="length of each observe run")
+    ap.add_argument("--conntrack-size", type=int, default=20_000, help="conntrack entries to decode")
     ap.add_argument("--write", metavar="FILE",
                     help="also put the report in FILE between its '<!-- bench:begin -->' and "
                          "'<!-- bench:end -->' lines (make bench: docs/benchmarks.md)")
@@ -97,11 +97,12 @@ def main() -> int:
     if args.write:
         return write_report(args, Path(args.write))
     sizes = [int(x) for x in args.sizes.split(",")]
-    which = args.only or ["hotpath", "mapread", "sweep", "live", "footprint", "scale", "observe", "analytics"]
+    which = args.only or ["hotpath", "mapread", "sweep", "conntrack", "live", "footprint", "scale", "observe",
+                          "analytics"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
     if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale", "observe")):
         print("hotpath, mapread, live, footprint, scale and observe need root (BPF, namespaces); skipped\n")
-        which = [w for w in which if w in ("sweep", "analytics")]
+        which = [w for w in which if w in ("sweep", "conntrack", "analytics")]
     # each suite is imported when it runs: --only X does not depend on the other suites' imports
     if "hotpath" in which:
         from bench import hotpath
@@ -117,6 +118,10 @@ def main() -> int:
 
         sweep_export.run(sizes, args.repeat, median_time)
         sweep_export.run_formats(max(sizes), args.repeat, median_time)
+    if "conntrack" in which:
+        from bench import conntrack
+
+        conntrack.run(args.conntrack_size, args.repeat, median_time)
     if "live" in which:
         from bench import live
 

@@ -3,9 +3,10 @@
 ``interfaces=all`` means every interface that is up and carries packets into
 IP, now and later (pyflow.links decides: not loopback, not bridge ports or
 bond slaves, not a VLAN whose parent is metered, ...): a link event
-(rtnetlink RTMGRP_LINK) wakes a thread that reconciles the attachments within
-a fraction of a second, so a port that joins a bridge stops being metered and
-is metered again when it leaves.  A named list is checked at
+(rtnetlink RTMGRP_LINK, read with pyroute2: pyflow/host/rtevents.py) wakes a
+thread that reconciles the attachments within a fraction of a second, so a
+port that joins a bridge stops being metered and is metered again when it
+leaves.  A named list is checked at
 start (a missing name is an error there); a named interface that disappears
 later is a warning, and it is metered again if it comes back.
 
@@ -18,7 +19,6 @@ timeouts: nothing is lost.
 from __future__ import annotations
 
 import select
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pyflow.config import Settings
 from pyflow.errors import KernelError
 from pyflow.host._netns import WakePipe, stop_reader
+from pyflow.host.rtevents import RtnlEvents
 from pyflow.interfaces import list_links, rx_packets
 from pyflow.kernel.loader import Attachment, FlowMeter
 from pyflow.links import AGGREGATE_KINDS, BRIDGE_KINDS, Decision, Link, double_counts, plan
 
 RTMGRP_LINK = 0x1
-NETLINK_ROUTE = 0
 HOOK_WORDS = {"xdp": "with XDP", "tc_ingress": "with TC on ingress", "tc_egress": "with TC on egress"}
 
 
@@ -248,26 +248,22 @@ class LinkWatcher:
         self.log = log
         self.debounce = debounce
         self.errors = 0
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        self._sock.bind((0, RTMGRP_LINK))
-        self._sock.setblocking(False)
+        self._events = RtnlEvents(RTMGRP_LINK)
         self._wake = WakePipe()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pyflow-links", daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
-        for _ in range(1000):
-            try:
-                self._sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as exc:  # ENOBUFS: events were lost; a reconcile catches up anyway
-                self.log(f"link events: {exc}")
-                return
+        got = self._events.drain(1000)
+        if got.error is not None:
+            self.log(f"link events: {got.error}")
+        elif got.lost:
+            self.log("link events: some were lost (ENOBUFS: the socket buffer was full); the reconcile that "
+                     "follows catches up")
 
     def _run(self) -> None:
-        fd = self._sock.fileno()
+        fd = self._events.fileno()
         while not self._closed:
             ready, _, _ = select.select([fd, self._wake.fd], [], [])
             if self._wake.fd in ready or self._closed:
@@ -289,4 +285,4 @@ class LinkWatcher:
             return
         self._closed = True
         stop_reader(self._thread, self._wake)
-        self._sock.close()
+        self._events.close()

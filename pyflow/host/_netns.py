@@ -18,26 +18,23 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from pyflow.paths import netns_id
+
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
-_SELF = "/proc/thread-self/ns/net"
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _ident(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
 
 
 class Netns:
     """A handle on the calling thread's network namespace (an open fd)."""
 
     def __init__(self) -> None:
-        self._fd = os.open(_SELF, os.O_RDONLY | os.O_CLOEXEC)
-        self._id = _ident(os.fstat(self._fd))
+        self._id = netns_id()
+        self._fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     def is_current(self) -> bool:
         """Is the calling thread in this namespace?"""
-        return _ident(os.stat(_SELF)) == self._id
+        return netns_id() == self._id
 
     def enter(self) -> None:
         """Move the calling thread into this namespace (a no-op if it is there already)."""

@@ -31,11 +31,13 @@ have them).  Other protocols (ICMP, whose records carry type/code in
 ports stay 0; when several such entries share the addresses, the first wins
 (their translated addresses are the same under masquerade).
 
-The conntrack table is read with a plain ``NETLINK_NETFILTER`` socket and a
-small parser of ctnetlink's attributes (constants from pyroute2): pyroute2's
-generic message decoding (``NFCTSocket.dump``) measured 99 us per entry here,
-10 s for a 100k-entry table; this parser 9 us (0.9 s).  The tests check it
-against pyroute2's own encoding and decoding and against ``conntrack -L``.
+The conntrack table and its events are read with a plain ``NETLINK_NETFILTER``
+socket and a small parser of ctnetlink's attributes (constants from pyroute2):
+the one place pyflow does not use pyroute2 for netlink, because pyroute2's
+generic decoding (``nfct_msg``, ``get_attr``) costs about ten times more per
+entry (``python -m bench --only conntrack``; docs/benchmarks.md: 203 us per
+entry against 15.5 us, 20 s against 1.5 s for a 100k-entry table).  The tests
+check it against pyroute2's own encoding and decoding and against ``conntrack -L``.
 ``NatTable.fill`` is a vectorised hash join: about 30 ms for 100k records.
 
 NAT events (``NatEventListener``): conntrack's NEW and DESTROY notifications

@@ -30,15 +30,14 @@ netconf, for the forwarding switches) notifications in a daemon thread,
 waits until they have been quiet for ``debounce`` seconds (at most
 ``max_delay``), then dumps the table again and swaps the new snapshot in
 with one reference assignment: readers get the old table or the new one,
-never a half-built one.  The notification socket is a plain ``AF_NETLINK``
-socket (only "something changed" matters; the dump that follows is
-pyroute2's) so that ``select()`` can wait on it and on a wake-up pipe, and
-``close()`` stops the thread at once.
+never a half-built one.  The notifications are read with pyroute2's
+select-compatible socket (pyflow/host/rtevents.py: only "something changed"
+matters; the dump that follows is pyroute2's too), so that ``select()`` can
+wait on it and on a wake-up pipe, and ``close()`` stops the thread at once.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import select
 import socket
@@ -52,6 +51,7 @@ import numpy as np
 
 from pyflow.host._netns import Netns, WakePipe, stop_reader, wait_until
 from pyflow.host.lpm import AddrKeys, PrefixTable
+from pyflow.host.rtevents import RtnlEvents
 from pyflow.records import addr_to_16
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ ROUTED_TYPES = frozenset({RTN_UNICAST, RTN_BLACKHOLE, RTN_UNREACHABLE, RTN_PROHI
 LOCAL_TYPES = frozenset({RTN_LOCAL, RTN_BROADCAST, RTN_ANYCAST})
 RTM_F_CLONED = 0x200
 
-NETLINK_ROUTE = 0
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_ROUTE = 0x400
 RTNLGRP_IPV4_NETCONF = 24
@@ -222,14 +221,15 @@ class RouteWatcher:
         self._cv = threading.Condition()
         self._closed = False
         # subscribe before the first dump: a change between the two is seen
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            self._sock.bind((0, WATCH_GROUPS))
-            self._sock.setblocking(False)
+            self._events = RtnlEvents(WATCH_GROUPS, rcvbuf=1 << 20)
+        except BaseException:
+            self._netns.close()
+            raise
+        try:
             self._table = loader()
         except BaseException:
-            self._sock.close()
+            self._events.close()
             self._netns.close()
             raise
         self.generation = 1
@@ -262,22 +262,13 @@ class RouteWatcher:
             self._cv.notify_all()
 
     def _drain(self) -> bool:
-        """Read every queued notification; True if there was any (an overflow counts)."""
-        got = False
-        for _ in range(10_000):
-            try:
-                if not self._sock.recv(65536):
-                    break
-                got = True
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                got = True  # ENOBUFS: notifications were lost, so the table changed: dump it
-                if exc.errno != errno.ENOBUFS:
-                    self.errors += 1
-                    self.last_error = f"route notifications: {exc}"
-                    break
-        return got
+        """Read every queued notification; True if there was any (an overflow counts: ENOBUFS says
+        notifications were lost, so the table changed: dump it)."""
+        got = self._events.drain(10_000)
+        if got.error is not None:
+            self.errors += 1
+            self.last_error = f"route notifications: {got.error}"
+        return bool(got.reads) or got.lost or got.error is not None
 
     def _run(self) -> None:
         try:
@@ -289,10 +280,10 @@ class RouteWatcher:
             return
         dirty = False
         while not self._closed:
-            ready, _, _ = select.select([self._sock.fileno(), self._wake.fd], [], [], self.retry if dirty else None)
+            ready, _, _ = select.select([self._events.fileno(), self._wake.fd], [], [], self.retry if dirty else None)
             if self._wake.fd in ready or self._closed:
                 break
-            if self._sock.fileno() in ready and self._drain():
+            if self._events.fileno() in ready and self._drain():
                 dirty = True
                 # coalesce: wait until it has been quiet for `debounce`, but no longer than `max_delay`
                 first = time.monotonic()
@@ -300,7 +291,7 @@ class RouteWatcher:
                     left = min(self.debounce, first + self.max_delay - time.monotonic())
                     if left <= 0:
                         break
-                    ready, _, _ = select.select([self._sock.fileno(), self._wake.fd], [], [], left)
+                    ready, _, _ = select.select([self._events.fileno(), self._wake.fd], [], [], left)
                     if self._wake.fd in ready:
                         return
                     if not ready or not self._drain():
@@ -322,7 +313,7 @@ class RouteWatcher:
             return
         self._closed = True
         stop_reader(self._thread, self._wake, self._cv)
-        self._sock.close()
+        self._events.close()
         self._netns.close()
 
     def __enter__(self) -> RouteWatcher:

@@ -28,20 +28,20 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi, bpfsys, caps, pin
+from pyflow.kernel import abi, bpfsys, caps, netlink, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
 from pyflow.kernel.settings import KernelSettings
 
-XDP_FLAGS_UPDATE_IF_NOEXIST = pin.XDP_FLAGS_UPDATE_IF_NOEXIST
-XDP_FLAGS_SKB_MODE = pin.XDP_FLAGS_SKB_MODE
-XDP_FLAGS_DRV_MODE = pin.XDP_FLAGS_DRV_MODE
+XDP_FLAGS_UPDATE_IF_NOEXIST = netlink.XDP_FLAGS_UPDATE_IF_NOEXIST
+XDP_FLAGS_SKB_MODE = netlink.XDP_FLAGS_SKB_MODE
+XDP_FLAGS_DRV_MODE = netlink.XDP_FLAGS_DRV_MODE
 
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
 #: Hook names (the metrics' "hook" label) -> program entry point.
 PROGRAMS = {"xdp": "pyflow_xdp", "tc_ingress": "pyflow_tc_ingress", "tc_egress": "pyflow_tc_egress"}
 #: clsact parents of the TC hooks (TC_H_CLSACT:TC_H_MIN_INGRESS / _EGRESS).
-TC_PARENTS = {"tc_ingress": 0xFFFFFFF2, "tc_egress": 0xFFFFFFF3}
+TC_PARENTS = dict(zip(("tc_ingress", "tc_egress"), netlink.CLSACT_PARENTS, strict=True))
 #: Our TC filters run first (priority 1) and return TC_ACT_UNSPEC, so every
 #: filter after them still runs as if pyflow were not there.
 TC_PRIORITY = 1
@@ -62,19 +62,6 @@ class Attachment:
 L3_LINK_TYPES = frozenset({65534, 768, 769, 776, 778, 823, 519, 512})
 
 
-def link_type(ifindex: int) -> int | None:
-    """The link's ARPHRD type, or None when it is gone."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        with IPRoute() as ipr:
-            (msg,) = ipr.get_links(ifindex)
-    except (NetlinkError, ValueError):
-        return None
-    return int(msg["ifi_type"])
-
-
 #: One row of what was exported of a flow cut by the active timeout (the agent's baseline).
 EXPORTED_ROW_DTYPE = np.dtype([("id", "<u8"), ("packets", "<u8"), ("bytes", "<u8"), ("start_ns", "<u8")])
 
@@ -83,31 +70,6 @@ def _addr16(addr: str) -> bytes:
     """An address as the kernel's key has it: 16 bytes, IPv4 v4-mapped."""
     ip = ipaddress.ip_address(addr)
     return (b"\x00" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
-
-
-def _errno(exc: BaseException) -> int | None:
-    return getattr(exc, "errno", None) or getattr(exc, "code", None)
-
-
-def upper_with_xdp(ifindex: int) -> str | None:
-    """The name of a device stacked on ``ifindex`` (its master, a VLAN or macvlan on it) that has an XDP
-    program: the kernel then refuses XDP on ``ifindex`` with EEXIST."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        links = ipr.get_links()
-    uppers = []
-    for link in links:
-        index = int(link["index"])
-        if index == ifindex:
-            uppers.append(int(link.get_attr("IFLA_MASTER") or 0))
-        elif link.get_attr("IFLA_LINK_NETNSID") is None and int(link.get_attr("IFLA_LINK") or 0) == ifindex:
-            uppers.append(index)
-    names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in links}
-    for index in uppers:
-        if index and pin.xdp_prog_ids(index):
-            return names.get(index, f"ifindex {index}")
-    return None
 
 
 def _import_bcc() -> Any:
@@ -328,13 +290,13 @@ class FlowMeter:
         errors = []
         for m in modes:
             try:
-                pin.xdp_set(ifindex, fd, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
-            except pin.NetlinkError as exc:
+                netlink.xdp_set(ifindex, fd, XDP_MODES[m] | XDP_FLAGS_UPDATE_IF_NOEXIST)
+            except netlink.NetlinkError as exc:
                 if exc.errno in (errno.EBUSY, errno.EEXIST):
-                    there = pin.xdp_prog_ids(ifindex)
+                    there = netlink.xdp_prog_ids(ifindex)
                     if there.get(m) == self.prog_id("xdp"):
                         return Attachment(ifname=ifname, ifindex=ifindex, hook="xdp", mode=m)  # ours already
-                    upper = upper_with_xdp(ifindex) if not there else None
+                    upper = netlink.upper_with_xdp(ifindex) if not there else None
                     if upper is not None:
                         raise KernelError(
                             f"XDP cannot attach to {ifname}: its upper device {upper} has an XDP program, and the "
@@ -352,33 +314,25 @@ class FlowMeter:
         raise KernelError(f"cannot attach XDP to {ifname}: " + "; ".join(errors))
 
     def _attach_tc(self, ifname: str, ifindex: int, hook: str, fd: int) -> Attachment:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        created = False
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("add", "clsact", ifindex)
-                created = True
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise KernelError(f"cannot add a clsact qdisc to {ifname}: {exc}") from exc
-            try:
-                ipr.tc("add-filter", "bpf", ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[hook],
-                       parent=TC_PARENTS[hook], classid=1, direct_action=True, prio=TC_PRIORITY)
-            except NetlinkError as exc:
-                if created:
-                    _quiet(lambda: ipr.tc("del", "clsact", ifindex))
-                if exc.code == errno.EEXIST:
-                    there = pin.tc_filter_prog(ifindex, TC_PARENTS[hook], TC_PRIORITY, TC_HANDLE)
-                    if there is not None and there[0] == self.prog_id(hook):
-                        return Attachment(ifname=ifname, ifindex=ifindex, hook=hook, mode="clsact")  # ours already
-                    raise KernelError(
-                        f"{ifname} already has a TC filter at {hook.replace('_', ' ')} priority {TC_PRIORITY} "
-                        f"handle {TC_HANDLE}; pyflow does not replace it (see `tc filter show dev {ifname} "
-                        f"{'ingress' if hook == 'tc_ingress' else 'egress'}`)"
-                    ) from exc
-                raise KernelError(f"cannot attach the TC program to {ifname} ({hook}): {exc}") from exc
+        try:
+            created = netlink.clsact_add(ifindex)
+        except netlink.NetlinkError as exc:
+            raise KernelError(f"cannot add a clsact qdisc to {ifname}: {exc}") from exc
+        try:
+            netlink.tc_filter_add(ifindex, fd, PROGRAMS[hook], TC_PARENTS[hook], TC_PRIORITY, TC_HANDLE)
+        except netlink.NetlinkError as exc:
+            if created:
+                _quiet(lambda: netlink.clsact_del(ifindex))
+            if exc.errno == errno.EEXIST:
+                there = netlink.tc_filter_prog(ifindex, TC_PARENTS[hook], TC_PRIORITY, TC_HANDLE)
+                if there is not None and there[0] == self.prog_id(hook):
+                    return Attachment(ifname=ifname, ifindex=ifindex, hook=hook, mode="clsact")  # ours already
+                raise KernelError(
+                    f"{ifname} already has a TC filter at {hook.replace('_', ' ')} priority {TC_PRIORITY} "
+                    f"handle {TC_HANDLE}; pyflow does not replace it (see `tc filter show dev {ifname} "
+                    f"{'ingress' if hook == 'tc_ingress' else 'egress'}`)"
+                ) from exc
+            raise KernelError(f"cannot attach the TC program to {ifname} ({hook}): {exc}") from exc
         return Attachment(ifname=ifname, ifindex=ifindex, hook=hook, mode="clsact", created_qdisc=created)
 
     def detach(self, ifname: str, hook: str | None = None) -> None:
@@ -389,11 +343,12 @@ class FlowMeter:
             try:
                 if att.hook == "xdp":
                     # only if it is still ours: never remove a program someone put there since
-                    pin.xdp_set(att.ifindex, -1, XDP_MODES[att.mode], expected_fd=self.load("xdp"))
+                    netlink.xdp_set(att.ifindex, -1, XDP_MODES[att.mode], expected_fd=self.load("xdp"))
                 else:
                     self._detach_tc(att)
             except Exception as exc:  # the interface may be gone already
-                upper = upper_with_xdp(att.ifindex) if att.hook == "xdp" and _errno(exc) == errno.EEXIST else None
+                refused = att.hook == "xdp" and getattr(exc, "errno", None) == errno.EEXIST
+                upper = netlink.upper_with_xdp(att.ifindex) if refused else None
                 why = (f"the kernel refuses any XDP change on it while its upper device {upper} has an XDP "
                        f"program, so {ifname} goes on counting what it passes to {upper} (meter {upper} "
                        "with hook=tc to avoid this)") if upper else str(exc)
@@ -403,26 +358,14 @@ class FlowMeter:
 
     @staticmethod
     def _detach_tc(att: Attachment) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with IPRoute() as ipr:
-            try:
-                ipr.tc("del-filter", "bpf", att.ifindex, TC_HANDLE, parent=TC_PARENTS[att.hook], prio=TC_PRIORITY)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
-                    raise
-            if att.created_qdisc:
-                # ours, and nobody else's filters in it: remove it again
-                others = [f for f in ipr.get_filters(att.ifindex, parent=0xFFFFFFF2)
-                          + ipr.get_filters(att.ifindex, parent=0xFFFFFFF3) if f.get_attr("TCA_KIND")]
-                if not others:
-                    _quiet(lambda: ipr.tc("del", "clsact", att.ifindex))
+        netlink.tc_filter_del(att.ifindex, TC_PARENTS[att.hook], TC_PRIORITY, TC_HANDLE)
+        if att.created_qdisc and not netlink.tc_filters_left(att.ifindex):
+            _quiet(lambda: netlink.clsact_del(att.ifindex))  # ours, and nobody else's filters in it
 
     def mark_link_layer(self, ifindex: int) -> None:
         """Tell the program whether ``ifindex``'s packets start with the IP header (an L3 link: tun,
         WireGuard, GRE, ...) before any of them reaches it there."""
-        l3 = link_type(ifindex) in L3_LINK_TYPES
+        l3 = netlink.link_type(ifindex) in L3_LINK_TYPES
         fd = self.maps.get("l3_links")
         if fd is None:
             return
@@ -475,16 +418,12 @@ class FlowMeter:
         self.mark_link_layer(att.ifindex)
         try:
             if att.hook == "xdp":
-                pin.xdp_set(att.ifindex, fd, XDP_MODES[att.mode], expected_fd=old.load("xdp"))
+                netlink.xdp_set(att.ifindex, fd, XDP_MODES[att.mode], expected_fd=old.load("xdp"))
             else:
-                from pyroute2 import IPRoute
-
-                with IPRoute() as ipr:
-                    ipr.tc("replace-filter", "bpf", att.ifindex, TC_HANDLE, fd=fd, name=PROGRAMS[att.hook],
-                           parent=TC_PARENTS[att.hook], classid=1, direct_action=True, prio=TC_PRIORITY)
-        except Exception as exc:  # pin.NetlinkError (an OSError) and pyroute2's NetlinkError alike
-            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
-            if code == errno.ENODEV:  # the interface went away meanwhile (and its program with it)
+                netlink.tc_filter_add(att.ifindex, fd, PROGRAMS[att.hook], TC_PARENTS[att.hook], TC_PRIORITY,
+                                      TC_HANDLE, replace=True)
+        except netlink.NetlinkError as exc:
+            if exc.errno == errno.ENODEV:  # the interface went away meanwhile (and its program with it)
                 return False
             raise KernelError(f"cannot put the new program in place on {att.ifname} ({att.hook}): {exc}") from exc
         return True
@@ -549,9 +488,9 @@ class FlowMeter:
             try:
                 att = Attachment(**rec)
                 if att.hook == "xdp":
-                    here = pin.xdp_prog_ids(att.ifindex).get(att.mode) == self.prog_id("xdp")
+                    here = netlink.xdp_prog_ids(att.ifindex).get(att.mode) == self.prog_id("xdp")
                 else:
-                    there = pin.tc_filter_prog(att.ifindex, TC_PARENTS[att.hook], TC_PRIORITY, TC_HANDLE)
+                    there = netlink.tc_filter_prog(att.ifindex, TC_PARENTS[att.hook], TC_PRIORITY, TC_HANDLE)
                     here = there is not None and there[0] == self.prog_id(att.hook)
                 if not here:
                     continue

@@ -22,8 +22,8 @@ run a fresh mount namespace, so the bpffs it mounted is gone with it) still
 finds the programs attached to its interfaces (by id) and, through them,
 every map including the baseline (``find_instances``).
 
-Attachments are made through rtnetlink (XDP and TC alike): they stay in the
-kernel when the agent dies, so packets go on being counted until a new agent
+Attachments are made through rtnetlink (XDP and TC alike, pyflow/kernel/netlink.py): they stay
+in the kernel when the agent dies, so packets go on being counted until a new agent
 takes over.  One agent per network namespace: ``InstanceLock`` (flock on
 /run/pyflow/netns-<inode>.lock).
 
@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -69,6 +68,7 @@ from pyflow.kernel.bpfsys import (
 )
 from pyflow.kernel.libc import libc as _libc
 from pyflow.kernel.settings import KernelSettings
+from pyflow.paths import netns_id
 
 BPFFS_ROOT = Path("/sys/fs/bpf")
 RUN_DIR = Path("/run/pyflow")
@@ -150,152 +150,6 @@ def obj_get(path: str | Path) -> int:
     return bpfsys.obj_get(os.fsencode(str(reach(path))))
 
 
-# -- rtnetlink: XDP and TC attachments -------------------------------------------------
-
-NETLINK_ROUTE = 0
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_F_NESTED = 0x8000
-NETLINK_EXT_ACK, NETLINK_CAP_ACK = 11, 10
-NLMSGERR_ATTR_MSG = 1
-RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
-RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
-IFLA_XDP = 43
-IFLA_XDP_FD, IFLA_XDP_ATTACHED, IFLA_XDP_FLAGS, IFLA_XDP_PROG_ID = 1, 2, 3, 4
-IFLA_XDP_DRV_PROG_ID, IFLA_XDP_SKB_PROG_ID, IFLA_XDP_EXPECTED_FD = 5, 6, 8
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_REPLACE = 1 << 4
-TCA_KIND, TCA_OPTIONS = 1, 2
-TCA_BPF_NAME, TCA_BPF_ID = 7, 11
-ETH_P_ALL = 0x0003
-
-
-class NetlinkError(OSError):
-    """An rtnetlink request failed: ``errno`` and the kernel's extended ack message."""
-
-
-def _attrs(data: bytes | memoryview, off: int = 0, end: int | None = None) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    end = len(data) if end is None else end
-    while off + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, off)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = bytes(data[off + 4:off + length])
-        off += (length + 3) & ~3
-    return out
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
-    return raw + b"\0" * (-len(raw) % 4)
-
-
-def _rtnl(msg_type: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
-    """One rtnetlink request; the replies (type, payload) up to the ack or the end of the dump."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE) as s:
-        s.setsockopt(270, NETLINK_EXT_ACK, 1)  # SOL_NETLINK
-        s.setsockopt(270, NETLINK_CAP_ACK, 1)
-        s.bind((0, 0))
-        seq = 1
-        s.send(struct.pack("=IHHII", 16 + len(body), msg_type, flags | NLM_F_REQUEST, seq, 0) + body)
-        out: list[tuple[int, bytes]] = []
-        for _ in range(1 << 16):
-            data = s.recv(1 << 20)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, mflags, mseq, _pid = struct.unpack_from("=IHHII", data, off)
-                payload = data[off + 16:off + length]
-                off += (length + 3) & ~3
-                if mseq != seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", payload)
-                    if code == 0:
-                        return out
-                    ext = _attrs(payload, 4 + 16) if mflags & 0x200 else {}  # NLM_F_ACK_TLVS, capped ack
-                    msg = ext.get(NLMSGERR_ATTR_MSG, b"").rstrip(b"\0").decode(errors="replace")
-                    raise NetlinkError(-code, os.strerror(-code) + (f" ({msg})" if msg else ""))
-                out.append((kind, payload))
-            if not flags & NLM_F_DUMP and not flags & NLM_F_ACK:
-                return out
-        raise NetlinkError(errno.EIO, "no end to the rtnetlink reply")
-
-
-def _ifinfomsg(ifindex: int) -> bytes:
-    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
-
-
-def xdp_set(ifindex: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
-    """Attach XDP program ``fd`` to ``ifindex`` (fd -1: detach) with XDP_FLAGS_*.
-
-    With ``expected_fd`` (XDP_FLAGS_REPLACE is added) the change happens only if
-    that program is the one attached now, atomically: a take-over, or a detach
-    that never removes someone else's program.
-    """
-    nested = _attr(IFLA_XDP_FD, struct.pack("=i", fd))
-    if expected_fd is not None:
-        flags |= XDP_FLAGS_REPLACE
-        nested += _attr(IFLA_XDP_EXPECTED_FD, struct.pack("=i", expected_fd))
-    nested += _attr(IFLA_XDP_FLAGS, struct.pack("=I", flags))
-    _rtnl(RTM_SETLINK, NLM_F_ACK, _ifinfomsg(ifindex) + _attr(IFLA_XDP | NLA_F_NESTED, nested))
-
-
-def xdp_prog_ids(ifindex: int) -> dict[str, int]:
-    """The XDP programs attached to ``ifindex``: {"native": id, "generic": id} (absent: none)."""
-    replies = _rtnl(RTM_GETLINK, 0, _ifinfomsg(ifindex))
-    for kind, payload in replies:
-        if kind != RTM_NEWLINK:
-            continue
-        xdp = _attrs(payload, 16).get(IFLA_XDP)
-        if xdp is None:
-            return {}
-        a = _attrs(xdp)
-        out = {}
-        mode = a.get(IFLA_XDP_ATTACHED, b"\0")[0]
-        single = struct.unpack("=I", a[IFLA_XDP_PROG_ID])[0] if IFLA_XDP_PROG_ID in a else 0
-        drv = struct.unpack("=I", a[IFLA_XDP_DRV_PROG_ID])[0] if IFLA_XDP_DRV_PROG_ID in a else 0
-        skb = struct.unpack("=I", a[IFLA_XDP_SKB_PROG_ID])[0] if IFLA_XDP_SKB_PROG_ID in a else 0
-        if mode == 1:  # XDP_ATTACHED_DRV
-            drv = drv or single
-        elif mode == 2:  # XDP_ATTACHED_SKB
-            skb = skb or single
-        if drv:
-            out["native"] = drv
-        if skb:
-            out["generic"] = skb
-        return out
-    return {}
-
-
-def tc_filter_prog(ifindex: int, parent: int, prio: int, handle: int) -> tuple[int, str] | None:
-    """(program id, name) of the bpf filter at ``parent``/``prio``/``handle`` of ``ifindex``, or None."""
-    body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, ifindex, 0, parent, 0)
-    try:
-        replies = _rtnl(RTM_GETTFILTER, NLM_F_DUMP, body)
-    except NetlinkError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-            return None
-        raise
-    for kind, payload in replies:
-        if kind != RTM_NEWTFILTER or len(payload) < 20:
-            continue
-        _fam, _ifi, fhandle, fparent, info = struct.unpack_from("=BxxxiIII", payload)
-        if fhandle != handle or fparent != parent or info >> 16 != prio:
-            continue
-        a = _attrs(payload, 20)
-        if a.get(TCA_KIND, b"").rstrip(b"\0") != b"bpf" or TCA_OPTIONS not in a:
-            continue
-        opts = _attrs(a[TCA_OPTIONS])
-        prog_id = struct.unpack("=I", opts[TCA_BPF_ID])[0] if TCA_BPF_ID in opts else 0
-        return prog_id, opts.get(TCA_BPF_NAME, b"").rstrip(b"\0").decode(errors="replace")
-    return None
-
-
 # -- bpffs and the instance directory ------------------------------------------------
 
 
@@ -320,10 +174,6 @@ def ensure_bpffs(root: Path = BPFFS_ROOT) -> bool:
         raise KernelError(f"no bpffs at {root} and mounting one failed: {os.strerror(err)} (pyflow pins its maps "
                           f"there; mount it with `mount -t bpf bpf {root}`, or run pyflow as root)")
     return True
-
-
-def netns_inode() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
 
 
 def source_hash(bpf_dir: Path = abi.BPF_DIR) -> str:
@@ -367,7 +217,7 @@ class NetnsPins:
     """This network namespace's directory in bpffs, held by one agent at a time."""
 
     def __init__(self, root: Path = BPFFS_ROOT, run_dir: Path = RUN_DIR, netns: int | None = None) -> None:
-        self.netns = netns_inode() if netns is None else netns
+        self.netns = netns_id()[1] if netns is None else netns
         self.root = root
         self.dir = root / "pyflow" / f"netns-{self.netns}"
         self.lock = InstanceLock(self.netns, run_dir)

@@ -29,7 +29,7 @@ from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
 from pyflow.errors import KernelError
-from pyflow.kernel import bpfsys, pin
+from pyflow.kernel import bpfsys, netlink, pin
 from pyflow.kernel.loader import FlowMeter, KernelSettings
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, ip, udp_socket_in
@@ -223,16 +223,16 @@ def test_a_take_over_failing_at_the_kth_interface_restores_the_others(dummies: l
         for n in dummies:
             old.attach(n, "generic")
         old_id, new_fd = old.prog_id("xdp"), new.load("xdp")
-        real, replaced = pin.xdp_set, []
+        real, replaced = netlink.xdp_set, []
 
         def fails_at_k(ifindex: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
             if fd == new_fd:  # a replace by the new program (putting the old one back is not counted)
                 replaced.append(ifindex)
                 if len(replaced) == k:
-                    raise pin.NetlinkError(12, "Cannot allocate memory (injected)")
+                    raise netlink.NetlinkError(12, "Cannot allocate memory (injected)")
             real(ifindex, fd, flags, expected_fd)
 
-        monkeypatch.setattr(pin, "xdp_set", fails_at_k)
+        monkeypatch.setattr(netlink, "xdp_set", fails_at_k)
         with pytest.raises(KernelError, match=f"cannot put the new program in place on {dummies[k - 1]}"):
             new.take_over(old)
         monkeypatch.undo()

@@ -22,7 +22,7 @@ import pytest
 from pyflow import runner
 from pyflow.config import SettingError, Settings, TargetSettings
 from pyflow.errors import KernelError
-from pyflow.kernel import pin
+from pyflow.kernel import netlink
 from pyflow.kernel.loader import Attachment, FlowMeter, KernelSettings
 from pyflow.metrics import Metrics
 
@@ -36,9 +36,9 @@ class FakeXdp:
     def xdp_set(self, ifindex: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
         self.calls += 1
         if (ifindex, fd) in self.fail_on:
-            raise pin.NetlinkError(errno.ENOMEM, "injected")
+            raise netlink.NetlinkError(errno.ENOMEM, "injected")
         if expected_fd is not None and self.attached.get(ifindex) != expected_fd:
-            raise pin.NetlinkError(errno.EEXIST, "not the expected program")
+            raise netlink.NetlinkError(errno.EEXIST, "not the expected program")
         if fd < 0:
             self.attached.pop(ifindex, None)
         else:
@@ -48,7 +48,7 @@ class FakeXdp:
 @pytest.fixture
 def xdp(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeXdp]:
     fake = FakeXdp()
-    monkeypatch.setattr(pin, "xdp_set", fake.xdp_set)
+    monkeypatch.setattr(netlink, "xdp_set", fake.xdp_set)
     yield fake
 
 
@@ -93,10 +93,10 @@ def test_take_over_skips_an_interface_that_went_away(xdp: FakeXdp, monkeypatch: 
 
     def gone(ifindex: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
         if ifindex == 2:
-            raise pin.NetlinkError(errno.ENODEV, "no such device")
+            raise netlink.NetlinkError(errno.ENODEV, "no such device")
         real(ifindex, fd, flags, expected_fd)
 
-    monkeypatch.setattr(pin, "xdp_set", gone)
+    monkeypatch.setattr(netlink, "xdp_set", gone)
     new.take_over(old)
     assert xdp.attached == {1: 201, 2: 101} and list(new.attachments) == [("if1", "xdp")]
 

@@ -271,7 +271,10 @@ def test_collect_prints_pyflows_export(pair: Pair, tmp_path: Path) -> None:
     try:
         for version, proc in collectors.items():
             proc.wait_for_line(f"listening on 127.0.0.1:{COLLECT_PORTS[version]} ", timeout=30)
-        targets = [a for v, port in COLLECT_PORTS.items() for a in ("--target", f"127.0.0.1:{port}/{v}")]
+        # interface names as options data: asked for (interface-names=yes) where the format has options
+        names = {"9": ",interface-names=yes", "ipfix": ",interface-names=yes"}
+        targets = [a for v, port in COLLECT_PORTS.items()
+                   for a in ("--target", f"127.0.0.1:{port}/{v}{names.get(v, '')}")]
         with agent_in(pair.b, str(tmp_path / "pyflow.sock"), "--interface", pair.b_if, "--inactive-flow-timeout",
                       "1s", "--sweep-interval", "200ms", "--metrics-address", "", *targets) as agent:
             send(pair, frames, tmp_path, "collect")

@@ -233,28 +233,21 @@ def _yes(v: object) -> str:
 
 def status_lines(answer: dict[str, Any]) -> list[str]:
     """``/ip traffic-flow print`` style: right-aligned names, then the targets table."""
+    from pyflow.routeros import pyflow_items, traffic_flow_items  # the one rendering of settings
+
     s = answer["settings"]
-    items: list[tuple[str, str]] = []
-    items.append(("enabled", _yes(s.get("enabled", True))))
-    items.append(("interfaces", ",".join(s["interfaces"])))
-    if "interfaces-expanded" in s:
-        items.append(("  (metered)", ",".join(s["interfaces-expanded"])))
     cache = answer["cache"]
     pct = 100.0 * cache["entries"] / cache["capacity"] if cache["capacity"] else 0.0
-    items.append(("cache-entries", f"{format_size(s['cache-entries'])}   (in use: {cache['entries']}, {pct:.1f}%)"))
-    items.append(("active-flow-timeout", s["active-flow-timeout"]))
-    items.append(("inactive-flow-timeout", s["inactive-flow-timeout"]))
-    if "packet-sampling" in s:
-        items.append(("packet-sampling", _yes(s["packet-sampling"])))
-    for name in ("sampling-interval", "sampling-space"):
-        if name in s:
-            items.append((name, str(s[name])))
-    if "ipfix" in s:
-        changed = ",".join(f"{k}={v}" for k, v in s["ipfix"].items())
-        items.append(("ipfix", changed or "(RouterOS defaults)"))
-    for name in ("sweep-interval", "direction", "hook", "xdp-mode", "metrics-address", "as-file"):
-        if s.get(name):
-            items.append((name, str(s[name])))
+    items: list[tuple[str, str]] = []
+    for name, value in traffic_flow_items(s):
+        if name == "cache-entries":
+            value += f"   (in use: {cache['entries']}, {pct:.1f}%)"
+        items.append((name, value))
+        if name == "interfaces" and "interfaces-expanded" in s:
+            items.append(("  (metered)", ",".join(s["interfaces-expanded"])))
+    changed = ",".join(f"{k}={v}" for k, v in s.get("ipfix", {}).items())
+    items.append(("ipfix", changed or "(RouterOS defaults)"))
+    items += pyflow_items(s)
     for opt in s.get("interface-options", ()):
         items.append(("interface", opt))
     a = answer["agent"]

@@ -453,7 +453,7 @@ class ControlServer:
             "ok": True,
             "version": __version__,
             "time": now,
-            "settings": settings_view(settings),
+            "settings": _settings_view(settings),
             "cache": {"entries": int(seen.cached), "capacity": capacity, "counted-ago": counted},
             "targets": targets,
             "agent": agent_stats,
@@ -616,41 +616,12 @@ def _linger(conn: socket.socket, limit: int = 1 << 20) -> None:
         pass
 
 
-def settings_view(settings: Any) -> dict[str, Any]:
-    """The effective settings with RouterOS's names (``/ip traffic-flow print``), plus pyflow's own.
+def _settings_view(settings: Any) -> dict[str, Any]:
+    from pyflow.routeros import settings_view  # the one view of settings (RouterOS's names)
 
-    Settings a version of ``Settings`` does not have are left out.
-    """
-    out: dict[str, Any] = {}
-    out["enabled"] = True  # the agent runs: RouterOS's enabled=yes, whatever a config file said
-    spec = getattr(settings, "interface_spec", ()) or settings.interfaces
-    out["interfaces"] = list(spec)
-    if tuple(spec) != tuple(settings.interfaces):
-        out["interfaces-expanded"] = list(settings.interfaces)
-    out["cache-entries"] = int(settings.cache_entries)
-    out["active-flow-timeout"] = format_duration(int(settings.active_flow_timeout_ns))
-    out["inactive-flow-timeout"] = format_duration(int(settings.inactive_flow_timeout_ns))
-    if hasattr(settings, "packet_sampling"):
-        out["packet-sampling"] = bool(settings.packet_sampling)
-    for name in ("sampling_interval", "sampling_space"):
-        if hasattr(settings, name):
-            out[name.replace("_", "-")] = int(getattr(settings, name))
-    fields = getattr(settings, "ipfix", None)
-    if fields is not None and hasattr(fields, "changes"):
-        out["ipfix"] = {name: ("yes" if on else "no") for name, on in fields.changes().items()}
-    out["sweep-interval"] = format_duration(int(settings.sweep_interval_ns))
-    out["direction"] = getattr(settings, "direction", "ingress")
-    out["hook"] = getattr(settings, "hook", "auto")
-    options = []
-    for o in getattr(settings, "interface_options", ()):
-        options.append(f"{o.name},direction={o.direction},hook={o.hook}")
-    if options:
-        out["interface-options"] = options
-    for name in ("xdp_mode", "metrics_address", "as_file"):
-        if hasattr(settings, name):
-            value = getattr(settings, name)
-            out[name.replace("_", "-")] = "" if value is None else str(value)
-    return out
+    view = settings_view(settings)
+    view["enabled"] = True  # the agent runs: RouterOS's enabled=yes, whatever a config file said
+    return view
 
 
 def _encode(obj: dict[str, Any]) -> bytes:

@@ -629,19 +629,54 @@ def _table(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[str], str]
     return out
 
 
+def settings_view(s: Settings) -> dict[str, Any]:
+    """The settings as data, with RouterOS's names and pyflow's: what `pyflow status --json` answers,
+    and the one source both renderings (`print_settings` here, `pyflow status`) print from."""
+    out: dict[str, Any] = {"enabled": bool(s.enabled), "interfaces": list(s.interface_spec)}
+    if tuple(s.interface_spec) != tuple(s.interfaces):
+        out["interfaces-expanded"] = list(s.interfaces)
+    out |= {"cache-entries": int(s.cache_entries),
+            "active-flow-timeout": format_duration(s.active_flow_timeout_ns),
+            "inactive-flow-timeout": format_duration(s.inactive_flow_timeout_ns),
+            "packet-sampling": bool(s.packet_sampling), "sampling-interval": int(s.sampling_interval),
+            "sampling-space": int(s.sampling_space),
+            "ipfix": {name: format_bool(on) for name, on in s.ipfix.changes().items()},
+            "sweep-interval": format_duration(s.sweep_interval_ns), "metrics-address": s.metrics_address or "",
+            "xdp-mode": s.xdp_mode, "direction": s.direction, "hook": s.hook, "as-file": s.as_file or "",
+            "control-socket": s.control_socket or "", "user": s.user or ""}
+    options = [f"{o.name},direction={o.direction},hook={o.hook}" for o in s.interface_options]
+    if options:
+        out["interface-options"] = options
+    return out
+
+
+def traffic_flow_items(view: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``/ip traffic-flow print``'s lines of a settings view."""
+    return [("enabled", format_bool(view.get("enabled", True))), ("interfaces", ",".join(view["interfaces"])),
+            ("cache-entries", format_size(int(view["cache-entries"]))),
+            ("active-flow-timeout", view["active-flow-timeout"]),
+            ("inactive-flow-timeout", view["inactive-flow-timeout"]),
+            ("packet-sampling", format_bool(view.get("packet-sampling", False))),
+            ("sampling-interval", str(view.get("sampling-interval", 0))),
+            ("sampling-space", str(view.get("sampling-space", 0)))]
+
+
+def pyflow_items(view: Mapping[str, Any], as_prefixes: int | None = None) -> list[tuple[str, str]]:
+    """pyflow's own settings' lines of a settings view (``as_prefixes``: the AS file's size, if read)."""
+    as_file = visible(view.get("as-file") or "(none)") + ("" if as_prefixes is None else f" ({as_prefixes} prefixes)")
+    return [("sweep-interval", view["sweep-interval"]),
+            ("metrics-address", visible(view.get("metrics-address", "")) or '""  (off)'),
+            ("xdp-mode", view.get("xdp-mode", "auto")), ("direction", view.get("direction", "ingress")),
+            ("hook", view.get("hook", "auto")), ("as-file", as_file),
+            ("control-socket", visible(view.get("control-socket", "")) or '""  (off)'),
+            ("user", visible(view.get("user", "")) or '""  (stays root)')]
+
+
 def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
     """The settings as RouterOS prints them, then pyflow's own (``as_prefixes``: the AS file's size, if read)."""
+    view = settings_view(s)
     out = ["/ip traffic-flow print"]
-    out += _aligned([
-        ("enabled", format_bool(s.enabled)),
-        ("interfaces", ",".join(s.interface_spec)),
-        ("cache-entries", format_size(s.cache_entries)),
-        ("active-flow-timeout", format_duration(s.active_flow_timeout_ns)),
-        ("inactive-flow-timeout", format_duration(s.inactive_flow_timeout_ns)),
-        ("packet-sampling", format_bool(s.packet_sampling)),
-        ("sampling-interval", str(s.sampling_interval)),
-        ("sampling-space", str(s.sampling_space)),
-    ])
+    out += _aligned(traffic_flow_items(view))
     out += ["", "/ip traffic-flow target print"]
     targets = [("", t) for t in s.targets] + [("X", t) for t in s.disabled_targets]
     if targets:
@@ -666,16 +701,7 @@ def print_settings(s: Settings, as_prefixes: int | None = None) -> str:
         rows = [("", [lst.name, m], "") for lst in s.interface_lists for m in lst.members]
         out += _table(["LIST", "INTERFACE"], rows) if rows else ["(no members)"]
     out += ["", "pyflow (its own settings)"]
-    out += _aligned([
-        ("sweep-interval", format_duration(s.sweep_interval_ns)),
-        ("metrics-address", s.metrics_address or '""  (off)'),
-        ("xdp-mode", s.xdp_mode),
-        ("direction", s.direction),
-        ("hook", s.hook),
-        ("as-file", visible(s.as_file or "(none)") + ("" if as_prefixes is None else f" ({as_prefixes} prefixes)")),
-        ("control-socket", visible(s.control_socket) or '""  (off)'),
-        ("user", visible(s.user) or '""  (stays root)'),
-    ])
+    out += _aligned(pyflow_items(view, as_prefixes))
     out += analytics_lines(s)
     out += ["", "pyflow interfaces (what is metered, and how)"]
     names = list(s.interfaces) if s.interfaces != ("all",) else ["all"]

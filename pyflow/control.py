@@ -111,10 +111,6 @@ class BadRequest(Exception):
     """A request the server cannot answer; its message goes back to the client."""
 
 
-def _boot_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
 # --------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------
@@ -173,7 +169,8 @@ class ControlServer:
 
     def __init__(self, agent: Agent, path: str = DEFAULT_SOCKET, *,
                  wall: Callable[[], float] = time.time,
-                 links: Callable[[], list[dict[str, object]]] | None = None) -> None:
+                 links: Callable[[], list[dict[str, object]]] | None = None,
+                 started: float | None = None) -> None:
         self.agent = agent
         self._links = links  # every link, metered or skipped and why (InterfaceSet.listing)
         self.path = str(path)
@@ -186,7 +183,7 @@ class ControlServer:
         self._clients: dict[socket.socket, _Conn] = {}
         self._clients_lock = threading.Lock()
         self._scans = threading.BoundedSemaphore(SCANS)
-        self._started_at = wall()
+        self._started_at = wall() if started is None else started  # the agent's start (uptime)
         # id(target) -> (datagrams at the last change, wall time of that change or None)
         self._sent: dict[int, tuple[int, float | None]] = {}
         self._sent_lock = threading.Lock()
@@ -407,7 +404,7 @@ class ControlServer:
         now = self._wall()
         with self._sent_lock:
             seen = set()
-            for target in list(getattr(self.agent, "targets", ())):
+            for target in list(self.agent.targets):
                 key = id(target)
                 seen.add(key)
                 n = int(target.stats.datagrams)
@@ -437,13 +434,12 @@ class ControlServer:
             "sweeps": int(stats.sweeps),
             "records": int(stats.records),
             "deleted": int(stats.deleted),
-            "nat-events": int(getattr(stats, "nat_events", 0)),
-            "pending-sweeps": int(getattr(stats, "pending_commits", 0)),
-            "last-sweep-seconds": float(getattr(stats, "last_sweep_seconds", 0.0)),
+            "nat-events": int(stats.nat_events),
+            "pending-sweeps": int(stats.pending_commits),
+            "last-sweep-seconds": float(stats.last_sweep_seconds),
         }
         now = self._wall()
-        metrics = getattr(agent, "metrics", None)
-        started = float(getattr(metrics, "start_time", 0.0) or self._started_at)
+        started = self._started_at
         agent_stats |= {"started": started, "uptime": max(0.0, now - started), "pid": os.getpid()}
         for view in targets:
             last = view["last-sent"]
@@ -461,8 +457,7 @@ class ControlServer:
         }
 
     def _boot_ns(self) -> int:
-        clocks = getattr(self.agent, "clocks", None)
-        return int(clocks.boot_ns()) if clocks is not None else _boot_ns()
+        return int(self.agent.clocks.boot_ns())
 
     def _target_view(self, index: int, target: Any) -> dict[str, Any]:
         ts = target.settings
@@ -479,13 +474,13 @@ class ControlServer:
             "src-address": ts.src_address or "",
             "v9-template-refresh": int(ts.v9_template_refresh),
             "v9-template-timeout": format_duration(int(ts.v9_template_timeout_ns)),
-            "time": getattr(ts, "time_mode", "absolute"),
-            "max-rate": int(getattr(ts, "max_rate", 0)),
+            "time": ts.time_mode,
+            "max-rate": int(ts.max_rate),
             "datagrams": int(st.datagrams),
             "records": int(st.records),
             "bytes": int(st.bytes),
-            "templates": int(getattr(st, "templates", 0)),
-            "not-representable": int(getattr(st, "not_representable", 0)),
+            "templates": int(st.templates),
+            "not-representable": int(st.not_representable),
             "send-errors": sum(errors.values()),
             "send-errors-by-errno": errors,
             "last-sent": last,

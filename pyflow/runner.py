@@ -528,7 +528,7 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
         watcher = LinkWatcher(follow, log)
         stack.callback(watcher.close)
         if settings.control_socket:
-            control = ControlServer(agent, settings.control_socket, links=ifs.listing)
+            control = ControlServer(agent, settings.control_socket, links=ifs.listing, started=metrics.start_time)
             control.start()
             stack.callback(control.close)
 

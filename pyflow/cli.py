@@ -306,6 +306,12 @@ def _size_arg(text: str) -> int:
 
 def _add_settings_options(p: argparse.ArgumentParser) -> None:
     """The settings flags ``run`` and ``check`` share. Every default is None: unset never overrides."""
+    for add in (_add_source_options, _add_traffic_flow_options, _add_target_options, _add_own_options,
+                _add_analytics_options):
+        add(p)
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("where the settings come from")
     one = src.add_mutually_exclusive_group()
     one.add_argument("-c", "--config", metavar="FILE",
@@ -319,14 +325,16 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                      help="with --routeros: skip commands of other menus (/ip firewall ...) with a warning, "
                           "instead of failing")
 
+
+def _add_traffic_flow_options(p: argparse.ArgumentParser) -> None:
     tf = p.add_argument_group("/ip traffic-flow")
     tf.add_argument("--enabled", type=_arg(yes_no, "enabled"), metavar="yes|no",
                     help="RouterOS's master switch (default: yes with flags alone, else the file's, "
                          "RouterOS's default no)")
     tf.add_argument("-i", "--interface", action="append", metavar="IF[,OPTION=VALUE...]",
-                    help="interface or interface list to meter (repeatable); 'all' = every non-loopback "
-                         "interface that is up (default: all); options: direction=ingress|egress|both, "
-                         "hook=auto|xdp|tc")
+                    help="interface or interface list to meter (repeatable); 'all' = every interface that "
+                         "carries packets into IP, each packet counted once (default: all); options: "
+                         "direction=ingress|egress|both, hook=auto|xdp|tc")
     tf.add_argument("--cache-entries", type=_size_arg, metavar="N", help="flow cache size (default: 64k)")
     tf.add_argument("--active-flow-timeout", type=_duration_arg("active-flow-timeout"), metavar="DURATION",
                     help="default: 30m")
@@ -339,6 +347,8 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
     tf.add_argument("--sampling-space", type=_arg(count, "sampling-space"), metavar="M",
                     help="packets skipped after them (default: 0 = one packet in N)")
 
+
+def _add_target_options(p: argparse.ArgumentParser) -> None:
     tg = p.add_argument_group("/ip traffic-flow target")
     tg.add_argument("-t", "--target", action="append", metavar="HOST[:PORT][/VERSION][,OPTION=VALUE...]",
                     help="collector to export to (repeatable; replaces the file's targets); run needs one")
@@ -354,13 +364,16 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                     help="turn v9/IPFIX record fields on or off (repeatable, a later value wins; "
                          "default: all yes but nat-events)")
 
+
+def _add_own_options(p: argparse.ArgumentParser) -> None:
     own = p.add_argument_group("pyflow's own")
     own.add_argument("--direction", choices=("ingress", "egress", "both"),
                      help="what to meter on every interface: what it receives (RouterOS's way), what it "
                           "sends (TC egress), or both (default: ingress)")
     own.add_argument("--hook", choices=("auto", "xdp", "tc"),
                      help="receive-side hook: XDP, TC clsact ingress, or auto = XDP where it attaches, "
-                          "else TC (default: auto)")
+                          "else TC; TC on bridges, bonds, parents of VLANs and links with no Ethernet "
+                          "header (default: auto)")
     own.add_argument("--sweep-interval", type=_duration_arg("sweep-interval"), metavar="DURATION",
                      help="the longest time between two sweeps; they run when the earliest cached flow "
                           "falls due, and never later than its timeout allows: an inactive timeout after "
@@ -372,6 +385,16 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                           "without it they are 0, as RouterOS sends when it runs no BGP")
     own.add_argument("--metrics-address", metavar="HOST:PORT",
                      help="serve Prometheus metrics here; '' turns it off (default: 127.0.0.1:9796)")
+    own.add_argument("--control-socket", metavar="PATH",
+                     help="Unix socket `pyflow status/flows/top` ask the running agent on; '' turns it off "
+                          "(default: /run/pyflow/pyflow.sock, or pyflow-net<inode>.sock in another network "
+                          "namespace)")
+    own.add_argument("--user", metavar="NAME",
+                     help="after its privileged start, run as this unprivileged user (`make setup` creates "
+                          "'pyflow') with only CAP_BPF and CAP_NET_ADMIN; '' stays uid 0 (default: '')")
+
+
+def _add_analytics_options(p: argparse.ArgumentParser) -> None:
     an = p.add_argument_group("traffic analytics (metrics endpoint; README, \"Traffic analytics\")")
     an.add_argument("--analytics", type=_arg(yes_no, "analytics"), metavar="yes|no",
                     help="top talkers, traffic mix and anomaly signals as metrics (default: yes; no: none of "
@@ -384,13 +407,6 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
                     help="a signal's score threshold (default 6 for each)")
     an.add_argument("--analytics-floor", action="append", metavar="SIGNAL=VALUE[,...]",
                     help="a signal's floor: below this value it never fires (defaults: README)")
-    own.add_argument("--control-socket", metavar="PATH",
-                     help="Unix socket `pyflow status/flows/top` ask the running agent on; '' turns it off "
-                          "(default: /run/pyflow/pyflow.sock, or pyflow-net<inode>.sock in another network "
-                          "namespace)")
-    own.add_argument("--user", metavar="NAME",
-                     help="after its privileged start, run as this unprivileged user (`make setup` creates "
-                          "'pyflow') with only CAP_BPF and CAP_NET_ADMIN; '' stays uid 0 (default: '')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,32 +529,48 @@ def build_settings(base: Layer | None, args: argparse.Namespace) -> Settings:
         if value is not None:
             values[attr] = value
             where[key] = flag
+    values["interface_options"] = _merge_interfaces(values, where, options, _flag(args, "interface"))
+    _merge_targets(values, where, args)
+    values["ipfix"] = _merge_fields(ipfix, args)
+    values["analytics"] = _analytics_settings(values.get("analytics") or {}, args, where)
+    try:
+        return Settings(**values)
+    except SettingError as exc:
+        place = where.get(exc.key) or where.get(exc.key.split(".")[0])
+        raise ConfigError(f"{place}: {exc}" if place else str(exc)) from None
 
-    specs = _flag(args, "interface")
-    if specs:
-        direction = values.get("direction", "ingress")
-        hook = values.get("hook", "auto")
-        names, flag_options = [], {}
-        for spec in specs:
-            try:
-                opt = parse_interface(spec, direction, hook)
-            except ConfigError as exc:
-                raise ConfigError(f"--interface {spec!r}: {exc}") from None
-            names.append(opt.name)
-            if opt.name == "all":
-                if "," in spec:  # all,direction=both: the options of every interface
-                    values["direction"], values["hook"] = opt.direction, opt.hook
-                    where["direction"] = where["hook"] = "--interface"
-            elif "," in spec:
-                flag_options[opt.name] = opt
-                where[f"interface.{opt.name}"] = "--interface"
-        values["interfaces"] = tuple(names)
-        where["interfaces"] = "--interface"
-        # the file's per-interface options stay for the interfaces still metered
-        options = {n: o for n, o in options.items() if n in names or "all" in names}
-        options.update(flag_options)
-    values["interface_options"] = tuple(options.values())
 
+def _merge_interfaces(values: dict[str, Any], where: dict[str, str], options: dict[str, Any],
+                      specs: list[str] | None) -> tuple[Any, ...]:
+    """--interface over the file's interfaces; the per-interface options that apply."""
+    if not specs:
+        return tuple(options.values())
+    direction = values.get("direction", "ingress")
+    hook = values.get("hook", "auto")
+    names, flag_options = [], {}
+    for spec in specs:
+        try:
+            opt = parse_interface(spec, direction, hook)
+        except ConfigError as exc:
+            raise ConfigError(f"--interface {spec!r}: {exc}") from None
+        names.append(opt.name)
+        if opt.name == "all":
+            if "," in spec:  # all,direction=both: the options of every interface
+                values["direction"], values["hook"] = opt.direction, opt.hook
+                where["direction"] = where["hook"] = "--interface"
+        elif "," in spec:
+            flag_options[opt.name] = opt
+            where[f"interface.{opt.name}"] = "--interface"
+    values["interfaces"] = tuple(names)
+    where["interfaces"] = "--interface"
+    # the file's per-interface options stay for the interfaces still metered
+    kept = {n: o for n, o in options.items() if n in names or "all" in names}
+    kept.update(flag_options)
+    return tuple(kept.values())
+
+
+def _merge_targets(values: dict[str, Any], where: dict[str, str], args: argparse.Namespace) -> None:
+    """--target replaces the file's targets; --v9-template-* apply to every target."""
     refresh, timeout = _flag(args, "v9_template_refresh"), _flag(args, "v9_template_timeout")
     target_values: dict[str, int] = {}
     if refresh is not None:
@@ -557,17 +589,20 @@ def build_settings(base: Layer | None, args: argparse.Namespace) -> Settings:
                 raise ConfigError(f"--target {spec!r}: {exc}") from None
             where[f"target.{i}"] = f"--target {spec!r}"
         values["targets"], values["disabled_targets"] = tuple(built), ()
-    else:
-        if version is not None:
-            raise ConfigError("--version sets the version of --target values that name none; with no --target, "
-                              "give each [[target]] of the file its version")
-        for attr in ("targets", "disabled_targets"):
-            if target_values and values.get(attr):
-                try:
-                    values[attr] = tuple(dataclasses.replace(t, **target_values) for t in values[attr])
-                except SettingError as exc:
-                    raise ConfigError(f"--{exc.key}: {exc}") from None
+        return
+    if version is not None:
+        raise ConfigError("--version sets the version of --target values that name none; with no --target, "
+                          "give each [[target]] of the file its version")
+    for attr in ("targets", "disabled_targets"):
+        if target_values and values.get(attr):
+            try:
+                values[attr] = tuple(dataclasses.replace(t, **target_values) for t in values[attr])
+            except SettingError as exc:
+                raise ConfigError(f"--{exc.key}: {exc}") from None
 
+
+def _merge_fields(ipfix: dict[str, bool], args: argparse.Namespace) -> Any:
+    """The file's [ipfix] toggles, then --ipfix (a later value wins)."""
     fields = parse_fields([])
     if ipfix:
         fields = fields.with_values(ipfix)
@@ -576,14 +611,7 @@ def build_settings(base: Layer | None, args: argparse.Namespace) -> Settings:
             fields = parse_fields(args.ipfix, fields)
         except ConfigError as exc:
             raise ConfigError(f"--ipfix: {exc}") from None
-    values["ipfix"] = fields
-    values["analytics"] = _analytics_settings(values.get("analytics") or {}, args, where)
-
-    try:
-        return Settings(**values)
-    except SettingError as exc:
-        place = where.get(exc.key) or where.get(exc.key.split(".")[0])
-        raise ConfigError(f"{place}: {exc}" if place else str(exc)) from None
+    return fields
 
 
 def _analytics_settings(given: dict[str, Any], args: argparse.Namespace, where: dict[str, str]) -> AnalyticsSettings:

@@ -664,7 +664,7 @@ def traffic_flow_items(view: Mapping[str, Any]) -> list[tuple[str, str]]:
 def pyflow_items(view: Mapping[str, Any], as_prefixes: int | None = None) -> list[tuple[str, str]]:
     """pyflow's own settings' lines of a settings view (``as_prefixes``: the AS file's size, if read)."""
     as_file = visible(view.get("as-file") or "(none)") + ("" if as_prefixes is None else f" ({as_prefixes} prefixes)")
-    return [("sweep-interval", view["sweep-interval"]),
+    return [("sweep-interval", view.get("sweep-interval", "")),
             ("metrics-address", visible(view.get("metrics-address", "")) or '""  (off)'),
             ("xdp-mode", view.get("xdp-mode", "auto")), ("direction", view.get("direction", "ingress")),
             ("hook", view.get("hook", "auto")), ("as-file", as_file),

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -433,6 +434,20 @@ def drop_privileges(settings: Settings, user: tuple[int, int] | None, pins: pin.
         "reload's compile); every other one dropped")
 
 
+@dataclass
+class _Run:
+    """What one `pyflow run` builds, phase by phase (run_meter)."""
+
+    settings: Settings
+    stack: ExitStack
+    log: Callable[[str], None]
+    pins: pin.NetnsPins = field(default_factory=pin.NetnsPins)
+    side: KernelSide | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    targets: list[Target] = field(default_factory=list)
+    agent: Agent | None = None
+
+
 def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], None],
               reload: threading.Event | None = None, load_settings: Callable[[], Settings] | None = None,
               status: Callable[[str], None] | None = None) -> None:
@@ -448,109 +463,146 @@ def run_meter(settings: Settings, stop: threading.Event, log: Callable[[str], No
     if not settings.targets:
         raise ConfigError("no target configured")
     with ExitStack() as stack:
-        for ts in settings.targets:
-            encoder_for(ts.version)  # an unknown version fails before anything is loaded
+        run = _Run(settings, stack, log)
         t_start = time.monotonic()
-        check_root()  # before anything is locked, mounted or looked for
-        user = caps.lookup_user(settings.user) if settings.user else None  # a missing user: exit 2, here
-        pins = pin.NetnsPins()
-        pins.open(log)  # one agent per network namespace: a second one stops here
-        stack.callback(pins.close)
-        side = KernelSide(log)
-        stack.callback(side.finish)
-        side.instances = pins.find(log)
-        drop_privileges(settings, user, pins, side.instances, log)  # before any thread: capabilities are per thread
-        metrics = Metrics()
-        if settings.metrics_address:  # a taken port fails before anything is attached
-            server = serve(metrics, settings.metrics_address)
-            stack.callback(server.shutdown)
-            log(f"metrics on http://{settings.metrics_address}/metrics")
-        if settings.control_socket:  # a live agent on the same socket fails before anything is attached
-            check_socket_path(settings.control_socket)
-        meter, olds = start_kernel_side(settings, pins, side.instances, side, log)
+        side = _privileged_start(run)
+        meter, olds = start_kernel_side(settings, run.pins, side.instances, side, log)
         # host sources before any attach (conntrack events of the first metered flows are not
         # missed) and, like every step that may fail, before the switch
         enricher, nat_events = host_sources(settings, stack, log)
-        targets: list[Target] = []
-
-        def interfaces_changed(ifs: InterfaceSet) -> None:
-            for t in targets:  # the interface-name options data follows the host
-                if t.settings.interface_names:
-                    t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
-
-        ifs = InterfaceSet(meter, settings, log, on_change=interfaces_changed)
+        ifs = InterfaceSet(meter, settings, log, on_change=lambda ifs: _names_changed(run.targets, ifs))
         ifs.check()  # a missing interface fails before the switch
         take_over_older(meter, olds, side, log)
         ifs.start()
         log(f"started in {time.monotonic() - t_start:.2f} s (kernel program ready and attached)")
-        targets += [
-            Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
-            for ts in settings.targets
-        ]
-        kept = read_session(next((b for m in [meter, *reversed(olds)] if (b := m.load_session())), b""))
-        session = Session(0, targets, lambda blob: agent.meter.save_session(blob), log)
-        resumed = session.resume(kept)
-        if resumed:
-            log(f"going on with the earlier agent's export session: {', '.join(resumed)}")
-        for t in targets:
-            open_target(t, meter, stack, log)
-            session.attach(t)
-        agent = Agent(settings, olds[0] if olds else meter, targets, log=log, metrics=metrics, enricher=enricher,
-                      nat_events=nat_events)
-        session.boot_unix_ms = agent.boot_unix_ms = kept.boot_unix_ms or agent.boot_unix_ms
-        side.agent = agent  # committed: from here on, a way out leaves everything attached
-        metered = {(a[0], a[2]) for a in ifs.attached()}
-        for name, hook in [k for k in meter.attachments if k not in metered]:
-            log(f"{name}: the earlier agent's {hook} attachment is not in these settings: detached")
-            meter.detach(name, hook)
-        for nxt in [*olds[1:], meter]:
-            if agent.meter is nxt:
-                continue
-            previous = agent.meter
-            with agent.lock:
-                done = agent.hand_over(nxt)
-            previous.close()
-            side.meters.remove(previous)
-            log(f"exported {len(done)} records from the replaced program's cache")
+        session, boot_unix_ms = _open_targets_resumed(run, meter, olds, ifs)
+        agent = Agent(settings, olds[0] if olds else meter, run.targets, log=log, metrics=run.metrics,
+                      enricher=enricher, nat_events=nat_events)
+        session.boot_unix_ms = agent.boot_unix_ms = boot_unix_ms or agent.boot_unix_ms
+        run.agent = side.agent = agent  # committed: from here on, a way out leaves everything attached
+        _go_on_with(run, side, meter, olds, ifs)
         session.save()  # in the maps the agent goes on with
-        metrics.attach(
-            agent,
-            interfaces=ifs.attached,
-            rx_packets=lambda: {i: n - ifs.rx_at_attach.get(i, 0)
-                                for i, n in rx_packets(list(ifs.rx_at_attach)).items()},
-        )
+        _serve(run, agent, ifs, stop)
+        agent.run(stop, _between(run, agent, ifs, session, status, reload, load_settings))
+        side.clean = True  # everything exported: detach (done) and unpin on the way out
+        _report(run.targets, agent, log)
 
-        def follow() -> None:
-            with agent.lock:  # never in the middle of a sweep, never after the final flush began
-                if not stop.is_set():
-                    ifs.reconcile()
 
-        watcher = LinkWatcher(follow, log)
-        stack.callback(watcher.close)
-        if settings.control_socket:
-            control = ControlServer(agent, settings.control_socket, links=ifs.listing, started=metrics.start_time)
-            control.start()
-            stack.callback(control.close)
+def _privileged_start(run: _Run) -> KernelSide:
+    """Root's part: checks, the namespace's lock, what earlier agents left, the capability drop,
+    the metrics endpoint; every step that may fail runs before anything is attached."""
+    settings, stack, log = run.settings, run.stack, run.log
+    for ts in settings.targets:
+        encoder_for(ts.version)  # an unknown version fails before anything is loaded
+    check_root()  # before anything is locked, mounted or looked for
+    user = caps.lookup_user(settings.user) if settings.user else None  # a missing user: exit 2, here
+    run.pins.open(log)  # one agent per network namespace: a second one stops here
+    stack.callback(run.pins.close)
+    side = run.side = KernelSide(log)
+    stack.callback(side.finish)
+    side.instances = run.pins.find(log)
+    drop_privileges(settings, user, run.pins, side.instances, log)  # before any thread: capabilities are per thread
+    if settings.metrics_address:  # a taken port fails before anything is attached
+        server = serve(run.metrics, settings.metrics_address)
+        stack.callback(server.shutdown)
+        log(f"metrics on http://{settings.metrics_address}/metrics")
+    if settings.control_socket:  # a live agent on the same socket fails before anything is attached
+        check_socket_path(settings.control_socket)
+    return side
 
-        rate = RateTracker()
 
-        def between() -> None:
-            for t in targets:  # a target that connects late gets its 4-tuple excluded then
-                exclude_own_exports(agent.meter, t)
-            if status is not None:
-                status(status_line(agent, targets, rate))
-            if reload is None or load_settings is None or not reload.is_set():
-                return
-            reload.clear()
-            metrics.reloaded(reload_settings(agent, ifs, targets, stack, log, load_settings,
-                                             new_meter=lambda ks: FlowMeter.from_instance(pins.compile(ks)),
+def _names_changed(targets: list[Target], ifs: InterfaceSet) -> None:
+    for t in targets:  # the interface-name options data follows the host
+        if t.settings.interface_names:
+            t.ctx = dataclasses.replace(t.ctx, interfaces=ifs.names())
+
+
+def _open_targets_resumed(run: _Run, meter: FlowMeter, olds: list[FlowMeter],
+                          ifs: InterfaceSet) -> tuple[Session, int | None]:
+    """Every target opened, going on with the export session an earlier agent left (sequence numbers,
+    template clock, source port); the session and its boot instant (0: a new session)."""
+    settings, log = run.settings, run.log
+    run.targets += [Target(ts, encoder_for(ts.version), ctx=export_context(settings, ts, ifs.names()))
+                    for ts in settings.targets]
+    kept = read_session(next((b for m in [meter, *reversed(olds)] if (b := m.load_session())), b""))
+    session = Session(0, run.targets, lambda blob: _agent(run).meter.save_session(blob), log)
+    resumed = session.resume(kept)
+    if resumed:
+        log(f"going on with the earlier agent's export session: {', '.join(resumed)}")
+    for t in run.targets:
+        open_target(t, meter, run.stack, log)
+        session.attach(t)
+    return session, kept.boot_unix_ms
+
+
+def _agent(run: _Run) -> Agent:
+    assert run.agent is not None, "the agent is made before the session is first saved"
+    return run.agent
+
+
+def _go_on_with(run: _Run, side: KernelSide, meter: FlowMeter, olds: list[FlowMeter], ifs: InterfaceSet) -> None:
+    """Stray attachments of earlier agents detached; every older program's cache exported, in turn."""
+    agent, log = _agent(run), run.log
+    metered = {(a[0], a[2]) for a in ifs.attached()}
+    for name, hook in [k for k in meter.attachments if k not in metered]:
+        log(f"{name}: the earlier agent's {hook} attachment is not in these settings: detached")
+        meter.detach(name, hook)
+    for nxt in [*olds[1:], meter]:
+        if agent.meter is nxt:
+            continue
+        previous = agent.meter
+        with agent.lock:
+            done = agent.hand_over(nxt)
+        previous.close()
+        side.meters.remove(previous)
+        log(f"exported {len(done)} records from the replaced program's cache")
+
+
+def _serve(run: _Run, agent: Agent, ifs: InterfaceSet, stop: threading.Event) -> None:
+    """The metrics' view of the agent, the link watcher and the control socket."""
+    run.metrics.attach(agent, interfaces=ifs.attached,
+                       rx_packets=lambda: {i: n - ifs.rx_at_attach.get(i, 0)
+                                           for i, n in rx_packets(list(ifs.rx_at_attach)).items()})
+
+    def follow() -> None:
+        with agent.lock:  # never in the middle of a sweep, never after the final flush began
+            if not stop.is_set():
+                ifs.reconcile()
+
+    watcher = LinkWatcher(follow, run.log)
+    run.stack.callback(watcher.close)
+    if run.settings.control_socket:
+        control = ControlServer(agent, run.settings.control_socket, links=ifs.listing,
+                                started=run.metrics.start_time)
+        control.start()
+        run.stack.callback(control.close)
+
+
+def _between(run: _Run, agent: Agent, ifs: InterfaceSet, session: Session, status: Callable[[str], None] | None,
+             reload: threading.Event | None, load_settings: Callable[[], Settings] | None) -> Callable[[], None]:
+    """What the loop does between sweeps: late targets' 4-tuples, the status line, a pending reload."""
+    rate = RateTracker()
+    targets, log = run.targets, run.log
+
+    def between() -> None:
+        for t in targets:  # a target that connects late gets its 4-tuple excluded then
+            exclude_own_exports(agent.meter, t)
+        if status is not None:
+            status(status_line(agent, targets, rate))
+        if reload is None or load_settings is None or not reload.is_set():
+            return
+        reload.clear()
+        run.metrics.reloaded(reload_settings(agent, ifs, targets, run.stack, log, load_settings,
+                                             new_meter=lambda ks: FlowMeter.from_instance(run.pins.compile(ks)),
                                              session=session))
 
-        agent.run(stop, between)
-        side.clean = True  # everything exported: detach (done) and unpin on the way out
-        for t in targets:
-            s = t.stats
-            errs = ", ".join(f"{k}={v}" for k, v in sorted(s.send_errors.items())) or "none"
-            log(f"{t.name}: {s.records} records in {s.datagrams} datagrams, {s.not_representable} not representable, "
-                f"send errors: {errs}")
-        log(f"stopped after {agent.stats.sweeps} sweeps, {agent.stats.records} records")
+    return between
+
+
+def _report(targets: list[Target], agent: Agent, log: Callable[[str], None]) -> None:
+    for t in targets:
+        s = t.stats
+        errs = ", ".join(f"{k}={v}" for k, v in sorted(s.send_errors.items())) or "none"
+        log(f"{t.name}: {s.records} records in {s.datagrams} datagrams, {s.not_representable} not representable, "
+            f"send errors: {errs}")
+    log(f"stopped after {agent.stats.sweeps} sweeps, {agent.stats.records} records")

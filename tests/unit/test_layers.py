@@ -122,3 +122,15 @@ def test_the_flow_cache_seam_has_a_real_and_an_in_memory_side() -> None:
         for name in members:
             want = list(inspect.signature(getattr(FlowCache, name)).parameters)
             assert list(inspect.signature(getattr(impl, name)).parameters) == want, (impl, name)
+
+
+def test_functions_are_short_enough_to_read_at_once() -> None:
+    """Every function and method of pyflow is at most 60 lines (docstring included)."""
+    long = []
+    for name, path in sorted(modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert long == []

@@ -10,7 +10,8 @@ from scapy.layers.inet6 import UDP, IPv6
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 
 from pyflow.kernel.bpfsys import prog_test_run
-from pyflow.kernel.loader import FlowMeter, KernelSettings, _import_bcc
+from pyflow.kernel.build import import_bcc
+from pyflow.kernel.loader import FlowMeter, KernelSettings
 
 REPEAT = 1_000_000
 EMPTY = "int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
@@ -48,7 +49,7 @@ def _measure(label: str, settings: KernelSettings, empty_fd: int, v4: bytes, v6:
 
 
 def run(repeat: int) -> None:
-    bcc = _import_bcc()
+    bcc = import_bcc()
     empty = bcc.BPF(text=EMPTY)
     empty_fd = empty.load_func(b"empty_xdp", bcc.BPF.XDP).fd
     v4 = bytes(Ether() / IP(src="192.0.2.1", dst="198.51.100.2") / TCP(sport=40000, dport=443, flags="A") / (b"x" * 64))

@@ -24,7 +24,8 @@ from pyflow.follow import InterfaceSet, LinkWatcher
 from pyflow.host.conntrack import NatEventListener
 from pyflow.interfaces import rx_packets
 from pyflow.kernel import caps, pin
-from pyflow.kernel.loader import PROGRAMS, FlowMeter, KernelSettings, check_root
+from pyflow.kernel.build import check_root
+from pyflow.kernel.loader import PROGRAMS, FlowMeter, KernelSettings
 from pyflow.metrics import Metrics, serve
 from pyflow.sweep import SweepRules
 

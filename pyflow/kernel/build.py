@@ -1,97 +1,125 @@
-"""The compile child: ``python -m pyflow.kernel.build compile`` (pin.compile_pinned starts it).
+"""Building the meter with bcc: the one module of pyflow that imports bcc.
 
-bcc and LLVM live and die here: the child compiles, loads every program, pins everything in a
-new generation directory and writes the manifest, then prints one result line
-(``pin.RESULT_MARK`` + JSON) and exits; the agent opens what it pinned.
+``compile_program`` compiles bpf/flowmeter.c with the settings' -D flags and names every map
+the program has (bcc's C API); ``BccProgram.load`` loads one entry point and answers its fd.
+The agent itself never builds: ``pyflow run`` compiles in a short-lived child
+(pyflow/kernel/child.py) and opens what it pinned.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import sys
-import time
+import ctypes
+import os
+import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyflow.errors import PyflowError
-from pyflow.kernel.bpfsys import BpfError, prog_bind_map
-from pyflow.kernel.loader import FlowMeter
-from pyflow.kernel.pin import (
-    FORMAT,
-    HOOKS,
-    MANIFEST,
-    RESULT_MARK,
-    Instance,
-    _settings_doc,
-    map_info,
-    pin_instance,
-    source_hash,
-    write_manifest,
-)
+from pyflow.errors import KernelError
+from pyflow.kernel import caps
 from pyflow.kernel.settings import KernelSettings
 
 
-def _child_compile(args: list[str]) -> dict[str, Any]:
-    """In the child: compile, load every program, pin everything in a new directory, write the manifest."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m pyflow.kernel.build compile")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--netns", type=int, required=True)
-    p.add_argument("--bpf-dir", required=True)
-    p.add_argument("--settings", required=True)
-    a = p.parse_args(args)
-    settings = KernelSettings(**json.loads(a.settings))
-    path = Path(a.dir)
-    meter = FlowMeter(settings, bpf_dir=Path(a.bpf_dir))
+def import_bcc() -> Any:
     try:
-        for hook in HOOKS:
-            meter.load(hook)
-        inst = Instance(manifest={}, maps=dict(meter.maps), progs={h: meter.prog_fd_of(h) for h in HOOKS})
-        for pfd in inst.progs.values():  # any one program, attached, holds the whole instance
-            for extra in inst.maps.values():
-                try:
-                    prog_bind_map(pfd, extra)
-                except BpfError as exc:  # before Linux 5.10: found through its pins only
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    break
-        manifest = {
-            "format": FORMAT,
-            "name": path.name,
-            "netns": a.netns,
-            "created_ns": time.time_ns(),
-            "settings": _settings_doc(settings),
-            "source": source_hash(Path(a.bpf_dir)),
-            "programs": inst.prog_ids(),
-            "maps": {n: map_info(fd).id for n, fd in sorted(inst.maps.items())},
-            "attachments": [],
-        }
-        write_manifest(inst.maps[MANIFEST], manifest)
-        pin_instance(inst, path)
-        return {"ok": True, "dir": str(path), "programs": manifest["programs"]}
-    finally:
-        meter.release()
+        import bcc
+    except ImportError as exc:
+        raise KernelError(
+            "the bcc Python module is missing: install the distribution package python3-bpfcc "
+            "(`sudo make setup` does) and run pyflow from a virtualenv made with "
+            "/usr/bin/python3 -m venv --system-site-packages (never `pip install bcc`: "
+            "that PyPI name is an unrelated project)"
+        ) from exc
+    return bcc
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "compile":
-        print("usage: python -m pyflow.kernel.build compile --dir DIR --netns INODE --bpf-dir DIR --settings JSON",
-              file=sys.stderr)
-        return 2
+def headers_dir() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise KernelError(
+            "pyflow needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load and attach eBPF "
+            "programs: run it with sudo"
+        )
+
+
+def check_load_privileges() -> None:
+    """Root, or (the compile child of an agent run with ``--user``) CAP_BPF, CAP_NET_ADMIN and
+    CAP_PERFMON effective: what loading the meter takes."""
+    if os.geteuid() == 0:
+        return
+    eff = caps.current()["CapEff"]
+    if all(eff >> c & 1 for c in (caps.CAP_BPF, caps.CAP_NET_ADMIN, caps.CAP_PERFMON)):
+        return
+    check_root()
+
+
+def check_environment() -> None:
+    """Fail early, with the fix, on the usual reasons bcc cannot work."""
+    check_load_privileges()
+    hdr = headers_dir()
+    if not (hdr / "include").exists() and not (hdr / "Makefile").exists():
+        raise KernelError(
+            f"kernel headers for {platform.release()} not found at {hdr}: bcc compiles the meter "
+            f"against them. Install linux-headers-{platform.release()} (`sudo make setup` does, "
+            "or links the distribution's generic headers when no exact package exists)"
+        )
+
+
+@dataclass
+class BccProgram:
+    """The meter compiled by bcc in this process: its maps by name, its entry points on demand."""
+
+    bpf: Any
+    maps: dict[str, int] = field(default_factory=dict)
+    progs: dict[str, Any] = field(default_factory=dict)  # bcc's functions, by entry point name
+
+    def load(self, name: str, xdp: bool) -> int:
+        """Load entry point ``name`` (XDP, else TC); its program fd."""
+        bcc = import_bcc()
+        try:
+            prog = self.bpf.load_func(name.encode(), bcc.BPF.XDP if xdp else bcc.BPF.SCHED_CLS)
+        except Exception as exc:
+            msg = str(exc)
+            if "Permission denied" in msg or "Invalid argument" in msg:
+                raise KernelError(
+                    f"the kernel verifier rejected {name}: {msg} (the verifier log is printed above)"
+                ) from exc
+            raise KernelError(f"loading {name} failed: {msg}") from exc
+        self.progs[name] = prog
+        return int(prog.fd)
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name.encode()]
+
+    def cleanup(self) -> None:
+        self.bpf.cleanup()
+
+
+def compile_program(settings: KernelSettings, bpf_dir: Path) -> BccProgram:
+    """Compile bpf/flowmeter.c with ``settings``; every map of the program by its name."""
+    check_environment()
+    bcc = import_bcc()
+    src = bpf_dir / "flowmeter.c"
+    if not src.exists():
+        raise KernelError(f"eBPF source not found: {src}")
+    cflags = [f"-I{bpf_dir}", "-Wno-unused-function", *settings.cflags()]
     try:
-        result = _child_compile(args[1:])
-    except PyflowError as exc:
-        print(RESULT_MARK + json.dumps({"ok": False, "error": str(exc)}), flush=True)
-        return exc.exit_code
+        bpf = bcc.BPF(src_file=str(src).encode(), cflags=cflags)
     except Exception as exc:
-        print(RESULT_MARK + json.dumps({"ok": False, "error": f"compiling the meter failed: {exc!r}"}), flush=True)
-        return 3
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise KernelError(f"compiling {src} with bcc failed: {exc} (compiler output above)") from exc
+    # every map of the program by its name (bcc's C API; the Python one only looks up by name)
+    lib = bcc.lib
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    program = BccProgram(bpf)
+    for i in range(int(lib.bpf_num_tables(bpf.module))):
+        name = lib.bpf_table_name(bpf.module, i)
+        fd = int(lib.bpf_table_fd(bpf.module, name))
+        if fd >= 0:
+            program.maps[name.decode()] = fd
+    return program

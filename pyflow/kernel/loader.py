@@ -10,12 +10,10 @@ the next agent to take over (pyflow/kernel/pin.py).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import ipaddress
 import os
-import platform
 import socket
 import struct
 import sys
@@ -28,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi, bpfsys, caps, netlink, pin
+from pyflow.kernel import abi, bpfsys, build, netlink, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
 from pyflow.kernel.settings import KernelSettings
 
@@ -72,54 +70,6 @@ def _addr16(addr: str) -> bytes:
     return (b"\x00" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
 
 
-def _import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as exc:
-        raise KernelError(
-            "the bcc Python module is missing: install the distribution package python3-bpfcc "
-            "(`sudo make setup` does) and run pyflow from a virtualenv made with "
-            "/usr/bin/python3 -m venv --system-site-packages (never `pip install bcc`: "
-            "that PyPI name is an unrelated project)"
-        ) from exc
-    return bcc
-
-
-def headers_dir() -> Path:
-    return Path("/lib/modules") / platform.release() / "build"
-
-
-def check_root() -> None:
-    if os.geteuid() != 0:
-        raise KernelError(
-            "pyflow needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) to load and attach eBPF "
-            "programs: run it with sudo"
-        )
-
-
-def check_load_privileges() -> None:
-    """Root, or (the compile child of an agent run with ``--user``) CAP_BPF, CAP_NET_ADMIN and
-    CAP_PERFMON effective: what loading the meter takes."""
-    if os.geteuid() == 0:
-        return
-    eff = caps.current()["CapEff"]
-    if all(eff >> c & 1 for c in (caps.CAP_BPF, caps.CAP_NET_ADMIN, caps.CAP_PERFMON)):
-        return
-    check_root()
-
-
-def check_environment() -> None:
-    """Fail early, with the fix, on the usual reasons bcc cannot work."""
-    check_load_privileges()
-    hdr = headers_dir()
-    if not (hdr / "include").exists() and not (hdr / "Makefile").exists():
-        raise KernelError(
-            f"kernel headers for {platform.release()} not found at {hdr}: bcc compiles the meter "
-            f"against them. Install linux-headers-{platform.release()} (`sudo make setup` does, "
-            "or links the distribution's generic headers when no exact package exists)"
-        )
-
-
 def ifindex_of(ifname: str) -> int:
     try:
         return socket.if_nametoindex(ifname)
@@ -148,9 +98,8 @@ class FlowMeter:
     def __init__(self, settings: KernelSettings, bpf_dir: Path = abi.BPF_DIR) -> None:
         self.settings = settings
         self.bpf_dir = bpf_dir
-        self.bpf: Any = None  # bcc, when compiled in this process
+        self.bpf: build.BccProgram | None = None  # when compiled in this process
         self.prog_fd: int | None = None  # the XDP program's
-        self._progs: dict[str, Any] = {}  # bcc's functions by hook
         self._prog_fds: dict[str, int] = {}
         self._prog_ids: dict[str, int] = {}
         self.maps: dict[str, int] = {}  # name -> fd
@@ -192,27 +141,8 @@ class FlowMeter:
     # -- lifecycle -------------------------------------------------------------
 
     def compile(self) -> None:
-        check_environment()
-        bcc = _import_bcc()
-        src = self.bpf_dir / "flowmeter.c"
-        if not src.exists():
-            raise KernelError(f"eBPF source not found: {src}")
-        cflags = [f"-I{self.bpf_dir}", "-Wno-unused-function", *self.settings.cflags()]
-        try:
-            self.bpf = bcc.BPF(src_file=str(src).encode(), cflags=cflags)
-        except Exception as exc:
-            raise KernelError(f"compiling {src} with bcc failed: {exc} (compiler output above)") from exc
-        # every map of the program by its name (bcc's C API; the Python one only looks up by name)
-        lib = bcc.lib
-        lib.bpf_num_tables.restype = ctypes.c_size_t
-        lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-        lib.bpf_table_name.restype = ctypes.c_char_p
-        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        for i in range(int(lib.bpf_num_tables(self.bpf.module))):
-            name = lib.bpf_table_name(self.bpf.module, i)
-            fd = int(lib.bpf_table_fd(self.bpf.module, name))
-            if fd >= 0:
-                self.maps[name.decode()] = fd
+        self.bpf = build.compile_program(self.settings, self.bpf_dir)
+        self.maps.update(self.bpf.maps)
         # the agent's own state next to the program's: what was exported, and the manifest
         exported = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_HASH, 8, pin.EXPORTED_VALUE_DTYPE.itemsize,
                                   self.settings.cache_entries, pin.EXPORTED, flags=bpfsys.BPF_F_NO_PREALLOC)
@@ -235,23 +165,12 @@ class FlowMeter:
             raise KernelError(f"the pinned instance {self.pinned_at} has no {hook} program")
         if self.bpf is None:
             self.compile()
-        bcc = _import_bcc()
-        name = PROGRAMS[hook]
-        prog_type = bcc.BPF.XDP if hook == "xdp" else bcc.BPF.SCHED_CLS
-        try:
-            prog = self.bpf.load_func(name.encode(), prog_type)
-        except Exception as exc:
-            msg = str(exc)
-            if "Permission denied" in msg or "Invalid argument" in msg:
-                raise KernelError(
-                    f"the kernel verifier rejected {name}: {msg} (the verifier log is printed above)"
-                ) from exc
-            raise KernelError(f"loading {name} failed: {msg}") from exc
-        self._progs[hook] = prog
-        self._prog_fds[hook] = int(prog.fd)
+        assert self.bpf is not None
+        fd = self.bpf.load(PROGRAMS[hook], xdp=hook == "xdp")
+        self._prog_fds[hook] = fd
         if hook == "xdp":
-            self.prog_fd = int(prog.fd)
-        return int(prog.fd)
+            self.prog_fd = fd
+        return fd
 
     def prog_fd_of(self, hook: str) -> int:
         """The fd of ``hook``'s program, loading it if needed."""
@@ -573,7 +492,7 @@ class FlowMeter:
         """
         if self.bpf is None:
             raise KeyError(f"{name}: no bcc tables in a pinned meter (its maps are raw fds: maps[{name!r}])")
-        return self.bpf[name.encode()]
+        return self.bpf.table(name)
 
     @property
     def flows_fd(self) -> int:

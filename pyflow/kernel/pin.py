@@ -562,13 +562,13 @@ def compile_pinned(settings: KernelSettings, netns_dir: Path, netns: int,
                    bpf_dir: Path = abi.BPF_DIR, timeout: float = 120.0) -> Instance:
     """Compile and load in a short-lived child, pinned in a new generation of ``netns_dir``; open it.
 
-    The child is ``python -m pyflow.kernel.build compile``: bcc and LLVM live and
+    The child is ``python -m pyflow.kernel.child compile``: bcc and LLVM live and
     die there.  Its stderr (compiler and verifier output) passes through.
     """
     reach(netns_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     name = f"gen-{time.time_ns():020d}"
     path = netns_dir / name
-    argv = [sys.executable, "-m", "pyflow.kernel.build", "compile", "--dir", str(reach(path)), "--netns", str(netns),
+    argv = [sys.executable, "-m", "pyflow.kernel.child", "compile", "--dir", str(reach(path)), "--netns", str(netns),
             "--bpf-dir", str(bpf_dir), "--settings", json.dumps(_settings_doc(settings))]
     try:
         with caps.for_children():  # not root any more (--user): the child gets the kept capabilities

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pyflow.errors import KernelError
-from pyflow.kernel import abi, loader
+from pyflow.kernel import abi, build, loader
 from pyflow.kernel.loader import FlowMeter, KernelSettings
 
 
@@ -35,9 +35,9 @@ def test_compile_error_is_named(tmp_path: Path) -> None:
 
 
 def test_missing_headers_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(loader, "headers_dir", lambda: tmp_path / "nothing-here")
+    monkeypatch.setattr(build, "headers_dir", lambda: tmp_path / "nothing-here")
     with pytest.raises(KernelError, match=r"kernel headers for .* not found"):
-        loader.check_environment()
+        build.check_environment()
 
 
 def test_missing_interface_is_named() -> None:

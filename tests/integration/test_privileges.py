@@ -131,7 +131,7 @@ import errno, os, signal, sys
 target = os.environ.get("PYFLOW_TEST_PROBE", "")
 with open("/proc/self/cmdline", "rb") as f:
     argv = f.read().split(b"\\0")
-if target and b"run" in argv and not any(b"pyflow.kernel.build" in a for a in argv):
+if target and b"run" in argv and not any(b"pyflow.kernel.child" in a for a in argv):
 
     def _try(what, fn):
         try:

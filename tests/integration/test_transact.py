@@ -121,7 +121,7 @@ import os, sys
 flag = os.environ.get("PYFLOW_TEST_FAIL_COMPILE", "")
 if flag and os.path.exists(flag):
     with open("/proc/self/cmdline", "rb") as f:
-        if b"pyflow.kernel.build" in f.read():  # only the compile child fails
+        if b"pyflow.kernel.child" in f.read():  # only the compile child fails
             print('PYFLOW-PIN-RESULT {"ok": false, "error": "the kernel verifier rejected pyflow_xdp '
                   '(injected by the test)"}', flush=True)
             sys.exit(3)

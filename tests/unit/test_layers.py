@@ -134,3 +134,14 @@ def test_functions_are_short_enough_to_read_at_once() -> None:
                 if lines > 60:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert long == []
+
+
+def test_only_the_build_module_imports_bcc() -> None:
+    importers = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "bcc" for a in node.names):
+                importers.add(name)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bcc":
+                importers.add(name)
+    assert importers == {"pyflow.kernel.build"}

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import sys
 import threading
 import time
 from collections import Counter as Tally
@@ -53,6 +52,7 @@ from pyflow.export.context import ExportClock
 from pyflow.export.target import Target
 from pyflow.kernel.abi import FLOW_KEY_DTYPE, METERED_COUNTERS, CacheMap, Hook
 from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
+from pyflow.log import log as pyflow_log
 from pyflow.records import EndReason
 from pyflow.sweep import (
     HIGH_WATER,
@@ -272,7 +272,7 @@ class Agent(Generic[Cache]):
         self.lock = threading.Lock()
         # what the last sweep saw: replaced (never changed) at the end of every sweep
         self.observed = Observed()
-        self.log = log or (lambda msg: print(f"pyflow: {msg}", file=sys.stderr))
+        self.log = log or pyflow_log
 
     # -- clocks ----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from pyflow.errors import ConfigError, PyflowError
 from pyflow.fields import TOGGLES, parse_fields
 from pyflow.files import MAX_SCRIPT_BYTES, read_stream
 from pyflow.links import Link, double_counts, plan
+from pyflow.log import log, message, set_hook, to_stderr
 from pyflow.text import visible
 from pyflow.units import format_duration, format_size
 
@@ -711,10 +712,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"active-flow-timeout={format_duration(settings.active_flow_timeout_ns)} "
         f"inactive-flow-timeout={format_duration(settings.inactive_flow_timeout_ns)}{sampling}")
     line = StatusLine(sys.stderr) if sys.stderr.isatty() else None
-    run_meter(settings, stop, line.log if line else log, reload=reload, load_settings=reread,
-              status=line.show if line else None)
-    if line:
-        line.clear()
+    previous = set_hook(line.log if line else None)  # every message above the live line
+    try:
+        run_meter(settings, stop, log, reload=reload, load_settings=reread, status=line.show if line else None)
+    finally:
+        set_hook(previous)
+        if line:
+            line.clear()
     return 0
 
 
@@ -738,7 +742,7 @@ class StatusLine:
 
     def log(self, msg: str) -> None:
         self.clear()
-        log(msg)
+        to_stderr(msg)
         if self.text:
             self.show(self.text)
 
@@ -822,20 +826,6 @@ def cmd_import_routeros(args: argparse.Namespace) -> int:
     return 0
 
 
-#: An error message longer than this is cut (a hostile value is shown by its start, never whole).
-MAX_MESSAGE = 1500
-
-
-def _message(text: str) -> str:
-    """A message for the terminal: control characters escaped, at most MAX_MESSAGE characters."""
-    text = visible(text)
-    return text if len(text) <= MAX_MESSAGE else f"{text[:MAX_MESSAGE - 300]} ... {text[-250:]}"
-
-
-def log(msg: str) -> None:
-    print(f"pyflow: {_message(msg)}", file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -845,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except PyflowError as exc:
-        print(f"pyflow: error: {_message(str(exc))}", file=sys.stderr)
+        print(f"pyflow: error: {message(str(exc))}", file=sys.stderr)
         return exc.exit_code
 
 

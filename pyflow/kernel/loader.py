@@ -29,6 +29,7 @@ from pyflow.errors import KernelError
 from pyflow.kernel import abi, bpfsys, build, netlink, pin
 from pyflow.kernel.bpfsys import MapBatchReader, MapChunks, map_delete, map_delete_batch, map_lookup, map_update_batch
 from pyflow.kernel.settings import KernelSettings
+from pyflow.log import log
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = netlink.XDP_FLAGS_UPDATE_IF_NOEXIST
 XDP_FLAGS_SKB_MODE = netlink.XDP_FLAGS_SKB_MODE
@@ -271,7 +272,7 @@ class FlowMeter:
                 why = (f"the kernel refuses any XDP change on it while its upper device {upper} has an XDP "
                        f"program, so {ifname} goes on counting what it passes to {upper} (meter {upper} "
                        "with hook=tc to avoid this)") if upper else str(exc)
-                print(f"pyflow: error: detaching {att.hook} from {ifname}: {why}", file=sys.stderr)
+                log(f"error: detaching {att.hook} from {ifname}: {why}")
         if keys:
             self._attachments_changed()
 
@@ -322,7 +323,7 @@ class FlowMeter:
                 try:
                     old._replace(att, self)
                 except Exception as exc:  # say so, go on with the others
-                    print(f"pyflow: putting the earlier program back on {key[0]} ({key[1]}): {exc}", file=sys.stderr)
+                    log(f"putting the earlier program back on {key[0]} ({key[1]}): {exc}")
             raise
         for key, att in done:
             self.attachments[key] = dataclasses.replace(att)

@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[int, str]] = {
     "pyflow.records": (1, "model"), "pyflow.sweep": (1, "model"), "pyflow.fields": (1, "model"),
     "pyflow.links": (1, "model"),
     "pyflow.config": (2, "config"), "pyflow.configfile": (2, "config"), "pyflow.routeros": (2, "config"),
+    "pyflow.layering": (2, "config"),
     "pyflow.kernel": (3, "kernel"), "pyflow.host": (3, "host"), "pyflow.interfaces": (3, "host"),
     "pyflow.enrich": (3, "host"), "pyflow.export": (3, "export"), "pyflow.analytics": (3, "analytics"),
     "pyflow.agent": (4, "agent"),

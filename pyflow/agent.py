@@ -94,6 +94,8 @@ class FlowCache(Protocol):
 
     def fin_events(self) -> int: ...  # flows that saw their first FIN/RST, ever (per-CPU sum)
 
+    def flows_created(self) -> int: ...  # entries the kernel created, ever (per-CPU sum)
+
     def read_iface_stats(self) -> dict[tuple[int, int], np.ndarray]: ...
 
     def scan(self, chunk: int = ...) -> CacheScanner: ...

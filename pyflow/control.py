@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -65,8 +65,41 @@ from pyflow.records import addr_from_16
 from pyflow.units import format_duration
 
 if TYPE_CHECKING:
-    from pyflow.agent import Agent
+    import threading as _threading
+
+    from pyflow.agent import AgentStats, CacheMap, Clocks, FlowCache, Observed
+    from pyflow.config import Settings
+    from pyflow.export.target import Target
     from pyflow.sweep import Baseline
+
+
+class AgentView(Protocol):
+    """What the control socket reads of the agent (pyflow.agent.Agent is the real one; tests pass fakes)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def meter(self) -> FlowCache: ...
+
+    @property
+    def observed(self) -> Observed: ...
+
+    @property
+    def stats(self) -> AgentStats: ...
+
+    @property
+    def targets(self) -> list[Target]: ...
+
+    @property
+    def clocks(self) -> Clocks: ...
+
+    @property
+    def lock(self) -> _threading.Lock: ...
+
+    @property
+    def baseline(self) -> Baseline: ...
+
 
 SORTS = ("bytes", "packets", "age")
 MAX_REQUEST = 4096  # bytes in one request line
@@ -167,7 +200,7 @@ class ControlServer:
     and the server is a context manager.
     """
 
-    def __init__(self, agent: Agent, path: str = DEFAULT_SOCKET, *,
+    def __init__(self, agent: AgentView, path: str = DEFAULT_SOCKET, *,
                  wall: Callable[[], float] = time.time,
                  links: Callable[[], list[dict[str, object]]] | None = None,
                  started: float | None = None) -> None:
@@ -427,7 +460,7 @@ class ControlServer:
         self._sample_targets()
         seen = agent.observed
         settings = agent.settings
-        capacity = int(agent.meter.capacity(_FLOWS))
+        capacity = int(agent.meter.capacity(cast("CacheMap", _FLOWS)))
         targets = [self._target_view(i, t) for i, t in enumerate(list(agent.targets))]
         stats = agent.stats
         agent_stats = {
@@ -495,7 +528,7 @@ class ControlServer:
         with agent.lock:  # only to take the maps: the meter cannot be swapped or closed meanwhile
             scan = agent.meter.scan(SCAN_CHUNK)
             baseline = agent.baseline  # immutable: the sweep replaces it, never changes it
-            capacity = int(agent.meter.capacity(_FLOWS))
+            capacity = int(agent.meter.capacity(cast("CacheMap", _FLOWS)))
             now_ns = self._boot_ns()
         n = DEFAULT_FLOWS if limit is None else MAX_FLOWS if limit == 0 else min(limit, MAX_FLOWS)
         with scan, self._scans:  # CPU and memory: SCANS reads at a time, whatever the clients

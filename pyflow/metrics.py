@@ -21,7 +21,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from prometheus_client import (
@@ -48,7 +48,32 @@ from pyflow.errors import PyflowError
 from pyflow.kernel import abi
 
 if TYPE_CHECKING:
-    from pyflow.agent import Agent
+    from pyflow.agent import AgentStats, Clocks, FlowCache, Observed
+    from pyflow.config import Settings
+    from pyflow.export.target import Target
+
+
+class AgentView(Protocol):
+    """What the metrics collector reads of the agent (pyflow.agent.Agent is the real one; tests pass fakes)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def meter(self) -> FlowCache: ...
+
+    @property
+    def observed(self) -> Observed: ...
+
+    @property
+    def stats(self) -> AgentStats: ...
+
+    @property
+    def targets(self) -> list[Target]: ...
+
+    @property
+    def clocks(self) -> Clocks: ...
+
 
 def _bcc_version() -> str:
     """bcc's version, read from its version.py: importing bcc would map libbcc and LLVM
@@ -117,7 +142,7 @@ class Metrics:
         """Records that just left for ``target``, each this late (seconds after they fell due)."""
         self.export_lateness.observe_many(lateness_seconds, target)
 
-    def attach(self, agent: Agent, interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
+    def attach(self, agent: AgentView, interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
                rx_packets: Callable[[], dict[int, int]]) -> None:
         """Read the agent's (and its meter's and targets') state at every scrape."""
         self.registry.register(PyflowCollector(agent, self.start_time, interfaces, rx_packets))
@@ -127,7 +152,7 @@ class Metrics:
     # -- traffic analytics ([analytics], pyflow.analytics) ----------------------------------
 
     analytics: Analytics | None = None
-    _agent: Agent | None = None
+    _agent: AgentView | None = None
 
     def analyse(self, batch: Sequence[np.ndarray]) -> None:
         """A sweep's records into the traffic analytics (the agent calls this once per sweep).
@@ -187,7 +212,7 @@ class ArrayHistogram(Collector):
 class PyflowCollector(Collector):
     """Scrape-time metrics: kernel counters, cache, targets, the accounting gap."""
 
-    def __init__(self, agent: Agent, start_time: float,
+    def __init__(self, agent: AgentView, start_time: float,
                  interfaces: Callable[[], Iterable[tuple[str, int, str, str]]],
                  rx_packets: Callable[[], dict[int, int]]) -> None:
         self.agent = agent

@@ -67,6 +67,9 @@ class MemoryFlowCache:
     def read_iface_stats(self) -> dict[tuple[int, int], np.ndarray]:
         return {}
 
+    def flows_created(self) -> int:
+        return sum(len(k) for k, _ in self.maps.values()) + sum(self.commits)
+
     def scan(self, chunk: int = 8192) -> MemoryScan:
         return MemoryScan(self, chunk)
 

@@ -119,7 +119,7 @@ def test_the_flow_cache_seam_has_a_real_and_an_in_memory_side() -> None:
     from tests.unit.fakes import MemoryFlowCache
 
     members = [n for n, v in vars(FlowCache).items() if callable(v) and not n.startswith("_")]
-    assert len(members) == 11
+    assert len(members) == 12
     for impl in (FlowMeter, MemoryFlowCache):
         for name in members:
             want = list(inspect.signature(getattr(FlowCache, name)).parameters)

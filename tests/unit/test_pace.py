@@ -232,3 +232,22 @@ def test_a_flow_that_saw_fin_since_the_sweep_brings_the_next_one_forward() -> No
     assert looked > swept_at
     agent._sweep(False)
     assert agent._fin_due(clock.now + FIN_POLL_NS) == NEVER  # the sweep saw it
+
+
+def test_hand_over_exports_the_old_cache_to_the_end_and_goes_on_with_the_new() -> None:
+    """A reload's new program: everything in the old maps leaves (expired entries as usual, live ones
+    as forced ends), is sent at once, and the agent then sweeps the new cache with its own baseline."""
+    clock = FakeClock()
+    old = FakeMeter(one_map({"pk": 3, "by": 300, "first": 0, "last": 100 * S},  # idle-expired
+                            {"pk": 5, "by": 500, "first": 0, "last": 999 * S}))  # live
+    new = FakeMeter(one_map({"pk": 2, "by": 200, "first": 990 * S, "last": 999 * S, "sport": 7}))
+    fast = Sent(rate=0)
+    agent = agent_on(old, [fast], clock)
+    done = agent.hand_over(new)
+    assert sorted(int(r["packets"]) for r in done) == [3, 5]
+    assert sorted(int(r["end_reason"]) for r in done) == [EndReason.IDLE, EndReason.FORCED]
+    assert fast.stats.records == 2 and not fast.waiting  # sent at once, not paced
+    assert agent.meter is new and old.barriers >= 1
+    assert sum(len(p) for p in agent._sweep(False)) == 0  # the new cache's entry is live
+    clock.now += 60 * S  # the new cache's entry goes idle and leaves from the new maps
+    assert sum(int(r["packets"]) for p in agent._sweep(False) for r in p) == 2

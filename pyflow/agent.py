@@ -51,7 +51,7 @@ from pyflow.config import Settings
 from pyflow.export.context import ExportClock
 from pyflow.export.target import Target
 from pyflow.kernel.abi import FLOW_KEY_DTYPE, METERED_COUNTERS, CacheMap, Hook
-from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
+from pyflow.kernel.cache import EXPORTED_ROW_DTYPE
 from pyflow.log import log as pyflow_log
 from pyflow.records import EndReason
 from pyflow.sweep import (

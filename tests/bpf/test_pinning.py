@@ -29,7 +29,8 @@ from scapy.layers.l2 import Ether
 
 from pyflow.errors import KernelError
 from pyflow.kernel import abi, bpfsys, pin
-from pyflow.kernel.loader import EXPORTED_ROW_DTYPE, FlowMeter, KernelSettings
+from pyflow.kernel.cache import EXPORTED_ROW_DTYPE
+from pyflow.kernel.loader import FlowMeter, KernelSettings
 from pyflow.sweep import Baseline
 from tests.bpf.conftest import TEST_IFINDEX, xdp_ctx
 

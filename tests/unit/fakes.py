@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pyflow.kernel import abi
-from pyflow.kernel.loader import EXPORTED_ROW_DTYPE
+from pyflow.kernel.cache import EXPORTED_ROW_DTYPE
 
 
 @dataclass

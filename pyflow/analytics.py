@@ -2,6 +2,11 @@
 addresses and five anomaly signals (the RouterOS guide's collector dashboards), computed in
 the agent for its metrics endpoint (docs/metrics.md, "Traffic analytics").
 
+The agent also hands over, each sweep, the cache entries first seen since the sweep before
+(``feed(..., new=...)``): once it does, flows are counted from them, as they start (each flow
+once: flows, ICMP flows, flows per address, short-flow endpoints), and the records add bytes,
+packets and rates only.  Fed records alone (``new`` None), the records count the flows too.
+
 Pure: ``Analytics`` is fed record batches (``pyflow.records.RECORD_DTYPE``) and the time, does no
 I/O and keeps no per-record Python objects; every step is a numpy pass over columns.
 
@@ -331,43 +336,61 @@ class Interval:
         self.flows = 0
         self.icmp_flows = 0
 
-    def feed(self, r: np.ndarray) -> None:
-        """One batch (flow records only) into this interval."""
-        self.flows += len(r)
-        proto = r["protocol"]
-        self.icmp_flows += int(np.count_nonzero((proto == 1) | (proto == 58)))
+    def feed(self, r: np.ndarray, counts: bool = True) -> None:
+        """One batch (flow records only) into this interval.  ``counts``: the records also count
+        flows (flows, ICMP flows, flows per address, short-flow endpoints); not when the flows are
+        counted as they start, from the cache's new entries (``feed_new``)."""
+        if counts:
+            self.flows += len(r)
+            proto = r["protocol"]
+            self.icmp_flows += int(np.count_nonzero((proto == 1) | (proto == 58)))
         nbytes = r["bytes"].astype(np.float64)
         src_h, dst_h = address_hash(r, "src_addr"), address_hash(r, "dst_addr")
         hll_add(self.hll_low, src_h[nbytes <= LOW_BYTES])
         dur_ms = (r["end_ms"].astype(np.int64) - r["start_ms"].astype(np.int64))
         rate = nbytes / np.maximum(dur_ms / 1e3, INTERVAL_S)
-        endpoints = self._endpoints(r, src_h, dst_h, dur_ms)
-        ones = np.ones(len(r))
-        k, v, i = group_sum(src_h, [nbytes, ones, rate])
-        e = np.zeros(len(k))
-        ek, ev = endpoints
-        if len(ek):  # every source with short flows is in k: look each one up
-            pos = np.minimum(np.searchsorted(ek, k), len(ek) - 1)
-            hit = ek[pos] == k
-            e[hit] = ev[pos[hit]]
-        self.src.add(k, r["src_addr"][i], np.concatenate([v, e[:, None]], axis=1))
-        hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
-        k, v, i = group_sum(dst_h, [nbytes, ones])
-        hll_add(self.hll_dst, k)
-        self.dst.add(k, r["dst_addr"][i], v)
+        short = (dur_ms <= SHORT_FLOW_MS) & (r["end_reason"] != EndReason.ACTIVE) if counts else None
+        ones = np.ones(len(r)) if counts else np.zeros(len(r))
+        self._addresses(r, src_h, dst_h, [nbytes, ones, rate], short)
         key = port_keys(r)
         ported = key != _NO_PORT
         if ported.any():
             k, v, _ = group_sum(key[ported], [nbytes[ported]])
             self.ports.add(k, k, v)
 
+    def feed_new(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Cache entries first seen since the last sweep (kernel key and value dtypes): each a flow
+        that started, counted now rather than when its record leaves (a lone SYN's: an inactive
+        timeout later).  Short: its last packet so far within SHORT_FLOW_MS of its first."""
+        self.flows += len(keys)
+        proto = keys["protocol"]
+        self.icmp_flows += int(np.count_nonzero((proto == 1) | (proto == 58)))
+        src_h, dst_h = address_hash(keys, "src_addr"), address_hash(keys, "dst_addr")
+        dur_ns = values["last_seen_ns"].astype(np.int64) - values["first_seen_ns"].astype(np.int64)
+        zeros = np.zeros(len(keys))
+        self._addresses(keys, src_h, dst_h, [zeros, np.ones(len(keys)), zeros], dur_ns <= SHORT_FLOW_MS * 10**6)
+
+    def _addresses(self, r: np.ndarray, src_h: np.ndarray, dst_h: np.ndarray, src_values: list[np.ndarray],
+                   short: np.ndarray | None) -> None:
+        """Per source (bytes, flows, rate, short-flow endpoints) and destination (bytes, flows); the
+        address sketches."""
+        k, v, i = group_sum(src_h, src_values)
+        e = np.zeros(len(k))
+        if short is not None and short.any():  # every source with short flows is in k: look each one up
+            ek, ev = self._endpoints(r, src_h, dst_h, short)
+            pos = np.minimum(np.searchsorted(ek, k), len(ek) - 1)
+            hit = ek[pos] == k
+            e[hit] = ev[pos[hit]]
+        self.src.add(k, r["src_addr"][i], np.concatenate([v, e[:, None]], axis=1))
+        hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
+        k, v, i = group_sum(dst_h, src_values[:2])
+        hll_add(self.hll_dst, k)
+        self.dst.add(k, r["dst_addr"][i], v)
+
     @staticmethod
     def _endpoints(r: np.ndarray, src_h: np.ndarray, dst_h: np.ndarray,
-                   dur_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per source hash: distinct (destination address, protocol, port) reached with short flows."""
-        short = (dur_ms <= SHORT_FLOW_MS) & (r["end_reason"] != EndReason.ACTIVE)
-        if not short.any():
-            return np.zeros(0, dtype=np.uint64), np.zeros(0)
+                   short: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per source hash (sorted): distinct (destination address, protocol, port) reached with short flows."""
         s = src_h[short]
         ep = (r["protocol"][short].astype(np.uint64) << _U64(16)) | r["dst_port"][short].astype(np.uint64)
         pair = _mix(s ^ _mix(dst_h[short] + ep * _K3))
@@ -394,17 +417,22 @@ class Analytics:
         self._intervals: deque[Interval] = deque()
         self._detectors = {s: Detector() for s in SIGNALS}
         self._seen_records = False  # warm-up starts with the first interval that has records
+        self._entries = False  # fed the cache's new entries: they count the flows, not the records
         self._lock = threading.Lock()
         # per protocol (PROTOCOL_LABELS): flows, packets, bytes since start
         self.totals: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = (
             (0,) * len(PROTOCOL_LABELS),) * 3
         self.view = View()
 
-    def feed(self, batch: Iterable[np.ndarray], now: float | None = None) -> None:
-        """The records of one sweep (in parts), at ``now`` (default: the clock)."""
+    def feed(self, batch: Iterable[np.ndarray], now: float | None = None,
+             new: Iterable[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """The records of one sweep (in parts), at ``now`` (default: the clock); ``new``: the cache
+        entries that sweep saw first (keys, values in parts; see ``Interval.feed_new``).  Once
+        entries are given, flows are counted from them only (each flow once, as it starts)."""
         with self._lock:
             t = self.clock() if now is None else now
             current = self._advance(t)
+            self._entries = self._entries or new is not None
             flows, packets, nbytes = (list(x) for x in self.totals)
             for part in batch:
                 if not len(part):
@@ -418,8 +446,12 @@ class Analytics:
                     add = np.bincount(idx, weights=None if w is None else w.astype(np.float64), minlength=m)
                     for j in np.flatnonzero(add).tolist():
                         acc[j] += int(add[j])
-                current.feed(r)
+                current.feed(r, counts=not self._entries)
                 self._seen_records = True
+            for keys, values in new or ():
+                if len(keys):
+                    current.feed_new(keys, values)
+                    self._seen_records = True
             self.totals = (tuple(flows), tuple(packets), tuple(nbytes))
 
     def advance(self, now: float | None = None) -> None:

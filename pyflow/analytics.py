@@ -543,7 +543,8 @@ class CacheGroups:
             raise ValueError(f"group {by!r} is not one of {', '.join(GROUPS)}")
         self.by = by
         self.table = Table(3, _V16 if by in ("src", "dst") else np.dtype(np.uint64), rows)
-        self.flows = 0
+        self.flows = 0  # entries fed
+        self.grouped = 0  # of them, in a group (the port view has none for protocols without ports)
         self.trimmed = False
 
     def add(self, keys: np.ndarray, packets: np.ndarray, nbytes: np.ndarray) -> None:
@@ -555,6 +556,7 @@ class CacheGroups:
             h = address_hash(keys, f"{self.by}_addr")
             k, v, i = group_sum(h, values)
             self.table.add(k, keys[f"{self.by}_addr"][i], v)
+            self.grouped += len(keys)
             return
         if self.by == "proto":
             k, v, _ = group_sum(keys["protocol"].astype(np.uint64), values)
@@ -563,11 +565,12 @@ class CacheGroups:
             sel = key != _NO_PORT
             k, v, _ = group_sum(key[sel], [c[sel] for c in values])
         self.table.add(k, k, v)
+        self.grouped += int(v[:, 0].sum())
 
     def top(self, n: int, column: int) -> list[dict[str, object]]:
         """The ``n`` largest groups by ``column`` (0 flows, 1 packets, 2 bytes)."""
         t = self.table.compact()
-        self.trimmed = self.trimmed or int(t.values[:, 0].sum()) < self.flows
+        self.trimmed = self.trimmed or int(t.values[:, 0].sum()) < self.grouped
         out: list[dict[str, object]] = []
         for i in t.top(n, column).tolist():
             row = t.values[i]

@@ -599,3 +599,24 @@ def test_check_socket_path_fails_fast(served: tuple[FakeAgent, ControlServer, Wa
     dead.close()
     check_socket_path(str(fresh))
     assert not fresh.exists()  # the stale one is gone
+
+
+def test_group_views_print_as_tables(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """pyflow flows --by / top's views: the grouped answer as a heading and an aligned table; --sort age
+    with --by, or flows without it, is a settings error (exit 2)."""
+    from pyflow.commands import group_lines, main
+
+    with ControlClient(sock_path) as client:
+        lines = group_lines(client.flows("bytes", by="port"))
+        src = group_lines(client.flows("packets", 2, by="src"))
+    assert lines[0] == "3 flows in the cache (of 4k) by port: the top 2 by bytes"
+    assert lines[1].split() == ["PROTO", "PORT", "FLOWS", "PACKETS", "BYTES"]
+    assert lines[2].split()[:4] == ["tcp", "443", "1", "5"] and lines[3].split()[:4] == ["udp", "53", "1", "10"]
+    assert [ln.split()[0] for ln in src[2:]] == ["10.0.0.3", "10.0.0.1"]
+    assert main(["flows", "--socket", sock_path, "--by", "proto", "--sort", "flows"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["PROTO", "FLOWS", "PACKETS", "BYTES"] and len(out) == 5
+    assert main(["flows", "--socket", sock_path, "--by", "src", "--sort", "age"]) == 2
+    assert "--sort age does not go with --by src" in capsys.readouterr().err
+    assert main(["flows", "--socket", sock_path, "--sort", "flows"]) == 2

@@ -173,6 +173,19 @@ def _group_sorted(keys: np.ndarray, values: Sequence[np.ndarray],
     return uk, sums, idx if rows is None else rows[idx]
 
 
+def _largest(values: np.ndarray, rows: int) -> np.ndarray:
+    """The rows among the ``rows`` largest values above 0 of some column."""
+    keep = np.zeros(len(values), dtype=bool)
+    for j in range(values.shape[1]):
+        col = values[:, j]
+        pos = col > 0
+        if int(np.count_nonzero(pos)) <= rows:
+            keep |= pos
+        else:
+            keep[np.argpartition(-col, rows - 1)[:rows]] = True
+    return keep
+
+
 class Table:
     """Sums per key (uint64) with a representative value per key (an address), bounded: past
     ``rows`` keys it keeps the largest ``rows`` of each column (their union)."""
@@ -186,7 +199,12 @@ class Table:
         self._pending = 0
 
     def add(self, keys: np.ndarray, reps: np.ndarray, values: np.ndarray) -> None:
-        """Rows already grouped (distinct keys) or not: they are summed with the rest."""
+        """Rows with distinct keys (grouped), summed with the rest.  A part of more than ``rows``
+        keys is cut to the largest of each column first, as a compaction would (a spoofed flood's
+        sweep: 50,000 new sources are not all summed with the table)."""
+        if len(keys) > self.rows:
+            keep = _largest(values, self.rows)
+            keys, reps, values = keys[keep], reps[keep], values[keep]
         self._parts.append((keys, reps, values))
         self._pending += len(keys)
         if self._pending > 4 * self.rows:
@@ -202,9 +220,7 @@ class Table:
         k, v, i = group_sum(keys, [values[:, j] for j in range(values.shape[1])])
         r = reps[i]
         if len(k) > self.rows:
-            keep = np.zeros(len(k), dtype=bool)
-            for j in range(v.shape[1]):
-                keep[np.argpartition(-v[:, j], self.rows - 1)[:self.rows]] = True
+            keep = _largest(v, self.rows)
             k, v, r = k[keep], v[keep], r[keep]
         self.keys, self.reps, self.values = k, r, v
         return self
@@ -335,6 +351,7 @@ class Interval:
         self.hll_low = np.zeros(_HLL_M, dtype=np.uint8)
         self.flows = 0
         self.icmp_flows = 0
+        self._staged: list[tuple] = []  # per part: see _addresses
 
     def feed(self, r: np.ndarray, counts: bool = True) -> None:
         """One batch (flow records only) into this interval.  ``counts``: the records also count
@@ -372,32 +389,38 @@ class Interval:
 
     def _addresses(self, r: np.ndarray, src_h: np.ndarray, dst_h: np.ndarray, src_values: list[np.ndarray],
                    short: np.ndarray | None) -> None:
-        """Per source (bytes, flows, rate, short-flow endpoints) and destination (bytes, flows); the
-        address sketches."""
-        k, v, i = group_sum(src_h, src_values)
-        e = np.zeros(len(k))
-        if short is not None and short.any():  # every source with short flows is in k: look each one up
-            ek, ev = self._endpoints(r, src_h, dst_h, short)
-            pos = np.minimum(np.searchsorted(ek, k), len(ek) - 1)
-            hit = ek[pos] == k
-            e[hit] = ev[pos[hit]]
-        self.src.add(k, r["src_addr"][i], np.concatenate([v, e[:, None]], axis=1))
-        hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
-        k, v, i = group_sum(dst_h, src_values[:2])
-        hll_add(self.hll_dst, k)
-        self.dst.add(k, r["dst_addr"][i], v)
+        """Stage a part's per-address columns (bytes, flows, rate) and its short flows' (source,
+        endpoint) pairs; ``settle`` sums a whole sweep's parts at once."""
+        rows = np.flatnonzero(short) if short is not None else np.zeros(0, dtype=np.intp)
+        ep = (r["protocol"][rows].astype(np.uint64) << _U64(16)) | r["dst_port"][rows].astype(np.uint64)
+        pairs = _mix(src_h[rows] ^ _mix(dst_h[rows] + ep * _K3))
+        self._staged.append((src_h, dst_h, r["src_addr"], r["dst_addr"], src_values, rows, pairs))
 
-    @staticmethod
-    def _endpoints(r: np.ndarray, src_h: np.ndarray, dst_h: np.ndarray,
-                   short: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per source hash (sorted): distinct (destination address, protocol, port) reached with short flows."""
-        s = src_h[short]
-        ep = (r["protocol"][short].astype(np.uint64) << _U64(16)) | r["dst_port"][short].astype(np.uint64)
-        pair = _mix(s ^ _mix(dst_h[short] + ep * _K3))
-        _, _, first = group_sum(pair, [])
-        k, v, _ = group_sum(s[first], [np.ones(len(first))])
-        order = np.argsort(k)
-        return k[order], v[order, 0]
+    def settle(self) -> None:
+        """The staged parts (one sweep's records and new entries) into the tables, one grouping per
+        direction: per source bytes, flows, rate and the distinct endpoints it reached with short
+        flows; per destination bytes and flows; the address sketches."""
+        parts, self._staged = self._staged, []
+        if not parts:
+            return
+
+        def cat(j: int) -> np.ndarray:
+            return parts[0][j] if len(parts) == 1 else np.concatenate([p[j] for p in parts])
+
+        src_h, dst_h, src_a, dst_a, pairs = cat(0), cat(1), cat(2), cat(3), cat(6)
+        cols = [np.concatenate([p[4][j] for p in parts]) if len(parts) > 1 else parts[0][4][j] for j in range(3)]
+        offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+        rows = np.concatenate([p[5] + off for p, off in zip(parts, offsets.tolist(), strict=True)])
+        ends = np.zeros(len(src_h))
+        if len(rows):  # the first short flow of each distinct (source, endpoint) pair counts
+            _, _, first = group_sum(pairs, [])
+            ends[rows[first]] = 1.0
+        k, v, i = group_sum(src_h, [*cols, ends])
+        self.src.add(k, src_a[i], v)
+        hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
+        k, v, i = group_sum(dst_h, cols[:2])
+        hll_add(self.hll_dst, k)
+        self.dst.add(k, dst_a[i], v)
 
 
 # --------------------------------------------------------------------------
@@ -452,6 +475,7 @@ class Analytics:
                 if len(keys):
                     current.feed_new(keys, values)
                     self._seen_records = True
+            current.settle()
             self.totals = (tuple(flows), tuple(packets), tuple(nbytes))
 
     def advance(self, now: float | None = None) -> None:

@@ -112,5 +112,6 @@ def test_quiet_traffic_fires_nothing_and_a_scan_fires_within_15_s(pair: Pair, tm
             assert not errors, errors
     finally:
         tap.close()
+    print(f"seconds from the scan's start to active: {fired}")  # shown with pytest -s
     assert max(fired.values()) <= DETECT_S, fired
     assert "many_sources_low_bytes" not in fired and "icmp_flows" not in fired  # one source, TCP only

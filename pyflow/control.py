@@ -25,7 +25,7 @@ cache (counters, and ``agent.observed``: what the last sweep saw); ``flows``
 holds ``agent.lock`` only to take the meter's maps (``FlowMeter.scan``: fds
 and buffers of its own) and the baseline, then reads the cache without it,
 keeping the top N of each chunk, and streams its answer in pieces.  A grouped
-answer sums each chunk into at most ``analytics.MAX_GROUPS`` groups (the largest of
+answer sums each chunk into at most GROUP_ROWS groups (the largest of
 each column are kept past that: the answer says ``"trimmed": true``).
 
 Per client: at most MAX_CLIENTS connections (a new one pushes out the one idle

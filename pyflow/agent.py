@@ -113,7 +113,9 @@ class SweepObserver(Protocol):
 
     def records_left(self, lateness_seconds: np.ndarray, target: str) -> None: ...
 
-    def analyse(self, batch: Sequence[np.ndarray]) -> None: ...  # one sweep's records (traffic analytics)
+    # one sweep's records and the cache entries it saw first, (keys, values) in parts (traffic analytics)
+    def analyse(self, batch: Sequence[np.ndarray],
+                new: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> None: ...
 
 
 REASON_LABELS = {EndReason.IDLE: "idle", EndReason.ACTIVE: "active", EndReason.END_OF_FLOW: "end_of_flow",
@@ -214,10 +216,21 @@ class _Tick:
     staying: dict[CacheMap, list[np.ndarray]] = field(default_factory=lambda: {m: [] for m in CacheMap})
     next_due_ns: int = NEVER
     unsent: Tally[int] | None = None  # per ifindex (ingress): packets in the cache in no record (when observed)
+    new: list[tuple[np.ndarray, np.ndarray]] | None = None  # entries first seen since the last sweep (analytics)
 
 
 def _cat(parts: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _new_entries(out: list[tuple[np.ndarray, np.ndarray]], keys: np.ndarray, values: np.ndarray,
+                 since_ns: int, until_ns: int) -> None:
+    """Copies of the entries first seen in [since_ns, until_ns): the last sweep's instant to this
+    one's (an entry created while this sweep reads is the next one's)."""
+    first = values["first_seen_ns"]
+    sel = (first >= since_ns) & (first < until_ns)
+    if sel.any():
+        out.append((keys[sel], values[sel]))
 
 
 def _per_ifindex(ifindex: np.ndarray, packets: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -268,6 +281,9 @@ class Agent(Generic[Cache]):
         self.next_due_ns = 0  # when the next sweep is due (boot clock)
         self._earliest_ns = 0  # no sweep before this (MIN_SWEEP_GAP_NS after the last one)
         self._fin = _FinWatch()
+        # the last sweep's instant: an entry first seen from it to the next sweep's is new to that one
+        # (the traffic analytics count each flow once, as it starts); none from before this agent
+        self._swept_ns = self.clocks.boot_ns()
         self.metrics = metrics
         # held during a tick and while targets send; observers take it only to copy a few
         # references (pyflow flows: the meter's maps, the baseline), never to read the cache
@@ -304,13 +320,15 @@ class Agent(Generic[Cache]):
         evict = dict(self._evict)  # thresholds in force before this barrier
         final_ns = self.clocks.boot_ns()
         self._fin = _FinWatch(meter.fin_events(), final_ns)
+        since, self._swept_ns = self._swept_ns, final_ns
         tb = time.perf_counter()
         meter.barrier()
         self.stats.last_barrier_seconds = time.perf_counter() - tb
         now, wall_offset, _ = self._clock()
         observe = self.metrics is not None
         metered = self._metered() if observe else None
-        t = _Tick(unsent=Tally() if observe else None)
+        t = _Tick(unsent=Tally() if observe else None,
+                  new=[] if observe and self.settings.analytics.enabled else None)
         for which, keys, values in meter.read_chunks():
             horizon = Horizon(final_ns, now, evict[which])
             r = sweep_chunk(keys, values, self.baseline, horizon, wall_offset, self.rules, self._skip, final)
@@ -320,6 +338,8 @@ class Agent(Generic[Cache]):
                 t.drops.append(r.drop_ids)
             t.cuts.append(r.cuts)
             t.next_due_ns = min(t.next_due_ns, r.next_due_ns)
+            if t.new is not None:
+                _new_entries(t.new, keys, values, since, final_ns)
             if r.stay is not None:  # the skip list was looked up once, in sweep_chunk
                 t.staying[which].append(values["last_seen_ns"][r.stay].copy())
             if t.unsent is not None and r.unsent is not None:
@@ -340,7 +360,7 @@ class Agent(Generic[Cache]):
         self.stats.last_sweep_seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.sweep_took(self.stats.last_sweep_seconds)
-            self.metrics.analyse(batch)  # traffic analytics ([analytics]), after the sweep's own time
+            self.metrics.analyse(batch, t.new)  # traffic analytics ([analytics]), after the sweep's own time
         return batch
 
     def _queue(self, t: _Tick, meter: FlowCache) -> list[np.ndarray]:

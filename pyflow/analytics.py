@@ -2,6 +2,11 @@
 addresses and five anomaly signals (the RouterOS guide's collector dashboards), computed in
 the agent for its metrics endpoint (docs/metrics.md, "Traffic analytics").
 
+The agent also hands over, each sweep, the cache entries first seen since the sweep before
+(``feed(..., new=...)``): once it does, flows are counted from them, as they start (each flow
+once: flows, ICMP flows, flows per address, short-flow endpoints), and the records add bytes,
+packets and rates only.  Fed records alone (``new`` None), the records count the flows too.
+
 Pure: ``Analytics`` is fed record batches (``pyflow.records.RECORD_DTYPE``) and the time, does no
 I/O and keeps no per-record Python objects; every step is a numpy pass over columns.
 
@@ -168,6 +173,19 @@ def _group_sorted(keys: np.ndarray, values: Sequence[np.ndarray],
     return uk, sums, idx if rows is None else rows[idx]
 
 
+def _largest(values: np.ndarray, rows: int) -> np.ndarray:
+    """The rows among the ``rows`` largest values above 0 of some column."""
+    keep = np.zeros(len(values), dtype=bool)
+    for j in range(values.shape[1]):
+        col = values[:, j]
+        pos = col > 0
+        if int(np.count_nonzero(pos)) <= rows:
+            keep |= pos
+        else:
+            keep[np.argpartition(-col, rows - 1)[:rows]] = True
+    return keep
+
+
 class Table:
     """Sums per key (uint64) with a representative value per key (an address), bounded: past
     ``rows`` keys it keeps the largest ``rows`` of each column (their union)."""
@@ -181,7 +199,12 @@ class Table:
         self._pending = 0
 
     def add(self, keys: np.ndarray, reps: np.ndarray, values: np.ndarray) -> None:
-        """Rows already grouped (distinct keys) or not: they are summed with the rest."""
+        """Rows with distinct keys (grouped), summed with the rest.  A part of more than ``rows``
+        keys is cut to the largest of each column first, as a compaction would (a spoofed flood's
+        sweep: 50,000 new sources are not all summed with the table)."""
+        if len(keys) > self.rows:
+            keep = _largest(values, self.rows)
+            keys, reps, values = keys[keep], reps[keep], values[keep]
         self._parts.append((keys, reps, values))
         self._pending += len(keys)
         if self._pending > 4 * self.rows:
@@ -197,9 +220,7 @@ class Table:
         k, v, i = group_sum(keys, [values[:, j] for j in range(values.shape[1])])
         r = reps[i]
         if len(k) > self.rows:
-            keep = np.zeros(len(k), dtype=bool)
-            for j in range(v.shape[1]):
-                keep[np.argpartition(-v[:, j], self.rows - 1)[:self.rows]] = True
+            keep = _largest(v, self.rows)
             k, v, r = k[keep], v[keep], r[keep]
         self.keys, self.reps, self.values = k, r, v
         return self
@@ -330,51 +351,76 @@ class Interval:
         self.hll_low = np.zeros(_HLL_M, dtype=np.uint8)
         self.flows = 0
         self.icmp_flows = 0
+        self._staged: list[tuple] = []  # per part: see _addresses
 
-    def feed(self, r: np.ndarray) -> None:
-        """One batch (flow records only) into this interval."""
-        self.flows += len(r)
-        proto = r["protocol"]
-        self.icmp_flows += int(np.count_nonzero((proto == 1) | (proto == 58)))
+    def feed(self, r: np.ndarray, counts: bool = True) -> None:
+        """One batch (flow records only) into this interval.  ``counts``: the records also count
+        flows (flows, ICMP flows, flows per address, short-flow endpoints); not when the flows are
+        counted as they start, from the cache's new entries (``feed_new``)."""
+        if counts:
+            self.flows += len(r)
+            proto = r["protocol"]
+            self.icmp_flows += int(np.count_nonzero((proto == 1) | (proto == 58)))
         nbytes = r["bytes"].astype(np.float64)
         src_h, dst_h = address_hash(r, "src_addr"), address_hash(r, "dst_addr")
         hll_add(self.hll_low, src_h[nbytes <= LOW_BYTES])
         dur_ms = (r["end_ms"].astype(np.int64) - r["start_ms"].astype(np.int64))
         rate = nbytes / np.maximum(dur_ms / 1e3, INTERVAL_S)
-        endpoints = self._endpoints(r, src_h, dst_h, dur_ms)
-        ones = np.ones(len(r))
-        k, v, i = group_sum(src_h, [nbytes, ones, rate])
-        e = np.zeros(len(k))
-        ek, ev = endpoints
-        if len(ek):  # every source with short flows is in k: look each one up
-            pos = np.minimum(np.searchsorted(ek, k), len(ek) - 1)
-            hit = ek[pos] == k
-            e[hit] = ev[pos[hit]]
-        self.src.add(k, r["src_addr"][i], np.concatenate([v, e[:, None]], axis=1))
-        hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
-        k, v, i = group_sum(dst_h, [nbytes, ones])
-        hll_add(self.hll_dst, k)
-        self.dst.add(k, r["dst_addr"][i], v)
+        short = (dur_ms <= SHORT_FLOW_MS) & (r["end_reason"] != EndReason.ACTIVE) if counts else None
+        ones = np.ones(len(r)) if counts else np.zeros(len(r))
+        self._addresses(r, src_h, dst_h, [nbytes, ones, rate], short)
         key = port_keys(r)
         ported = key != _NO_PORT
         if ported.any():
             k, v, _ = group_sum(key[ported], [nbytes[ported]])
             self.ports.add(k, k, v)
 
-    @staticmethod
-    def _endpoints(r: np.ndarray, src_h: np.ndarray, dst_h: np.ndarray,
-                   dur_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per source hash: distinct (destination address, protocol, port) reached with short flows."""
-        short = (dur_ms <= SHORT_FLOW_MS) & (r["end_reason"] != EndReason.ACTIVE)
-        if not short.any():
-            return np.zeros(0, dtype=np.uint64), np.zeros(0)
-        s = src_h[short]
-        ep = (r["protocol"][short].astype(np.uint64) << _U64(16)) | r["dst_port"][short].astype(np.uint64)
-        pair = _mix(s ^ _mix(dst_h[short] + ep * _K3))
-        _, _, first = group_sum(pair, [])
-        k, v, _ = group_sum(s[first], [np.ones(len(first))])
-        order = np.argsort(k)
-        return k[order], v[order, 0]
+    def feed_new(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Cache entries first seen since the last sweep (kernel key and value dtypes): each a flow
+        that started, counted now rather than when its record leaves (a lone SYN's: an inactive
+        timeout later).  Short: its last packet so far within SHORT_FLOW_MS of its first."""
+        self.flows += len(keys)
+        proto = keys["protocol"]
+        self.icmp_flows += int(np.count_nonzero((proto == 1) | (proto == 58)))
+        src_h, dst_h = address_hash(keys, "src_addr"), address_hash(keys, "dst_addr")
+        dur_ns = values["last_seen_ns"].astype(np.int64) - values["first_seen_ns"].astype(np.int64)
+        zeros = np.zeros(len(keys))
+        self._addresses(keys, src_h, dst_h, [zeros, np.ones(len(keys)), zeros], dur_ns <= SHORT_FLOW_MS * 10**6)
+
+    def _addresses(self, r: np.ndarray, src_h: np.ndarray, dst_h: np.ndarray, src_values: list[np.ndarray],
+                   short: np.ndarray | None) -> None:
+        """Stage a part's per-address columns (bytes, flows, rate) and its short flows' (source,
+        endpoint) pairs; ``settle`` sums a whole sweep's parts at once."""
+        rows = np.flatnonzero(short) if short is not None else np.zeros(0, dtype=np.intp)
+        ep = (r["protocol"][rows].astype(np.uint64) << _U64(16)) | r["dst_port"][rows].astype(np.uint64)
+        pairs = _mix(src_h[rows] ^ _mix(dst_h[rows] + ep * _K3))
+        self._staged.append((src_h, dst_h, r["src_addr"], r["dst_addr"], src_values, rows, pairs))
+
+    def settle(self) -> None:
+        """The staged parts (one sweep's records and new entries) into the tables, one grouping per
+        direction: per source bytes, flows, rate and the distinct endpoints it reached with short
+        flows; per destination bytes and flows; the address sketches."""
+        parts, self._staged = self._staged, []
+        if not parts:
+            return
+
+        def cat(j: int) -> np.ndarray:
+            return parts[0][j] if len(parts) == 1 else np.concatenate([p[j] for p in parts])
+
+        src_h, dst_h, src_a, dst_a, pairs = cat(0), cat(1), cat(2), cat(3), cat(6)
+        cols = [np.concatenate([p[4][j] for p in parts]) if len(parts) > 1 else parts[0][4][j] for j in range(3)]
+        offsets = np.cumsum([0] + [len(p[0]) for p in parts[:-1]])
+        rows = np.concatenate([p[5] + off for p, off in zip(parts, offsets.tolist(), strict=True)])
+        ends = np.zeros(len(src_h))
+        if len(rows):  # the first short flow of each distinct (source, endpoint) pair counts
+            _, _, first = group_sum(pairs, [])
+            ends[rows[first]] = 1.0
+        k, v, i = group_sum(src_h, [*cols, ends])
+        self.src.add(k, src_a[i], v)
+        hll_add(self.hll_src, k)  # the distinct ones: the same registers, fewer to add
+        k, v, i = group_sum(dst_h, cols[:2])
+        hll_add(self.hll_dst, k)
+        self.dst.add(k, dst_a[i], v)
 
 
 # --------------------------------------------------------------------------
@@ -394,17 +440,22 @@ class Analytics:
         self._intervals: deque[Interval] = deque()
         self._detectors = {s: Detector() for s in SIGNALS}
         self._seen_records = False  # warm-up starts with the first interval that has records
+        self._entries = False  # fed the cache's new entries: they count the flows, not the records
         self._lock = threading.Lock()
         # per protocol (PROTOCOL_LABELS): flows, packets, bytes since start
         self.totals: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = (
             (0,) * len(PROTOCOL_LABELS),) * 3
         self.view = View()
 
-    def feed(self, batch: Iterable[np.ndarray], now: float | None = None) -> None:
-        """The records of one sweep (in parts), at ``now`` (default: the clock)."""
+    def feed(self, batch: Iterable[np.ndarray], now: float | None = None,
+             new: Iterable[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """The records of one sweep (in parts), at ``now`` (default: the clock); ``new``: the cache
+        entries that sweep saw first (keys, values in parts; see ``Interval.feed_new``).  Once
+        entries are given, flows are counted from them only (each flow once, as it starts)."""
         with self._lock:
             t = self.clock() if now is None else now
             current = self._advance(t)
+            self._entries = self._entries or new is not None
             flows, packets, nbytes = (list(x) for x in self.totals)
             for part in batch:
                 if not len(part):
@@ -418,8 +469,13 @@ class Analytics:
                     add = np.bincount(idx, weights=None if w is None else w.astype(np.float64), minlength=m)
                     for j in np.flatnonzero(add).tolist():
                         acc[j] += int(add[j])
-                current.feed(r)
+                current.feed(r, counts=not self._entries)
                 self._seen_records = True
+            for keys, values in new or ():
+                if len(keys):
+                    current.feed_new(keys, values)
+                    self._seen_records = True
+            current.settle()
             self.totals = (tuple(flows), tuple(packets), tuple(nbytes))
 
     def advance(self, now: float | None = None) -> None:
@@ -511,7 +567,8 @@ class CacheGroups:
             raise ValueError(f"group {by!r} is not one of {', '.join(GROUPS)}")
         self.by = by
         self.table = Table(3, _V16 if by in ("src", "dst") else np.dtype(np.uint64), rows)
-        self.flows = 0
+        self.flows = 0  # entries fed
+        self.grouped = 0  # of them, in a group (the port view has none for protocols without ports)
         self.trimmed = False
 
     def add(self, keys: np.ndarray, packets: np.ndarray, nbytes: np.ndarray) -> None:
@@ -523,6 +580,7 @@ class CacheGroups:
             h = address_hash(keys, f"{self.by}_addr")
             k, v, i = group_sum(h, values)
             self.table.add(k, keys[f"{self.by}_addr"][i], v)
+            self.grouped += len(keys)
             return
         if self.by == "proto":
             k, v, _ = group_sum(keys["protocol"].astype(np.uint64), values)
@@ -531,11 +589,12 @@ class CacheGroups:
             sel = key != _NO_PORT
             k, v, _ = group_sum(key[sel], [c[sel] for c in values])
         self.table.add(k, k, v)
+        self.grouped += int(v[:, 0].sum())
 
     def top(self, n: int, column: int) -> list[dict[str, object]]:
         """The ``n`` largest groups by ``column`` (0 flows, 1 packets, 2 bytes)."""
         t = self.table.compact()
-        self.trimmed = self.trimmed or int(t.values[:, 0].sum()) < self.flows
+        self.trimmed = self.trimmed or int(t.values[:, 0].sum()) < self.grouped
         out: list[dict[str, object]] = []
         for i in t.top(n, column).tolist():
             row = t.values[i]

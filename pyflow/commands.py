@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from pyflow.analytics import GROUPS
 from pyflow.collect import TemplateCache, decode, format_record, protocol_name, record_json
-from pyflow.control import DEFAULT_SOCKET, SORTS, ControlClient
+from pyflow.control import DEFAULT_SOCKET, GROUP_SORTS, SORTS, ControlClient
 from pyflow.errors import ConfigError, PyflowError
 from pyflow.text import visible
 from pyflow.units import format_duration, format_size, parse_duration_ns
@@ -77,15 +78,22 @@ A flow appears here until the sweep expires it (inactive-flow-timeout, or
 The agent sends at most 10,000 flows per answer (the top ones in the chosen
 order; the first line gives the total in the cache); it reads the cache
 without holding up its sweeps.
+
+With --by, the same cache summed per source address (src), destination address
+(dst), protocol and service port (port: TCP, UDP, SCTP; the lower of the two
+ports) or protocol (proto): FLOWS, PACKETS and BYTES per group, sorted by bytes,
+packets or flows.
 """
 FLOWS_EPILOG = """\
 sort orders (--sort):
   bytes     most bytes first (default)
   packets   most packets first
   age       longest-lived first
+  flows     most flows first (--by only; age is not a group's order)
 
 examples:
   sudo pyflow flows
+  sudo pyflow flows --by src --limit 10      # the top talkers in the cache now
   sudo pyflow flows --sort packets --limit 50
   sudo pyflow flows --limit 0 --json | jq '.flows[] | select(.proto == 6)'   # the top 10,000
 
@@ -101,7 +109,9 @@ record counter between two refreshes) and the targets' send errors.
 
 keys:
   q         quit (Ctrl-C quits too); the terminal is restored as it was
-  b, p, a   sort by bytes, packets, age
+  b, p, a   sort by bytes, packets, age (a: flows in a grouped view)
+  f         sort by flows
+  v         next view: flows, by source, by destination, by port, by protocol
 
 When standard output is not a terminal, each refresh is printed after the
 previous one, without screen control; --iterations stops after that many.
@@ -110,6 +120,7 @@ TOP_EPILOG = """\
 examples:
   sudo pyflow top
   sudo pyflow top --sort packets --interval 500ms
+  sudo pyflow top --by dst
   sudo pyflow top --iterations 1 > snapshot.txt
 
 exit status: 0 after q, Ctrl-C or --iterations; 1 when no agent listens on the
@@ -304,13 +315,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+GROUP_HEADS = {"src": ("SRC",), "dst": ("DST",), "port": ("PROTO", "PORT"), "proto": ("PROTO",)}
+
+
+def group_lines(answer: dict[str, Any]) -> list[str]:
+    """A grouped answer (``--by``) as a heading and a table."""
+    by, groups, total = answer["by"], answer["groups"], answer["total"]
+    head = (f"{total} flow{'s' if total != 1 else ''} in the cache (of {format_size(answer['capacity'])}) "
+            f"by {VIEW_NAMES[by]}: the top {len(groups)} by {answer['sort']}")
+    if answer.get("trimmed"):
+        head += " (more groups than the agent sums exactly: small ones may be missing)"
+    rows = []
+    for g in groups:
+        if by in ("src", "dst"):
+            cells = [g["address"]]
+        elif by == "port":
+            cells = [protocol_name(g["proto"]), str(g["port"])]
+        else:
+            cells = [protocol_name(g["proto"])]
+        rows.append([*cells, str(g["flows"]), str(g["packets"]), human_bytes(g["bytes"])])
+    heads = (*GROUP_HEADS[by], "FLOWS", "PACKETS", "BYTES")
+    return [head, *table(heads, rows, frozenset(range(len(heads) - 3 - (by == "port"), len(heads))))]
+
+
+def _sort_for(view: str, sort: str) -> str:
+    """The order a view is asked for: the flows' orders (SORTS) or a group's (GROUP_SORTS)."""
+    if view == "flows":
+        return sort if sort in SORTS else "bytes"
+    return sort if sort in GROUP_SORTS else "flows"
+
+
 def cmd_flows(args: argparse.Namespace) -> int:
+    by = args.by
+    if by is None and args.sort == "flows":
+        raise ConfigError("--sort flows needs --by (src, dst, port or proto): a single flow has no flow count")
+    if by is not None and args.sort == "age":
+        raise ConfigError(f"--sort age does not go with --by {by}: a group has no age (bytes, packets or flows)")
     with ControlClient(args.socket) as client:
-        answer = client.flows(args.sort, args.limit)
+        answer = client.flows(_sort_for(by or "flows", args.sort), args.limit, by)
     if args.json:
         _print_json(answer)
     else:
-        print("\n".join(flows_lines(answer)))
+        print("\n".join(flows_lines(answer) if by is None else group_lines(answer)))
     return 0
 
 
@@ -321,11 +367,14 @@ def cmd_flows(args: argparse.Namespace) -> int:
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"
 CURSOR_OFF, CURSOR_ON = "\x1b[?25l", "\x1b[?25h"
 HOME, CLEAR_EOL, CLEAR_EOS = "\x1b[H", "\x1b[K", "\x1b[J"
-TOP_KEYS = {"b": "bytes", "p": "packets", "a": "age"}
+TOP_KEYS = {"b": "bytes", "p": "packets", "a": "age", "f": "flows"}
+VIEWS = ("flows", *GROUPS)  # key v cycles through them
+VIEW_NAMES = {"flows": "flow", "src": "source", "dst": "destination", "port": "port", "proto": "protocol"}
 TOP_HEADER_LINES = 3
 
 
-def top_frame(status: dict[str, Any], flows: dict[str, Any], rate: float | None, sort: str) -> list[str]:
+def top_frame(status: dict[str, Any], flows: dict[str, Any], rate: float | None, sort: str,
+              view: str = "flows") -> list[str]:
     cache = status["cache"]
     pct = 100.0 * cache["entries"] / cache["capacity"] if cache["capacity"] else 0.0
     errors = sum(t["send-errors"] for t in status["targets"])
@@ -334,8 +383,9 @@ def top_frame(status: dict[str, Any], flows: dict[str, Any], rate: float | None,
     head = (f"pyflow top  {time.strftime('%H:%M:%S')}  up {human_age(status['agent']['uptime'])}  "
             f"cache {cache['entries']}/{format_size(cache['capacity'])} ({pct:.1f}%)  "
             f"export {rate_text} records/s  {n} target{'s' if n != 1 else ''} ({errors} send errors)")
-    keys = f"sort: {sort}   keys: b bytes, p packets, a age, q quit"
-    return [head, keys, *flows_lines(flows)]
+    keys = (f"view: {VIEW_NAMES[view]}   sort: {sort}   keys: v next view, b bytes, p packets, "
+            f"{'a age' if view == 'flows' else 'f flows'}, q quit")
+    return [head, keys, *(flows_lines(flows) if view == "flows" else group_lines(flows))]
 
 
 class _Keys:
@@ -382,7 +432,7 @@ class _Keys:
 def cmd_top(args: argparse.Namespace) -> int:
     out = sys.stdout
     screen = out.isatty()
-    sort = args.sort
+    sort, view = args.sort, args.by or "flows"
     client = ControlClient(args.socket)
     client.status()  # no agent: fail before touching the terminal
     keys = _Keys(sys.stdin)
@@ -395,13 +445,14 @@ def cmd_top(args: argparse.Namespace) -> int:
             status = client.status()
             rows = shutil.get_terminal_size((120, 40)).lines
             limit = args.limit or (max(1, rows - TOP_HEADER_LINES - 1) if screen else 20)
-            flows = client.flows(sort, limit)
+            shown = _sort_for(view, sort)
+            flows = client.flows(shown, limit, None if view == "flows" else view)
             now, records = float(status["time"]), int(status["agent"]["records"])
             rate = None
             if prev is not None and now > prev[0]:
                 rate = (records - prev[1]) / (now - prev[0])
             prev = (now, records)
-            lines = top_frame(status, flows, rate, sort)
+            lines = top_frame(status, flows, rate, shown, view)
             if screen:
                 cols = shutil.get_terminal_size((120, 40)).columns
                 out.write(HOME + "".join(ln[:cols] + CLEAR_EOL + "\n" for ln in lines[:rows - 1]) + CLEAR_EOS)
@@ -417,7 +468,10 @@ def cmd_top(args: argparse.Namespace) -> int:
                 if key in ("q", "Q"):
                     return 0
                 if key is not None and key in TOP_KEYS:
-                    sort = TOP_KEYS[key]
+                    sort = TOP_KEYS[key] if view == "flows" or key != "a" else "flows"
+                    break
+                if key in ("v", "V"):
+                    view = VIEWS[(VIEWS.index(view) + 1) % len(VIEWS)]
                     break
     except KeyboardInterrupt:
         return 0
@@ -579,7 +633,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "flows", help="print the flows in the kernel cache now, top talkers first",
         description=FLOWS_DESCRIPTION, epilog=FLOWS_EPILOG, formatter_class=RAW)
     _agent_options(flows, json=True)
-    flows.add_argument("--sort", choices=SORTS, default="bytes", help="order of the flows (default: bytes)")
+    flows.add_argument("--sort", choices=(*SORTS, "flows"), default="bytes",
+                       help="order of the flows or groups (default: bytes)")
+    flows.add_argument("--by", choices=GROUPS, default=None,
+                       help="sum the flows per source, destination, port or protocol")
     flows.add_argument("--limit", type=_count("--limit"), default=20, metavar="N",
                        help="show at most N flows; 0: as many as the agent sends, 10,000 (default: 20)")
     flows.set_defaults(func=cmd_flows)
@@ -588,7 +645,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "top", help="the flows of the kernel cache, live, refreshed in the terminal",
         description=TOP_DESCRIPTION, epilog=TOP_EPILOG, formatter_class=RAW)
     _agent_options(top, json=False)
-    top.add_argument("--sort", choices=SORTS, default="bytes", help="initial order of the flows (default: bytes)")
+    top.add_argument("--sort", choices=(*SORTS, "flows"), default="bytes",
+                     help="initial order of the flows or groups (default: bytes)")
+    top.add_argument("--by", choices=GROUPS, default=None,
+                     help="start in the view per source, destination, port or protocol (key v cycles)")
     top.add_argument("--interval", type=_duration_seconds("--interval"), default=1.0, metavar="DURATION",
                      help="time between refreshes, RouterOS style: 500ms, 1s, 5s (default: 1s)")
     top.add_argument("--limit", type=_count("--limit"), default=0, metavar="N",

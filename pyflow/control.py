@@ -10,7 +10,11 @@ ask) in a daemon thread.  The protocol is one JSON object per line each way:
 * ``{"cmd": "flows", "sort": "bytes"|"packets"|"age", "limit": N}`` -> the
   kernel flow cache now, sorted, the first N flows (no limit: DEFAULT_FLOWS;
   0 or more than MAX_FLOWS: MAX_FLOWS), each with its cumulative counters and
-  what is not exported yet, plus the total count.
+  what is not exported yet, plus the total count;
+* ``{"cmd": "flows", "by": "src"|"dst"|"port"|"proto", "sort": "bytes"|"packets"|"flows",
+  "limit": N}`` -> the same cache grouped by source address, destination address,
+  (protocol, service port) or protocol: per group its flows, packets and bytes (totals
+  since each entry was created), the first N groups (``pyflow top``'s views).
 
 Every answer has ``"ok"``: true, or false with ``"error"``.  A bad request
 gets an error answer; nothing a client sends can stop the server.  A client
@@ -20,7 +24,9 @@ Watching never slows the agent down: ``status`` takes no lock and reads no
 cache (counters, and ``agent.observed``: what the last sweep saw); ``flows``
 holds ``agent.lock`` only to take the meter's maps (``FlowMeter.scan``: fds
 and buffers of its own) and the baseline, then reads the cache without it,
-keeping the top N of each chunk, and streams its answer in pieces.
+keeping the top N of each chunk, and streams its answer in pieces.  A grouped
+answer sums each chunk into at most GROUP_ROWS groups (the largest of
+each column are kept past that: the answer says ``"trimmed": true``).
 
 Per client: at most MAX_CLIENTS connections (a new one pushes out the one idle
 the longest), each request line at most MAX_REQUEST bytes and whole within
@@ -28,7 +34,8 @@ IDLE_SECONDS of the last answer (or of connecting), and every answer taken
 within WRITE_SECONDS of writing time; otherwise the connection is closed.
 At most SCANS flows answers read the cache at once; so memory stays at about
 SCANS x (one scan chunk + 2 x MAX_FLOWS rows) + MAX_CLIENTS x (MAX_FLOWS rows +
-one piece) (2.5 MB each for 10,000 rows).
+one piece) (2.5 MB each for 10,000 rows); a grouped read holds at most 5 x GROUP_ROWS
+sums (4 MB).
 
 "Last sent" per target: ``TargetStats`` has no timestamp, so the server
 samples every target's datagram counter (every :data:`SAMPLE_SECONDS`, and
@@ -59,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import numpy as np
 
 from pyflow import __version__
+from pyflow.analytics import GROUPS, CacheGroups
 from pyflow.errors import PyflowError
 from pyflow.paths import DEFAULT_SOCKET
 from pyflow.records import addr_from_16
@@ -102,6 +110,7 @@ class AgentView(Protocol):
 
 
 SORTS = ("bytes", "packets", "age")
+GROUP_SORTS = ("bytes", "packets", "flows")  # a group has no age
 MAX_REQUEST = 4096  # bytes in one request line
 MAX_CLIENTS = 16  # connections at once; a new one pushes out the one idle the longest
 IDLE_SECONDS = 5.0  # the next whole request line must arrive within this, or the connection is closed
@@ -110,6 +119,7 @@ DEFAULT_FLOWS = 100  # flows in an answer to a request without a limit
 MAX_FLOWS = 10_000  # flows in an answer at most (limit 0 or larger: this many)
 SCAN_CHUNK = 8192  # entries per read of the cache for a flows answer
 SCANS = 2  # flows answers reading the cache at once (the others wait their turn)
+GROUP_ROWS = 16384  # groups a grouped answer sums exactly (past that the largest are kept: "trimmed")
 PIECE_FLOWS = 256  # flows per write of a flows answer
 SAMPLE_SECONDS = 0.25  # how often the targets' datagram counters are sampled ("last sent")
 DIRECTIONS = {0: "ingress", 1: "egress"}
@@ -421,14 +431,19 @@ class ControlServer:
         if cmd == "status":
             return self.status()
         if cmd == "flows":
+            by = request.get("by")
+            if by is not None and by not in GROUPS:
+                raise BadRequest(f"by {by!r} is not one of {', '.join(GROUPS)}")
             sort = request.get("sort", "bytes")
-            if sort not in SORTS:
-                raise BadRequest(f"sort {sort!r} is not one of {', '.join(SORTS)}")
+            sorts = SORTS if by is None else GROUP_SORTS
+            if sort not in sorts:
+                raise BadRequest(f"sort {sort!r} is not one of {', '.join(sorts)}"
+                                 + ("" if by is None else f" (grouped by {by})"))
             limit = request.get("limit")
             if limit is not None and (type(limit) is not int or limit < 0):
                 raise BadRequest(f"limit {limit!r} is not a whole number >= 0 (0: as many as allowed, "
                                  f"{MAX_FLOWS})")
-            return self.flows_stream(sort, limit)
+            return self.flows_stream(sort, limit) if by is None else self.groups_stream(by, sort, limit)
         raise BadRequest(f"unknown cmd {cmd!r} (known: status, flows)")
 
     # -- status ----------------------------------------------------------------
@@ -540,6 +555,34 @@ class ControlServer:
     def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
         """The flows answer as one object (what a client gets)."""
         return json.loads(b"".join(self.flows_stream(sort, limit)))
+
+    def groups_stream(self, by: str, sort: str = "bytes", limit: int | None = None) -> Iterator[bytes]:
+        """The cache grouped ``by`` source, destination, port or protocol: read as ``flows_stream``
+        reads it (without the agent's lock, SCANS at a time, chunk by chunk into bounded groups)."""
+        agent = self.agent
+        with agent.lock:
+            scan = agent.meter.scan(SCAN_CHUNK)
+            capacity = int(agent.meter.capacity(_FLOWS))
+        n = DEFAULT_FLOWS if limit is None else MAX_FLOWS if limit == 0 else min(limit, MAX_FLOWS)
+        groups = CacheGroups(by, GROUP_ROWS)
+        with scan, self._scans:
+            for _which, keys, values in scan:  # the groups keep copies (sums, addresses), never the views
+                groups.add(keys, values["packets"], values["bytes"])
+        rows = groups.top(n, {"flows": 0, "packets": 1, "bytes": 2}[sort])  # CacheGroups' columns
+        head = {"ok": True, "time": self._wall(), "total": groups.flows, "capacity": capacity, "by": by,
+                "sort": sort, "limit": n, "max-limit": MAX_FLOWS, "trimmed": groups.trimmed}
+        return _group_pieces(head, rows)
+
+    def groups(self, by: str, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
+        return json.loads(b"".join(self.groups_stream(by, sort, limit)))
+
+
+def _group_pieces(head: dict[str, Any], rows: list[dict[str, object]]) -> Iterator[bytes]:
+    yield _encode(head)[:-2] + b',"groups":['
+    for lo in range(0, len(rows), PIECE_FLOWS):
+        yield (b"," if lo else b"") + b",".join(json.dumps(g, separators=(",", ":")).encode()
+                                                for g in rows[lo:lo + PIECE_FLOWS])
+    yield b"]}\n"
 
 
 _FLOWS = 0  # kernel.abi.CacheMap.FLOWS, the map cache-entries sizes (no kernel import here: see _top)
@@ -758,8 +801,11 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         return self.request({"cmd": "status"})
 
-    def flows(self, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
-        return self.request({"cmd": "flows", "sort": sort, "limit": limit or 0})
+    def flows(self, sort: str = "bytes", limit: int | None = None, by: str | None = None) -> dict[str, Any]:
+        request: dict[str, Any] = {"cmd": "flows", "sort": sort, "limit": limit or 0}
+        if by is not None:
+            request["by"] = by
+        return self.request(request)
 
     def close(self) -> None:
         if self._sock is not None:

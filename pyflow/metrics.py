@@ -154,8 +154,9 @@ class Metrics:
     analytics: Analytics | None = None
     _agent: AgentView | None = None
 
-    def analyse(self, batch: Sequence[np.ndarray]) -> None:
-        """A sweep's records into the traffic analytics (the agent calls this once per sweep).
+    def analyse(self, batch: Sequence[np.ndarray], new: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """A sweep's records, and the cache entries it saw first, into the traffic analytics (the
+        agent calls this once per sweep).
         Built on first use from the agent's settings, and again when a reload changed them."""
         agent = self._agent
         if agent is None:
@@ -170,7 +171,7 @@ class Metrics:
             self.analytics = Analytics(wanted, clock=lambda: agent.clocks.boot_ns() / 1e9)
             if old is not None:
                 self.analytics.totals = old.totals  # counters never go back
-        self.analytics.feed(batch, now)
+        self.analytics.feed(batch, now, new)
 
 
 class ArrayHistogram(Collector):
@@ -387,6 +388,7 @@ class AnalyticsCollector(Collector):
         a = self.metrics.analytics
         if a is None:
             return
+        a.advance()  # intervals that ended since the last sweep are closed and scored now
         flows, packets, nbytes = a.totals
         for name, what, values in (("flows", "Flow records", flows), ("packets", "Packets", packets),
                                    ("bytes", "Bytes (IP)", nbytes)):

@@ -151,6 +151,11 @@ def test_status_flows_and_top(pair: Pair, tmp_path: Path) -> None:
             answer = json.loads(res.stdout)
             assert (answer["limit"], len(answer["flows"]), answer["capacity"]) == (1, 1, 4096)
             assert answer["flows"][0]["sport"] == KNOWN_SPORT and answer["total"] >= 2
+            # --by: the cache summed per source (the known UDP flow and the TCP one)
+            res = run_cmd("flows", "--socket", sock, "--by", "src", "--json")
+            assert res.returncode == 0, res.stderr
+            src = next(g for g in json.loads(res.stdout)["groups"] if g["address"] == pair.a_v4)
+            assert (src["flows"], src["packets"], src["bytes"]) == (2, KNOWN_PACKETS + 2, KNOWN_BYTES + 80)
 
             # pyflow status: settings, cache use, the target's counters = what the collector got
             tap.drain(0.5)
@@ -225,6 +230,9 @@ def top_in_pty(sock: str, pair: Pair, quit_key: bytes) -> None:
             read_until(rb"sort: bytes")
             os.write(master, b"p")
             read_until(rb"sort: packets")
+            os.write(master, b"v")  # the view per source: the known flow and the TCP one
+            src_row = rf"{re.escape(pair.a_v4)}\s+2\s+{KNOWN_PACKETS + 2}\s"
+            read_until(rf"(?s)view: source\s+sort: packets.*{src_row}".encode())
             os.write(master, quit_key)
             rc = proc.wait(timeout=15)
         finally:

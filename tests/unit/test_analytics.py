@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyflow import records as rec
 from pyflow.analytics import (
     INTERVAL_S,
+    PROTOCOL_LABELS,
     TABLE_ROWS,
     WARMUP_INTERVALS,
     Analytics,
@@ -29,6 +30,7 @@ from pyflow.analytics import (
     hll_estimate,
 )
 from pyflow.config import SIGNALS, AnalyticsSettings, SettingError
+from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from pyflow.metrics import AnalyticsCollector
 
 T0 = 1_000.0  # the clock (seconds) at the start of every scenario
@@ -274,6 +276,78 @@ def test_a_port_scan_fires_within_15_s_with_the_scanner_in_the_talkers() -> None
     assert "many_sources_low_bytes" not in fired_at  # one source is not many
 
 
+def entries(recs: np.ndarray, first_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cache entries (kernel dtypes) of flow records, as a sweep sees them first (started at
+    ``first_ns``, lasting what the record says so far)."""
+    keys = np.zeros(len(recs), FLOW_KEY_DTYPE)
+    values = np.zeros(len(recs), FLOW_VALUE_DTYPE)
+    for name in ("src_addr", "dst_addr", "src_port", "dst_port", "protocol"):
+        keys[name] = recs[name]
+    values["packets"], values["bytes"] = recs["packets"], recs["bytes"]
+    values["first_seen_ns"] = first_ns
+    values["last_seen_ns"] = first_ns + (recs["end_ms"] - recs["start_ms"]).astype(np.uint64) * 10**6
+    return keys, values
+
+
+def test_new_entries_count_each_flow_once_as_it_starts() -> None:
+    """Fed the cache's new entries, the analytics count flows as they start: a SYN scan fires at the
+    sweep that first sees it, the scanner leads the talkers by flows at once, and its records, which
+    leave an inactive timeout later, add bytes but count no flow again."""
+    a = Analytics(AnalyticsSettings())
+    traffic = Ordinary(seed=3)
+    t = T0
+    while t < T0 + 60:  # ordinary traffic: its flows counted from entries, its bytes from records
+        r = traffic.round() if int(t - T0) % 2 == 0 else rec.empty(0)
+        a.feed([r], t, [entries(r, int(t * 1e9))])
+        t += 1.0
+    assert not active(a) and a.view.warm
+    flows_before = a.view.signals["flow_rate"].value
+    probes = scan("10.66.6.6", "10.0.0.1", range(1, 4001))
+    a.feed([], t, [entries(probes, int(t * 1e9))])  # one sweep sees all 4,000
+    a.advance(t + INTERVAL_S)
+    assert {"flow_rate", "short_flows_many_destinations"} <= active(a)
+    assert a.view.signals["flow_rate"].value == 4000 / INTERVAL_S
+    assert a.view.signals["short_flows_many_destinations"].value == 4000 / INTERVAL_S
+    assert "10.66.6.6" in [x for x, _ in a.view.talkers["src"]]  # among the top N by flows
+    t += 15.0  # the probes' records leave
+    a.feed([probes], t, [])
+    a.advance(t + INTERVAL_S)
+    assert a.view.signals["flow_rate"].value == 0.0 < flows_before  # no flow counted twice
+    assert a.view.signals["short_flows_many_destinations"].value == 0.0
+    assert a.totals[0][PROTOCOL_LABELS.index("tcp")] >= 4000  # the mix still counts records
+
+
+def test_the_agent_gives_each_entry_to_the_analytics_once() -> None:
+    """Agent._sweep passes the entries first seen since the last sweep's instant, up to its own: not
+    those from before the agent, not one created while a sweep reads (the next sweep's)."""
+    from tests.unit.test_observe import CountingMeter, observed_agent
+    from tests.unit.test_pace import one_map
+
+    s = 10**9
+    meter = CountingMeter(one_map({"pk": 1, "by": 60, "first": 990 * s, "last": 999 * s, "sport": 1}))
+    agent, _ = observed_agent(meter, {})
+    clock = agent.clocks.boot_ns.__self__  # type: ignore[attr-defined]
+    seen: list[list[int]] = []
+    real = agent.metrics.analyse  # type: ignore[union-attr]
+
+    def analyse(batch: list[np.ndarray], new: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        seen.append(sorted(int(p) for k, _ in new or () for p in k["src_port"]))
+        real(batch, new)
+
+    agent.metrics.analyse = analyse  # type: ignore[union-attr, method-assign]
+    later = [(1000.5, 2), (1001.5, 3), (1003.5, 4)]  # created after the agent; 4 while the 2nd sweep reads
+    for now, expect in ((1001, [2]), (1003, [3]), (1005, [4]), (1007, [])):
+        clock.now = now * s
+        flows = [{"pk": 1, "by": 60, "first": int(f * s), "last": int(f * s), "sport": p} for f, p in later
+                 if f < now or (now == 1003 and p == 4)]
+        meter.maps = one_map({"pk": 1, "by": 60, "first": 990 * s, "last": 999 * s, "sport": 1}, *flows)
+        agent._sweep(False)
+        assert seen[-1] == expect, (now, seen)
+    a = agent.metrics.analytics  # type: ignore[union-attr]
+    a.advance(1010.0)
+    assert sum(iv.flows for iv in a._intervals) == 3  # B, C, D once each; not the entry from before
+
+
 def test_many_sources_with_few_bytes_fire() -> None:
     a = Analytics(AnalyticsSettings())
     t = run_ordinary(a, 60)
@@ -379,10 +453,11 @@ def scrape(collector: AnalyticsCollector) -> dict[tuple[str, frozenset[tuple[str
 
 
 def test_collector_exposes_every_analytics_metric() -> None:
-    a = Analytics(AnalyticsSettings(top=2))
+    clock = [T0]
+    a = Analytics(AnalyticsSettings(top=2), clock=lambda: clock[0])
     t = run_ordinary(a, 60)
     a.feed([scan("10.66.6.6", "10.0.0.1", range(1, 3001))], t)
-    a.advance(t + INTERVAL_S)
+    clock[0] = t + INTERVAL_S  # a scrape closes the interval that ended (no sweep since)
     m = scrape(AnalyticsCollector(_Holder(a)))  # type: ignore[arg-type]
     names = {n for n, _ in m}
     for name in ("pyflow_traffic_flows_total", "pyflow_traffic_packets_total", "pyflow_traffic_bytes_total",

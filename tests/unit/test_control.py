@@ -271,6 +271,57 @@ def test_empty_cache(sock_path: str) -> None:
         assert client.status()["cache"]["entries"] == 0
 
 
+def test_flows_grouped_by_source_destination_port_and_protocol(served: tuple[FakeAgent, ControlServer, Wall],
+                                                              sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyflow top's views: the cache summed per key, read in chunks (of one entry here) without the lock."""
+    agent, _, _ = served
+    monkeypatch.setattr(control, "SCAN_CHUNK", 1)
+    with ControlClient(sock_path) as client:
+        src = client.flows("bytes", by="src")
+        dst = client.flows("packets", 1, by="dst")
+        port = client.flows("flows", by="port")
+        proto = client.flows("bytes", by="proto")
+    assert agent.meter.reads == 4 and agent.meter.locked_reads == 0
+    assert (src["by"], src["sort"], src["total"], src["capacity"], src["trimmed"]) == ("src", "bytes", 3, 4096, False)
+    assert src["groups"] == [{"flows": 1, "packets": 5, "bytes": 5000, "address": "2001:db8::1"},
+                             {"flows": 1, "packets": 20, "bytes": 1680, "address": "10.0.0.3"},
+                             {"flows": 1, "packets": 10, "bytes": 1000, "address": "10.0.0.1"}]
+    assert dst["groups"] == [{"flows": 1, "packets": 20, "bytes": 1680, "address": "10.0.0.4"}]
+    # ICMP has no port; the service port is the lower of the two
+    assert sorted((g["proto"], g["port"], g["bytes"]) for g in port["groups"]) == [(6, 443, 5000), (17, 53, 1000)]
+    assert [(g["proto"], g["bytes"]) for g in proto["groups"]] == [(6, 5000), (1, 1680), (17, 1000)]
+
+
+def test_grouped_answer_sums_many_flows_capped(sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1000 flows from one source over 64-entry chunks: one group with exact sums; limits capped as for flows;
+    more groups than GROUP_ROWS: the largest are kept and the answer says it was trimmed."""
+    monkeypatch.setattr(control, "MAX_FLOWS", 50, raising=False)
+    monkeypatch.setattr(control, "SCAN_CHUNK", 64, raising=False)
+    agent = many_flows(1000)
+    agent.meter.keys["dst_port"] = 65535  # the service port: the source port, 1000 distinct ones
+    with ControlServer(agent, sock_path) as _, ControlClient(sock_path) as client:  # type: ignore[arg-type]
+        [one] = client.flows("flows", 0, by="src")["groups"]
+        ports = client.flows("bytes", 0, by="port")
+        monkeypatch.setattr(control, "GROUP_ROWS", 16, raising=False)
+        trimmed = client.flows("bytes", 5, by="port")
+    assert one == {"flows": 1000, "packets": int(agent.meter.values["packets"].sum()),
+                   "bytes": int(agent.meter.values["bytes"].sum()), "address": "10.0.0.1"}
+    assert (ports["limit"], len(ports["groups"]), ports["trimmed"]) == (50, 50, False)
+    by_bytes = np.sort(agent.meter.values["bytes"])[::-1]
+    assert [g["bytes"] for g in ports["groups"]] == by_bytes[:50].tolist()
+    assert trimmed["trimmed"] is True
+    assert [g["bytes"] for g in trimmed["groups"]] == by_bytes[:5].tolist()  # the largest survive the cuts
+
+
+def test_grouped_requests_checked(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str) -> None:
+    answers = raw_exchange(sock_path, b'{"cmd": "flows", "by": "mac"}\n{"cmd": "flows", "by": "src", "sort": "age"}\n'
+                                      b'{"cmd": "flows", "sort": "flows"}\n')
+    assert [a["ok"] for a in answers] == [False, False, False]
+    assert "by 'mac' is not one of src, dst, port, proto" in answers[0]["error"]
+    assert "sort 'age' is not one of bytes, packets, flows (grouped by src)" in answers[1]["error"]
+    assert "sort 'flows' is not one of bytes, packets, age" in answers[2]["error"]
+
+
 # --------------------------------------------------------------------------
 # watching never holds the agent up (issue 15, finding 1)
 # --------------------------------------------------------------------------
@@ -548,3 +599,24 @@ def test_check_socket_path_fails_fast(served: tuple[FakeAgent, ControlServer, Wa
     dead.close()
     check_socket_path(str(fresh))
     assert not fresh.exists()  # the stale one is gone
+
+
+def test_group_views_print_as_tables(served: tuple[FakeAgent, ControlServer, Wall], sock_path: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """pyflow flows --by / top's views: the grouped answer as a heading and an aligned table; --sort age
+    with --by, or flows without it, is a settings error (exit 2)."""
+    from pyflow.commands import group_lines, main
+
+    with ControlClient(sock_path) as client:
+        lines = group_lines(client.flows("bytes", by="port"))
+        src = group_lines(client.flows("packets", 2, by="src"))
+    assert lines[0] == "3 flows in the cache (of 4k) by port: the top 2 by bytes"
+    assert lines[1].split() == ["PROTO", "PORT", "FLOWS", "PACKETS", "BYTES"]
+    assert lines[2].split()[:4] == ["tcp", "443", "1", "5"] and lines[3].split()[:4] == ["udp", "53", "1", "10"]
+    assert [ln.split()[0] for ln in src[2:]] == ["10.0.0.3", "10.0.0.1"]
+    assert main(["flows", "--socket", sock_path, "--by", "proto", "--sort", "flows"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["PROTO", "FLOWS", "PACKETS", "BYTES"] and len(out) == 5
+    assert main(["flows", "--socket", sock_path, "--by", "src", "--sort", "age"]) == 2
+    assert "--sort age does not go with --by src" in capsys.readouterr().err
+    assert main(["flows", "--socket", sock_path, "--sort", "flows"]) == 2

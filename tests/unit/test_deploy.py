@@ -571,3 +571,24 @@ def test_collector_units_verify(tmp_path: Path) -> None:
     unit = (COLLECTORS / "nfacctd" / "nfacctd-kafka.service").read_text()
     assert "KillSignal=SIGINT" in unit  # nfacctd ignores SIGTERM
     assert "daemonize: false" in NFACCTD_CONF.read_text()  # Type=simple
+
+
+def test_grafana_dashboard_is_valid_and_names_only_documented_metrics() -> None:
+    """examples/grafana-dashboard.json: loads, unique panel ids, no two panels on the same grid cell,
+    and every pyflow metric a panel queries is in docs/metrics.md (the traffic analytics' ones too)."""
+    dash = json.loads((REPO / "examples" / "grafana-dashboard.json").read_text())
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        g = p["gridPos"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and not mine & cells, p["title"]
+        cells |= mine
+    docs = (REPO / "docs" / "metrics.md").read_text()
+    names = {re.sub(r"_bucket$", "", n) for p in panels for t in p.get("targets", ())
+             for n in re.findall(r"\bpyflow_[a-z_]+", t["expr"])}
+    assert {"pyflow_traffic_bytes_total", "pyflow_traffic_flows_total", "pyflow_top_talker_bytes",
+            "pyflow_top_port_bytes", "pyflow_unique_sources", "pyflow_anomaly_score",
+            "pyflow_anomaly_active"} <= names
+    assert not [n for n in names if f"`{n}`" not in docs]

@@ -562,7 +562,7 @@ class ControlServer:
         agent = self.agent
         with agent.lock:
             scan = agent.meter.scan(SCAN_CHUNK)
-            capacity = int(agent.meter.capacity(_FLOWS))
+            capacity = int(agent.meter.capacity(cast("CacheMap", _FLOWS)))
         n = DEFAULT_FLOWS if limit is None else MAX_FLOWS if limit == 0 else min(limit, MAX_FLOWS)
         groups = CacheGroups(by, GROUP_ROWS)
         with scan, self._scans:

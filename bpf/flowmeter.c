@@ -252,7 +252,6 @@ static __always_inline int parse_packet(void *data, void *data_end,
     struct ethhdr *eth = data;
     void *cur;
     __u16 proto;
-    int tags = 0;
 
     if (l3) {
         /* no link-layer header: the IP version nibble says which */
@@ -260,33 +259,31 @@ static __always_inline int parse_packet(void *data, void *data_end,
         if ((void *)(v + 1) > data_end)
             return PARSE_BAD;
         proto = (*v >> 4) == 4 ? PF_ETH_P_IP : (*v >> 4) == 6 ? PF_ETH_P_IPV6 : 0;
-        m->l3_off = 0;
-        return parse_ip(data, data, data_end, m, proto);
-    }
-    if ((void *)(eth + 1) > data_end)
-        return PARSE_BAD;
-    proto = bpf_ntohs(eth->h_proto);
-    cur = eth + 1;
-    if (hw_vlan & PF_HW_VLAN) {
-        m->key.vlan_id = hw_vlan & 0x0FFF;
-        tags = 1;
-    }
-
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        if (proto != PF_ETH_P_8021Q && proto != PF_ETH_P_8021AD)
-            break;
-        struct vlan_hdr_pf *vh = cur;
-        if ((void *)(vh + 1) > data_end)
+        cur = data;
+    } else {
+        if ((void *)(eth + 1) > data_end)
             return PARSE_BAD;
-        __u16 vid = bpf_ntohs(vh->tci) & 0x0FFF;
-        if (tags == 0)
-            m->key.vlan_id = vid;
-        else if (tags == 1)
-            m->key.inner_vlan_id = vid;
-        tags++;
-        proto = bpf_ntohs(vh->proto);
-        cur = vh + 1;
+        proto = bpf_ntohs(eth->h_proto);
+        cur = eth + 1;
+        __u16 tag[2] = {0, 0};   /* the frame's own tags, outer first */
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (proto != PF_ETH_P_8021Q && proto != PF_ETH_P_8021AD)
+                break;
+            struct vlan_hdr_pf *vh = cur;
+            if ((void *)(vh + 1) > data_end)
+                return PARSE_BAD;
+            tag[i] = bpf_ntohs(vh->tci) & 0x0FFF;
+            proto = bpf_ntohs(vh->proto);
+            cur = vh + 1;
+        }
+        if (hw_vlan & PF_HW_VLAN) {   /* the stack's tag is the outer one */
+            m->key.vlan_id = hw_vlan & 0x0FFF;
+            m->key.inner_vlan_id = tag[0];
+        } else {
+            m->key.vlan_id = tag[0];
+            m->key.inner_vlan_id = tag[1];
+        }
     }
     m->l3_off = (__u32)(cur - data);
     return parse_ip(data, cur, data_end, m, proto);

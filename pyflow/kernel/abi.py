@@ -30,6 +30,9 @@ def find_bpf_dir() -> Path:
 
 BPF_DIR = find_bpf_dir()
 
+#: Hook names (the metrics' "hook" label) -> program entry point.
+PROGRAMS = {"xdp": "pyflow_xdp", "tc_ingress": "pyflow_tc_ingress", "tc_egress": "pyflow_tc_egress"}
+
 FLOW_KEY_DTYPE = np.dtype(
     {
         "names": ["src_addr", "dst_addr", "ifindex", "src_port", "dst_port", "protocol", "ip_version",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pyflow.errors import KernelError
 from pyflow.kernel import netlink
+from pyflow.kernel.abi import PROGRAMS
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = netlink.XDP_FLAGS_UPDATE_IF_NOEXIST
 XDP_FLAGS_SKB_MODE = netlink.XDP_FLAGS_SKB_MODE
@@ -20,8 +21,6 @@ XDP_FLAGS_DRV_MODE = netlink.XDP_FLAGS_DRV_MODE
 
 XDP_MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 
-#: Hook names (the metrics' "hook" label) -> program entry point.
-PROGRAMS = {"xdp": "pyflow_xdp", "tc_ingress": "pyflow_tc_ingress", "tc_egress": "pyflow_tc_egress"}
 #: clsact parents of the TC hooks (TC_H_CLSACT:TC_H_MIN_INGRESS / _EGRESS).
 TC_PARENTS = dict(zip(("tc_ingress", "tc_egress"), netlink.CLSACT_PARENTS, strict=True))
 #: Our TC filters run first (priority 1) and return TC_ACT_UNSPEC, so every

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pyflow.errors import PyflowError
+from pyflow.kernel import build
+from pyflow.kernel.abi import PROGRAMS
 from pyflow.kernel.bpfsys import BpfError, prog_bind_map
-from pyflow.kernel.loader import FlowMeter
 from pyflow.kernel.pin import (
     FORMAT,
     HOOKS,
@@ -24,6 +26,7 @@ from pyflow.kernel.pin import (
     RESULT_MARK,
     Instance,
     _settings_doc,
+    create_own_maps,
     map_info,
     pin_instance,
     source_hash,
@@ -44,11 +47,11 @@ def _child_compile(args: list[str]) -> dict[str, Any]:
     a = p.parse_args(args)
     settings = KernelSettings(**json.loads(a.settings))
     path = Path(a.dir)
-    meter = FlowMeter(settings, bpf_dir=Path(a.bpf_dir))
+    program = build.compile_program(settings, Path(a.bpf_dir))  # no loader here: no netlink, no pyroute2
+    own = create_own_maps(settings.cache_entries)
     try:
-        for hook in HOOKS:
-            meter.load(hook)
-        inst = Instance(manifest={}, maps=dict(meter.maps), progs={h: meter.prog_fd_of(h) for h in HOOKS})
+        progs = {h: program.load(PROGRAMS[h], xdp=h == "xdp") for h in HOOKS}
+        inst = Instance(manifest={}, maps={**program.maps, **own}, progs=progs)
         for pfd in inst.progs.values():  # any one program, attached, holds the whole instance
             for extra in inst.maps.values():
                 try:
@@ -72,7 +75,9 @@ def _child_compile(args: list[str]) -> dict[str, Any]:
         pin_instance(inst, path)
         return {"ok": True, "dir": str(path), "programs": manifest["programs"]}
     finally:
-        meter.release()
+        for fd in own.values():
+            os.close(fd)
+        program.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,17 +119,9 @@ class FlowMeter(FlowCacheMaps):
     def compile(self) -> None:
         self.bpf = build.compile_program(self.settings, self.bpf_dir)
         self.maps.update(self.bpf.maps)
-        # the agent's own state next to the program's: what was exported, and the manifest
-        exported = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_HASH, 8, pin.EXPORTED_VALUE_DTYPE.itemsize,
-                                  self.settings.cache_entries, pin.EXPORTED, flags=bpfsys.BPF_F_NO_PREALLOC)
-        self._own_fds.append(exported)
-        manifest = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, pin.MANIFEST_SIZE, 1, pin.MANIFEST)
-        self._own_fds.append(manifest)
-        self.maps[pin.EXPORTED] = exported
-        self.maps[pin.MANIFEST] = manifest
-        session = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, pin.SESSION_SIZE, 1, pin.SESSION)
-        self._own_fds.append(session)
-        self.maps[pin.SESSION] = session
+        own = pin.create_own_maps(self.settings.cache_entries)  # the agent's state next to the program's
+        self._own_fds += own.values()
+        self.maps.update(own)
 
     def load(self, hook: str = "xdp") -> int:
         """The fd of ``hook``'s program: loaded now (compiling first if needed), or the pinned one."""

@@ -326,6 +326,16 @@ class Instance:
         self.progs.clear()
 
 
+def create_own_maps(cache_entries: int) -> dict[str, int]:
+    """The agent's own maps next to a new program's: what was exported, the manifest, the export session."""
+    return {
+        EXPORTED: bpfsys.map_create(bpfsys.BPF_MAP_TYPE_HASH, 8, EXPORTED_VALUE_DTYPE.itemsize, cache_entries,
+                                    EXPORTED, flags=bpfsys.BPF_F_NO_PREALLOC),
+        MANIFEST: bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, MANIFEST_SIZE, 1, MANIFEST),
+        SESSION: bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, SESSION_SIZE, 1, SESSION),
+    }
+
+
 def read_manifest(fd: int) -> dict[str, Any]:
     raw = map_lookup(fd, b"\0\0\0\0", MANIFEST_SIZE)
     if raw is None:

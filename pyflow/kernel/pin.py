@@ -1,7 +1,7 @@
 """Pinned flow meter instances: what outlives the agent, and the raw kernel calls to use it.
 
 The agent never compiles: ``compile_pinned`` runs a short-lived child
-(``python -m pyflow.kernel.pin compile``) that compiles and loads the meter
+(``python -m pyflow.kernel.child compile``) that compiles and loads the meter
 with bcc, pins every map and program under a *generation* directory of this
 network namespace's bpffs directory, and exits; LLVM's memory goes with it.
 The agent opens the pins by path and works on raw file descriptors:

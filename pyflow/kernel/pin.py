@@ -180,7 +180,12 @@ def source_hash(bpf_dir: Path = abi.BPF_DIR) -> str:
     """What the program is built from: a pinned program from other sources is another program."""
     h = hashlib.sha256()
     for name in ("flowmeter.c", "flowmeter.h"):
-        h.update(name.encode() + b"\0" + (bpf_dir / name).read_bytes() + b"\0")
+        try:
+            data = (bpf_dir / name).read_bytes()
+        except OSError as exc:
+            raise KernelError(f"cannot read the eBPF source {bpf_dir / name}: {exc.strerror} (with --user, that user "
+                              "must be able to read pyflow's files, as it can where pyflow is installed)") from None
+        h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -165,6 +165,25 @@ def pyflow_user() -> tuple[int, int]:
 
 
 @pytest.fixture
+def reachable_checkout() -> Iterator[None]:
+    """The agent's user reads pyflow's files (its package, the venv, bpf/) as on any real install,
+    where they are world-readable; a checkout cloned into a 0700 directory (mkdtemp) is not
+    reachable.  For the test's duration, every directory above the checkout gets o+x (traverse
+    only, no listing), and the modes are put back afterwards."""
+    changed = []
+    for parent in [*reversed(REPO.parents), REPO]:
+        mode = parent.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+            changed.append((parent, mode))
+    try:
+        yield
+    finally:
+        for parent, mode in reversed(changed):
+            parent.chmod(mode)
+
+
+@pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory the user can read (pytest's tmp_path is root's, 0700): the config, the probe."""
     path = Path(tempfile.mkdtemp(prefix="pyflow-user-"))
@@ -174,7 +193,7 @@ def shared_dir() -> Iterator[Path]:
 
 
 def test_with_user_the_running_agent_is_not_root(pair: Pair, tmp_path: Path, shared_dir: Path,
-                                                 pyflow_user: tuple[int, int]) -> None:
+                                                 pyflow_user: tuple[int, int], reachable_checkout: None) -> None:
     uid, gid = pyflow_user
     tap = Tap(udp_socket_in(pair.b))
     conf = shared_dir / "pyflow.toml"

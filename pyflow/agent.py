@@ -246,6 +246,34 @@ def _per_ifindex(ifindex: np.ndarray, packets: np.ndarray) -> Iterator[tuple[int
     yield from zip(idx.tolist(), (int(n) for n in sums.tolist()), strict=True)
 
 
+class AgentView(Protocol):
+    """What observers (metrics, the control socket) read of the agent: Agent is the real one, tests pass fakes."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def meter(self) -> FlowCache: ...
+
+    @property
+    def observed(self) -> Observed: ...
+
+    @property
+    def stats(self) -> AgentStats: ...
+
+    @property
+    def targets(self) -> list[Target]: ...
+
+    @property
+    def clocks(self) -> Clocks: ...
+
+    @property
+    def lock(self) -> threading.Lock: ...  # held only to copy references (the control socket's flows)
+
+    @property
+    def baseline(self) -> Baseline: ...
+
+
 class Agent(Generic[Cache]):
     def __init__(self, settings: Settings, meter: Cache, targets: Sequence[Target],
                  clocks: Clocks | None = None, log: Callable[[str], None] | None = None,

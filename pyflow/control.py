@@ -61,7 +61,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -73,40 +73,9 @@ from pyflow.records import addr_from_16
 from pyflow.units import format_duration
 
 if TYPE_CHECKING:
-    import threading as _threading
 
-    from pyflow.agent import AgentStats, CacheMap, Clocks, FlowCache, Observed
-    from pyflow.config import Settings
-    from pyflow.export.target import Target
+    from pyflow.agent import AgentView, CacheMap
     from pyflow.sweep import Baseline
-
-
-class AgentView(Protocol):
-    """What the control socket reads of the agent (pyflow.agent.Agent is the real one; tests pass fakes)."""
-
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def meter(self) -> FlowCache: ...
-
-    @property
-    def observed(self) -> Observed: ...
-
-    @property
-    def stats(self) -> AgentStats: ...
-
-    @property
-    def targets(self) -> list[Target]: ...
-
-    @property
-    def clocks(self) -> Clocks: ...
-
-    @property
-    def lock(self) -> _threading.Lock: ...
-
-    @property
-    def baseline(self) -> Baseline: ...
 
 
 SORTS = ("bytes", "packets", "age")

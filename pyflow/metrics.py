@@ -21,7 +21,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import (
@@ -48,31 +48,7 @@ from pyflow.errors import PyflowError
 from pyflow.kernel import abi
 
 if TYPE_CHECKING:
-    from pyflow.agent import AgentStats, Clocks, FlowCache, Observed
-    from pyflow.config import Settings
-    from pyflow.export.target import Target
-
-
-class AgentView(Protocol):
-    """What the metrics collector reads of the agent (pyflow.agent.Agent is the real one; tests pass fakes)."""
-
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def meter(self) -> FlowCache: ...
-
-    @property
-    def observed(self) -> Observed: ...
-
-    @property
-    def stats(self) -> AgentStats: ...
-
-    @property
-    def targets(self) -> list[Target]: ...
-
-    @property
-    def clocks(self) -> Clocks: ...
+    from pyflow.agent import AgentView
 
 
 def _bcc_version() -> str:

@@ -240,7 +240,11 @@ class InterfaceSet:
 
 class LinkWatcher:
     """Calls ``callback`` (from its own thread) soon after any link is added, removed, renamed,
-    or goes up or down; ``close()`` stops it at once."""
+    or goes up or down; ``close()`` stops it at once.
+
+    It also calls ``callback`` once as it starts: a change made between the caller's first
+    dump of the links and the subscription made here sends no event this socket can see.
+    """
 
     def __init__(self, callback: Callable[[], object], log: Callable[[str], None],
                  debounce: float = 0.05) -> None:
@@ -264,6 +268,7 @@ class LinkWatcher:
 
     def _run(self) -> None:
         fd = self._events.fileno()
+        self._call()  # catch up with what changed before the subscription
         while not self._closed:
             ready, _, _ = select.select([fd, self._wake.fd], [], [])
             if self._wake.fd in ready or self._closed:
@@ -274,11 +279,14 @@ class LinkWatcher:
             if ready:
                 return
             self._drain()
-            try:
-                self.callback()
-            except Exception as exc:  # keep following; the next event retries
-                self.errors += 1
-                self.log(f"following interfaces: {exc}")
+            self._call()
+
+    def _call(self) -> None:
+        try:
+            self.callback()
+        except Exception as exc:  # keep following; the next event retries
+            self.errors += 1
+            self.log(f"following interfaces: {exc}")
 
     def close(self) -> None:
         if self._closed:

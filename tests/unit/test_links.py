@@ -8,10 +8,13 @@ under test: every frame is metered on exactly one device of its stack.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pyflow.follow import LinkWatcher
 from pyflow.links import IFF_LOOPBACK, IFF_UP, Decision, Link, describe, double_counts, metered_names, plan
 
 UP, DOWN = IFF_UP, 0
@@ -163,3 +166,16 @@ def test_any_link_table_gets_a_decision_for_every_link(links: list[Link]) -> Non
             assert decisions[d.covered_by].metered and by_index[d.covered_by].name in d.reason
         if d.metered:
             assert link.up and not link.loopback
+
+
+def test_the_link_watcher_catches_up_once_as_it_starts() -> None:
+    """A link changed between the runner's first dump and the watcher's subscription sends no event
+    the watcher can see: it reconciles once as it starts (no root: a netlink subscription)."""
+    called = threading.Event()
+    logged: list[str] = []
+    watcher = LinkWatcher(called.set, logged.append)
+    try:
+        assert called.wait(10), "no reconcile as the watcher started"
+    finally:
+        watcher.close()
+    assert logged == []

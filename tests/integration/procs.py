@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.integration.netns import in_netns
 
 REPO = Path(__file__).resolve().parents[2]
 PYFLOW = str(Path(sys.executable).parent / "pyflow")
@@ -86,24 +88,54 @@ class Nfcapd:
         return next((ln for ln in self.proc.lines if "Sequence Errors" in ln), "")
 
 
-@contextmanager
-def nfcapd_in(ns: str, workdir: Path, port: int, host: str = "127.0.0.1") -> Iterator[Nfcapd]:
-    """nfcapd listening on host:port inside ``ns``.
+def udp_queue_in(ns: str, port: int) -> int | None:
+    """Bytes queued to the UDP socket bound to 127.0.0.1:port in ``ns`` (None: nothing bound)."""
 
-    On exit it is stopped with SIGTERM, which makes it write its file and
-    print its statistics (read them with ``summary()`` afterwards).
+    def read() -> int | None:
+        wanted = f"0100007F:{port:04X}"
+        # thread-self: this thread's network namespace (self would be the process's)
+        for line in Path("/proc/thread-self/net/udp").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[1] == wanted:
+                return int(cols[4].split(":")[1], 16)
+        return None
+
+    return in_netns(ns, read)
+
+
+def wait_drained(ns: str, ports: Sequence[int], timeout: float = 30.0) -> None:
+    """Until every collector on 127.0.0.1:port in ``ns`` has read all that was sent to it."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while (queued := udp_queue_in(ns, port)) not in (0, None):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"127.0.0.1:{port} still has {queued} bytes queued after {timeout}s")
+            time.sleep(0.02)
+
+
+@contextmanager
+def nfcapd_in(ns: str, workdir: Path, port: int, name: str | None = None,
+              buffer: int | None = None) -> Iterator[Nfcapd]:
+    """nfcapd on 127.0.0.1:port inside ``ns`` (``buffer``: its socket buffer, bytes).
+
+    On exit it reads what is still queued to it, then it is stopped with SIGTERM, which
+    makes it write its file and print its statistics (``summary()`` afterwards): nfcapd
+    leaves its loop at SIGTERM without reading the datagrams still queued.  ``name``
+    keeps the files of several runs on one port apart (a restarted collector).
     """
     if shutil.which("nfcapd") is None:
         raise AssertionError("nfcapd is not installed: run `sudo make setup`")
-    flowdir = workdir / f"nfcapd-{port}"
+    tag = name or str(port)
+    flowdir = workdir / f"nfcapd-{tag}"
     flowdir.mkdir()
-    pidfile = workdir / f"nfcapd-{port}.pid"
-    argv = ["ip", "netns", "exec", ns, "nfcapd", "-w", str(flowdir), "-p", str(port), "-b", host,
-            "-P", str(pidfile)]
+    pidfile = workdir / f"nfcapd-{tag}.pid"
+    argv = ["ip", "netns", "exec", ns, "nfcapd", "-w", str(flowdir), "-p", str(port), "-b", "127.0.0.1",
+            *(["-B", str(buffer)] if buffer else []), "-P", str(pidfile)]
     proc = Proc(argv)
     try:
         proc.wait_for_line("Startup", timeout=15)
         yield Nfcapd(flowdir, proc)
+        wait_drained(ns, [port])
     finally:
         proc.stop(signal.SIGTERM)
         if pidfile.exists():

@@ -4,8 +4,6 @@ with big socket buffers, and waiting for a collector to have read everything."""
 from __future__ import annotations
 
 import json
-import shutil
-import signal
 import socket
 import struct
 import threading
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.integration.netns import in_netns, ip
-from tests.integration.procs import Nfcapd, Proc
+from tests.integration.procs import Nfcapd, nfcapd_in
 
 #: the most a collector's socket may buffer (net.core.rmem_max caps it; 4 MB on the test VMs)
 COLLECTOR_BUFFER = 4 << 20
@@ -76,31 +74,6 @@ def send_schedule(ns: str, dev: str, frames: Sequence[bytes], bursts: np.ndarray
     return in_netns(ns, go)
 
 
-def udp_queue_in(ns: str, port: int) -> int | None:
-    """Bytes queued to the UDP socket bound to 127.0.0.1:port in ``ns`` (None: nothing bound)."""
-
-    def read() -> int | None:
-        wanted = f"0100007F:{port:04X}"
-        # thread-self: this thread's network namespace (self would be the process's)
-        for line in Path("/proc/thread-self/net/udp").read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[1] == wanted:
-                return int(cols[4].split(":")[1], 16)
-        return None
-
-    return in_netns(ns, read)
-
-
-def wait_drained(ns: str, ports: Sequence[int], timeout: float = 30.0) -> None:
-    """Until every collector on 127.0.0.1:port in ``ns`` has read all that was sent to it."""
-    deadline = time.monotonic() + timeout
-    for port in ports:
-        while (queued := udp_queue_in(ns, port)) not in (0, None):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"127.0.0.1:{port} still has {queued} bytes queued after {timeout}s")
-            time.sleep(0.02)
-
-
 def udp_drops_in(ns: str, port: int) -> int:
     """Datagrams the socket on 127.0.0.1:port dropped (its buffer was full)."""
 
@@ -117,25 +90,9 @@ def udp_drops_in(ns: str, port: int) -> int:
 
 @contextmanager
 def nfcapd(ns: str, workdir: Path, port: int, name: str | None = None) -> Iterator[Nfcapd]:
-    """nfcapd on 127.0.0.1:port in ``ns`` with a 4 MB socket buffer; SIGTERM on exit (writes its file).
-
-    ``name`` keeps the files of several runs on one port apart (a restarted collector).
-    """
-    if shutil.which("nfcapd") is None:
-        raise AssertionError("nfcapd is not installed: run `sudo make setup`")
-    tag = name or str(port)
-    flowdir = workdir / f"nfcapd-{tag}"
-    flowdir.mkdir()
-    pidfile = workdir / f"nfcapd-{tag}.pid"
-    proc = Proc(["ip", "netns", "exec", ns, "nfcapd", "-w", str(flowdir), "-p", str(port), "-b", "127.0.0.1",
-                 "-B", str(COLLECTOR_BUFFER), "-P", str(pidfile)])
-    try:
-        proc.wait_for_line("Startup", timeout=15)
-        yield Nfcapd(flowdir, proc)
-    finally:
-        proc.stop(signal.SIGTERM)
-        if pidfile.exists():
-            pidfile.unlink()
+    """nfcapd on 127.0.0.1:port in ``ns`` with a 4 MB socket buffer (procs.nfcapd_in)."""
+    with nfcapd_in(ns, workdir, port, name=name, buffer=COLLECTOR_BUFFER) as col:
+        yield col
 
 
 def metrics_in(ns: str, address: str = "127.0.0.1:9796") -> dict[str, float]:
@@ -233,13 +190,19 @@ class Sniffer:
         self.sock.close()
 
 
-def send_frames(ns: str, dev: str, frames: Sequence[bytes]) -> None:
-    """Send raw frames out of ``dev`` in ``ns``, in order."""
+def send_frames(ns: str, dev: str, frames: Sequence[bytes], gap: float = 0.0,
+                on_first: Callable[[float], None] | None = None) -> None:
+    """Send raw frames out of ``dev`` in ``ns``, in order, ``gap`` seconds apart; ``on_first``
+    gets the monotonic time just before the first one goes."""
 
     def go() -> None:
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
             s.bind((dev, 0))
-            for f in frames:
+            for i, f in enumerate(frames):
+                if i and gap:
+                    time.sleep(gap)
+                elif not i and on_first is not None:
+                    on_first(time.monotonic())
                 s.send(f)
 
     in_netns(ns, go)

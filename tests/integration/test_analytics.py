@@ -20,7 +20,8 @@ from scapy.layers.inet import IP, TCP, UDP
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, udp_socket_in
 from tests.integration.procs import pyflow_in
-from tests.integration.test_end_to_end import eth, send
+from tests.integration.reliability import send_frames, wait_until
+from tests.integration.test_end_to_end import eth
 from tests.integration.test_metrics import METRICS, scrape, value
 
 SCANNER = "10.66.6.6"
@@ -62,10 +63,12 @@ def src_talkers(m: dict) -> set[str]:
             if n == "pyflow_top_talker_bytes" and dict(lbl)["direction"] == "src"}
 
 
-def sender(pair: Pair, frames: list, tmp: Path, name: str, gap: float, errors: list[BaseException]) -> threading.Thread:
+def sender(pair: Pair, frames: list[bytes], gap: float, errors: list[BaseException],
+           first: list[float] | None = None) -> threading.Thread:
+    """Send ``frames`` from a thread in host a, ``gap`` s apart (the first one's time into ``first``)."""
     def body() -> None:
         try:
-            send(pair, frames, tmp, name, gap)
+            send_frames(pair.a, pair.a_if, frames, gap, None if first is None else first.append)
         except BaseException as exc:  # reported by the test, not lost in the thread
             errors.append(exc)
 
@@ -75,16 +78,17 @@ def sender(pair: Pair, frames: list, tmp: Path, name: str, gap: float, errors: l
 
 
 def test_quiet_traffic_fires_nothing_and_a_scan_fires_within_15_s(pair: Pair, tmp_path: Path) -> None:
-    quiet = quiet_frames(pair)
-    probes = scan_frames(pair)
+    quiet = [bytes(f) for f in quiet_frames(pair)]  # built before the agent starts: no delay later
+    probes = [bytes(f) for f in scan_frames(pair)]
     errors: list[BaseException] = []
     tap = Tap(udp_socket_in(pair.b))
     try:
         with pyflow_in(pair.b, "--interface", pair.b_if, "--metrics-address", METRICS,
                        "--target", f"127.0.0.1:{tap.port}/ipfix") as flow:
-            quiet_sender = sender(pair, quiet, tmp_path, "quiet", QUIET_S / len(quiet), errors)
-            # quiet phase: until the signals are warm and one more interval has been scored
-            deadline = time.monotonic() + 50
+            quiet_sender = sender(pair, quiet, QUIET_S / len(quiet), errors)
+            # quiet phase: until the signals are warm (25-30 s after the first sweep that saw traffic,
+            # which is up to one sweep-interval, 10 s, in) and one more interval has been scored
+            deadline = time.monotonic() + 75
             warm_at = None
             while True:
                 m = scrape(pair.b)
@@ -98,8 +102,10 @@ def test_quiet_traffic_fires_nothing_and_a_scan_fires_within_15_s(pair: Pair, tm
             assert value(m, "pyflow_unique_sources") >= SOURCES * 0.9  # the quiet sources, estimated
             assert SCANNER not in src_talkers(m)
 
-            started = time.monotonic()  # the scan's first probe is no earlier than this
-            scan_sender = sender(pair, probes, tmp_path, "scan", SCAN_GAP, errors)
+            first: list[float] = []
+            scan_sender = sender(pair, probes, SCAN_GAP, errors, first)
+            wait_until("the scan's first probe", lambda: bool(first) or bool(errors), timeout=10)
+            started = first[0]  # the moment the scan's first probe left host a
             fired: dict[str, float] = {}
             while not ({"short_flows_many_destinations", "flow_rate"} <= set(fired) and SCANNER in src_talkers(m)):
                 assert time.monotonic() - started < DETECT_S + 2 and not errors, (fired, errors, flow.output())

@@ -58,13 +58,17 @@ def test_metrics_tell_the_truth(pair: Pair, tmp_path: Path) -> None:
                        "--target", f"127.0.0.1:{CLOSED_PORT}/9") as flow:
             send(pair, frames, tmp_path, "traffic")
             deadline = time.monotonic() + 30
-            while True:  # until every flow has left the cache (idle after 1 s)
+            while True:  # until every flow has left the cache (idle after 1 s), been sent and committed
                 m = scrape(pair.b)
-                if value(m, "pyflow_flow_records_total", reason="idle") >= 9 and value(m, "pyflow_flows_cached") == 0:
-                    break
+                idle = value(m, "pyflow_flow_records_total", reason="idle")
+                if (idle >= 9 and value(m, "pyflow_flows_cached") == 0 and value(m, "pyflow_pending_sweeps") == 0
+                        and value(m, "pyflow_flows_expired_total") == idle
+                        and total(m, "pyflow_export_records_total", target=f"127.0.0.1:{port}/ipfix") == idle
+                        and total(m, "pyflow_export_queued_records", target=f"127.0.0.1:{port}/ipfix") == 0
+                        and total(m, "pyflow_export_queued_records", target=f"127.0.0.1:{port5}/5") == 0):
+                    break  # this scrape is the one checked: a later one could see what came after
                 assert time.monotonic() < deadline, flow.output()
                 time.sleep(0.2)
-            m = scrape(pair.b)
             tap.drain(0.5)
             tap5.drain(0.5)
         records = tap.records()

@@ -36,8 +36,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from tests.integration.netns import Pair, veth_pair
-from tests.integration.procs import nfdump_records, pyflow_in
-from tests.integration.reliability import link_stats, nfcapd, schedule, send_schedule, udp_drops_in, wait_drained
+from tests.integration.procs import nfdump_records, pyflow_in, wait_drained
+from tests.integration.reliability import link_stats, nfcapd, schedule, send_schedule, udp_drops_in
 
 SECONDS = float(os.environ.get("PYFLOW_CHURN_SECONDS", "20"))
 FLOWS = int(os.environ.get("PYFLOW_CHURN_FLOWS", "4000"))

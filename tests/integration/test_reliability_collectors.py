@@ -39,8 +39,8 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from tests.integration.netns import Pair, veth_pair
-from tests.integration.procs import Capture, nfdump_records, pyflow_in, tshark_capture_in
-from tests.integration.reliability import metric_sum, metrics_in, nfcapd, send_frames, wait_drained, wait_until
+from tests.integration.procs import Capture, nfdump_records, pyflow_in, tshark_capture_in, wait_drained
+from tests.integration.reliability import metric_sum, metrics_in, nfcapd, send_frames, wait_until
 
 STEADY, RET_COUNT, RET_TIME, DOWN, REFUSED = 21301, 21302, 21303, 21304, 21305
 TARGETS = {

@@ -31,7 +31,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from tests.integration.netns import Pair, veth_pair
-from tests.integration.procs import nfdump_records, pyflow_in, tshark_capture_in, tshark_cflow
+from tests.integration.procs import nfdump_records, pyflow_in, tshark_capture_in, tshark_cflow, wait_drained
 from tests.integration.reliability import (
     link_stats,
     metric_sum,
@@ -40,7 +40,6 @@ from tests.integration.reliability import (
     schedule,
     send_schedule,
     udp_drops_in,
-    wait_drained,
     wait_until,
 )
 

@@ -25,8 +25,8 @@ from scapy.layers.l2 import Ether
 
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, ip, udp_socket_in, veth_pair
-from tests.integration.procs import nfdump_records, pyflow_in
-from tests.integration.reliability import link_stats, nfcapd, send_frames, wait_drained, wait_until
+from tests.integration.procs import nfdump_records, pyflow_in, wait_drained
+from tests.integration.reliability import link_stats, nfcapd, send_frames, wait_until
 from tests.integration.test_follow import ifindex
 
 NFCAPD_PORT = 21401

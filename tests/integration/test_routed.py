@@ -214,8 +214,8 @@ def test_egress_metering_and_own_exports_over_a_metered_link(routed: Routed, tmp
                                "--target", f"{t.s_v4}:{PORT}/ipfix", capture_ns=t.s, capture_if=t.s_if) as (pcap, _):
             send_udp(t.c, t.c_v4, 41001, t.far_v4, 5001, 5)
             sink.wait(5)
-            # the first export (templates, due at the first sweep tick) goes out on r_s: the kernel
-            # leaves it out, by name; the tick comes on the agent's clock, not the test's, so wait for it
+            # the templates the agent sends as its sweep loop starts go out on r_s: the kernel leaves
+            # them out, by name; the loop starts a moment after "exporting to", so wait for the count
             wait_until("the agent's first export datagram to be counted as own_export",
                        lambda: own_export_count(t.r) >= 1, timeout=15)
     finally:

@@ -27,13 +27,12 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from tests.integration.netns import Pair, veth_pair
-from tests.integration.procs import nfcapd_in, nfdump_records, pyflow_in
+from tests.integration.procs import nfcapd_in, nfdump_records, pyflow_in, wait_drained
 from tests.integration.reliability import (
     metric_sum,
     metrics_in,
     send_frames,
     udp_drops_in,
-    wait_drained,
     wait_until,
 )
 
@@ -89,9 +88,9 @@ def meter_and_collect(pair: Pair, tmp_path: Path, first: list[bytes], then: list
     with nfcapd_in(pair.b, tmp_path, PORT) as collector, run_meter(pair, *extra, target_opts=target_opts) as flow:
         flow.wait_for_line(f"metering {pair.b_if}")  # type: ignore[attr-defined]
         send_frames(pair.a, pair.a_if, first)
-        t_first = time.monotonic()
         wait_until("the first frames metered",
                    lambda: metric_sum(metrics_in(pair.b), "pyflow_packets_seen_total") >= len(first))
+        t_first = time.monotonic()  # the kernel has stamped every first frame by now, under load too
         time.sleep(max(0.0, t_first + INACTIVE_S + 0.002 - time.monotonic()))  # just past the timeout
         send_frames(pair.a, pair.a_if, then)
         wait_until("every frame metered",

@@ -34,6 +34,7 @@ from pyflow.kernel.loader import FlowMeter, KernelSettings
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, ip, udp_socket_in
 from tests.integration.procs import PYFLOW, REPO, Proc
+from tests.integration.reliability import wait_until
 from tests.integration.test_lifecycle import xdp_prog_id
 
 
@@ -157,6 +158,13 @@ def scrape(pair: Pair, port: int) -> dict[str, float]:
     return out
 
 
+def wait_reload_metrics(pair: Pair, port: int, failures: float, last_ok: float) -> None:
+    """Until the scrape shows these values: the gauges are set once the reload is done, a moment
+    after the log line that the test waited for."""
+    want = {"pyflow_reload_failures_total": failures, "pyflow_config_last_reload_successful": last_ok}
+    wait_until(f"the reload metrics to read {want}", lambda: scrape(pair, port) == want, timeout=20)
+
+
 def test_a_reload_that_fails_to_apply_keeps_the_agent_on_its_old_settings(pair: Pair, tmp_path: Path) -> None:
     fault = tmp_path / "fault"
     fault.mkdir()
@@ -171,8 +179,7 @@ def test_a_reload_that_fails_to_apply_keeps_the_agent_on_its_old_settings(pair: 
     try:
         proc.wait_for_line("exporting to", timeout=60)
         prog = xdp_prog_id(pair.b, pair.b_if)
-        assert scrape(pair, metrics) == {"pyflow_reload_failures_total": 0.0,
-                                         "pyflow_config_last_reload_successful": 1.0}
+        wait_reload_metrics(pair, metrics, 0.0, 1.0)
         send(pair, 44002, 5, tmp_path)
         flag.touch()
         conf.write_text(CONFIG.format(iface=pair.b_if, cache="8k", port=tap.port, metrics=metrics))
@@ -182,8 +189,7 @@ def test_a_reload_that_fails_to_apply_keeps_the_agent_on_its_old_settings(pair: 
         assert "the running settings stay" in line
         assert proc.p.poll() is None, proc.output()  # still running
         assert xdp_prog_id(pair.b, pair.b_if) == prog  # the old program, still attached
-        assert scrape(pair, metrics) == {"pyflow_reload_failures_total": 1.0,
-                                         "pyflow_config_last_reload_successful": 0.0}
+        wait_reload_metrics(pair, metrics, 1.0, 0.0)
         send(pair, 44002, 4, tmp_path)
         wait_packets(tap, 44002, 9)  # metered and exported on the old settings
 
@@ -191,8 +197,7 @@ def test_a_reload_that_fails_to_apply_keeps_the_agent_on_its_old_settings(pair: 
         proc.p.send_signal(signal.SIGHUP)
         proc.wait_for_line("reload: new kernel program in place (cache-entries=8192)", timeout=60)
         assert xdp_prog_id(pair.b, pair.b_if) != prog
-        assert scrape(pair, metrics) == {"pyflow_reload_failures_total": 1.0,
-                                         "pyflow_config_last_reload_successful": 1.0}
+        wait_reload_metrics(pair, metrics, 1.0, 1.0)
         send(pair, 44003, 3, tmp_path)
         assert proc.stop() == 0, proc.output()
         wait_packets(tap, 44003, 3)

@@ -104,7 +104,7 @@ def test_one_clean_session_per_collector_across_a_kill_9_take_over(pair: Pair, t
             while (done := status(ctl)["agent"])["records"] < flows_before:
                 assert time.monotonic() < deadline, f"only {done} exported within 30 s"
                 sweeps_after(ctl, done["sweeps"] + 1)
-            running = sender(pair, during, tmp_path, "during", 0.01)
+            running = sender(pair, during, tmp_path, "during", 0.03)  # 9 s: outlasts a 2 s sweep and the status calls
             # kill between sweeps (docs/architecture.md, "Pinning and restart"), mid-traffic
             sweeps_after(ctl, status(ctl)["agent"]["sweeps"] + 1)
             sent_by_first = {t["port"]: t["datagrams"] for t in status(ctl)["targets"]}

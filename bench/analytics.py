@@ -24,7 +24,7 @@ from bench.sweep_export import CLOCK, NOW, sweep
 from pyflow.analytics import Analytics
 from pyflow.config import AnalyticsSettings
 from pyflow.export import ipfix
-from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
+from tests.unit.fakes import cache_entries
 
 RATE = 100_000
 SECONDS = 30
@@ -43,18 +43,6 @@ def _records(mix: str) -> np.ndarray:
     return recs
 
 
-def _entries(recs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The records' flows as cache entries when a sweep first sees them (kernel dtypes)."""
-    keys = np.zeros(len(recs), FLOW_KEY_DTYPE)
-    values = np.zeros(len(recs), FLOW_VALUE_DTYPE)
-    for name in ("src_addr", "dst_addr", "src_port", "dst_port", "protocol"):
-        keys[name] = recs[name]
-    values["packets"], values["bytes"] = recs["packets"], recs["bytes"]
-    values["first_seen_ns"] = NOW
-    values["last_seen_ns"] = NOW + (recs["end_ms"] - recs["start_ms"]).astype(np.uint64) * 10**6
-    return keys, values
-
-
 def _cpu(fn: Callable[[], object]) -> float:
     t0 = time.process_time()
     fn()
@@ -66,7 +54,7 @@ def analytics_cpu(recs: np.ndarray) -> tuple[float, int]:
     a = Analytics(AnalyticsSettings())
     per = int(RATE * SWEEP_S)
     fed = 0
-    keys, values = _entries(recs)
+    keys, values = cache_entries(recs, NOW)
 
     def go() -> None:
         nonlocal fed

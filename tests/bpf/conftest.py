@@ -66,6 +66,21 @@ def xdp_ctx(pkt: bytes, ifindex: int = TEST_IFINDEX) -> bytes:
     return struct.pack("<6I", 0, len(pkt), 0, ifindex, 0, 0)
 
 
+TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the u32 a TC test run reports: no verdict, as without pyflow
+
+
+def skb_ctx(ifindex: int = TEST_IFINDEX, ingress_ifindex: int = 0, gso_segs: int = 0, gso_size: int = 0,
+            mark: int = 0) -> bytes:
+    """struct __sk_buff for a test run (192 bytes); only the fields the kernel lets a test set."""
+    ctx = bytearray(192)
+    struct.pack_into("<I", ctx, 8, mark)
+    struct.pack_into("<I", ctx, 36, ingress_ifindex)
+    struct.pack_into("<I", ctx, 40, ifindex)
+    struct.pack_into("<I", ctx, 164, gso_segs)
+    struct.pack_into("<I", ctx, 176, gso_size)
+    return bytes(ctx)
+
+
 def test_run(meter: FlowMeter, pkt: bytes) -> bpfsys.TestRunResult:
     assert meter.prog_fd is not None
     return bpfsys.prog_test_run(meter.prog_fd, pkt, ctx=xdp_ctx(pkt))
@@ -133,8 +148,8 @@ class Harness:
         return keys[order].copy(), values[order].copy()
 
 
-@pytest.fixture
-def harness(meter: FlowMeter) -> Iterator[Harness]:
+def clean_harness(meter: FlowMeter) -> Iterator[Harness]:
+    """A harness over ``meter`` with its maps and counters cleared before and after the test."""
     h = Harness(meter)
     h.clear()
     yield h
@@ -142,8 +157,10 @@ def harness(meter: FlowMeter) -> Iterator[Harness]:
 
 
 @pytest.fixture
+def harness(meter: FlowMeter) -> Iterator[Harness]:
+    yield from clean_harness(meter)
+
+
+@pytest.fixture
 def tiny_harness(tiny_meter: FlowMeter) -> Iterator[Harness]:
-    h = Harness(tiny_meter)
-    h.clear()
-    yield h
-    h.clear()
+    yield from clean_harness(tiny_meter)

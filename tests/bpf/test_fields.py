@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import subprocess
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from scapy.packet import Packet, Raw
 
 from pyflow.kernel import abi, bpfsys
 from pyflow.records import addr_to_16
-from tests.bpf.conftest import TEST_IFINDEX, xdp_ctx
+from tests.bpf.conftest import TC_ACT_UNSPEC, TEST_IFINDEX, skb_ctx, xdp_ctx
 
 if TYPE_CHECKING:
     from tests.bpf.conftest import Harness
@@ -35,7 +34,6 @@ MAC_A = "02:00:00:00:00:0a"
 MAC_B = "02:00:00:00:00:0b"
 A4, B4 = "192.0.2.1", "198.51.100.2"
 A6, B6 = "2001:db8::1", "2001:db8:ffff::2"
-TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the u32 the test run reports
 
 
 def frame(pkt: Packet) -> bytes:
@@ -127,20 +125,9 @@ def test_first_packet_fields_do_not_follow_later_packets(harness: Harness) -> No
 # -- TC: both entry points, GSO, the in/out interfaces ----------------------------
 
 
-def skb_ctx(length: int, ifindex: int = TEST_IFINDEX, ingress_ifindex: int = 0, gso_segs: int = 0,
-            gso_size: int = 0) -> bytes:
-    """struct __sk_buff for a test run (192 bytes); only the fields the kernel lets a test set."""
-    ctx = bytearray(192)
-    struct.pack_into("<I", ctx, 36, ingress_ifindex)
-    struct.pack_into("<I", ctx, 40, ifindex)
-    struct.pack_into("<I", ctx, 164, gso_segs)
-    struct.pack_into("<I", ctx, 176, gso_size)
-    return bytes(ctx)
-
-
 def tc_run(h: Harness, hook: str, pkt: bytes, **ctx: int) -> bpfsys.TestRunResult:
     fd = h.meter.prog_fd_of(hook)
-    res = bpfsys.prog_test_run(fd, pkt, ctx=skb_ctx(len(pkt), **ctx))
+    res = bpfsys.prog_test_run(fd, pkt, ctx=skb_ctx(**ctx))
     assert res.retval == TC_ACT_UNSPEC  # never a verdict: the next filter or qdisc decides, as without pyflow
     assert res.data_out == pkt
     return res

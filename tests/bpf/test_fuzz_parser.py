@@ -46,8 +46,7 @@ from scapy.layers.sctp import SCTP
 
 from pyflow.kernel import abi, bpfsys
 from pyflow.kernel.loader import FlowMeter
-from tests.bpf.conftest import TEST_IFINDEX, xdp_ctx
-from tests.bpf.test_fields import TC_ACT_UNSPEC, skb_ctx
+from tests.bpf.conftest import TC_ACT_UNSPEC, TEST_IFINDEX, skb_ctx, xdp_ctx
 
 pytestmark = pytest.mark.root
 
@@ -223,12 +222,12 @@ class Runner:
             elif tc_test_run_refuses(f):
                 # a limit of BPF_PROG_TEST_RUN, not of the program (XDP covers these frames)
                 with pytest.raises(OSError) as info:
-                    bpfsys.prog_test_run(fd, f, ctx=skb_ctx(len(f)))
+                    bpfsys.prog_test_run(fd, f, ctx=skb_ctx())
                 assert info.value.errno == 22
                 assert not (self.counters(hook) - before).any()
                 continue
             else:
-                res = bpfsys.prog_test_run(fd, f, ctx=skb_ctx(len(f)))
+                res = bpfsys.prog_test_run(fd, f, ctx=skb_ctx())
                 assert res.retval == TC_ACT_UNSPEC
             assert res.data_out == f, f"{hook} changed the packet"
             moved = {abi.Counter(i).name.lower(): int(d) for i, d in enumerate(self.counters(hook) - before) if d}

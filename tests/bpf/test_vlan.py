@@ -23,11 +23,10 @@ from scapy.packet import Packet, Raw
 
 from pyflow.kernel import abi, bpfsys
 from pyflow.kernel.loader import FlowMeter, KernelSettings
-from tests.bpf.conftest import TEST_IFINDEX, Harness, xdp_ctx
+from tests.bpf.conftest import TC_ACT_UNSPEC, TEST_IFINDEX, Harness, clean_harness, skb_ctx, xdp_ctx
 
 pytestmark = pytest.mark.root
 
-TC_ACT_UNSPEC = 0xFFFFFFFF
 AD = 0x10000  # mark bit: the skb's tag is 802.1ad (an S-tag)
 
 
@@ -40,10 +39,7 @@ def vlan_meter(_require_root: None) -> Iterator[FlowMeter]:
 
 @pytest.fixture
 def h(vlan_meter: FlowMeter) -> Iterator[Harness]:
-    harness = Harness(vlan_meter)
-    harness.clear()
-    yield harness
-    harness.clear()
+    yield from clean_harness(vlan_meter)
 
 
 def frame(*tags: Packet) -> bytes:
@@ -55,10 +51,7 @@ def frame(*tags: Packet) -> bytes:
 
 
 def tc(h: Harness, hook: str, pkt: bytes, mark: int = 0) -> None:
-    ctx = bytearray(192)
-    struct.pack_into("<I", ctx, 8, mark)  # __sk_buff.mark
-    struct.pack_into("<I", ctx, 40, TEST_IFINDEX)
-    res = bpfsys.prog_test_run(h.meter.prog_fd_of(hook), pkt, ctx=bytes(ctx))
+    res = bpfsys.prog_test_run(h.meter.prog_fd_of(hook), pkt, ctx=skb_ctx(mark=mark))
     assert res.retval == TC_ACT_UNSPEC
 
 

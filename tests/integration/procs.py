@@ -21,6 +21,16 @@ REPO = Path(__file__).resolve().parents[2]
 PYFLOW = str(Path(sys.executable).parent / "pyflow")
 
 
+def agent_config(iface: str, ports: Sequence[int], cache: str = "4k", *, traffic_flow: str = "",
+                 sections: str = "", pyflow: str = 'sweep-interval = "250ms"\ncontrol-socket = ""\n') -> str:
+    """A config file for an agent that meters ``iface`` (inactive timeout 1 s) and exports IPFIX to
+    127.0.0.1 on each of ``ports``; ``traffic_flow`` adds lines to [traffic-flow], ``sections`` adds
+    sections, ``pyflow`` is the [pyflow] section's body (last: lines appended to the text land there)."""
+    targets = "".join(f'\n[[target]]\ndst-address = "127.0.0.1"\nport = {port}\nversion = "ipfix"\n' for port in ports)
+    return (f'[traffic-flow]\nenabled = "yes"\ninterfaces = ["{iface}"]\ncache-entries = "{cache}"\n'
+            f'inactive-flow-timeout = "1s"\n{traffic_flow}{targets}{sections}\n[pyflow]\n{pyflow}')
+
+
 class Proc:
     """A subprocess whose stderr is collected line by line in the background."""
 

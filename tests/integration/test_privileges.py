@@ -32,28 +32,13 @@ from scapy.utils import wrpcap
 from pyflow.kernel import caps
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, udp_socket_in
-from tests.integration.procs import PYFLOW, REPO, Proc
+from tests.integration.procs import PYFLOW, REPO, Proc, agent_config
 
-CONFIG = """\
-[traffic-flow]
-enabled = "yes"
-interfaces = ["{iface}"]
-cache-entries = "{cache}"
-inactive-flow-timeout = "1s"
+ONE_INTERFACE = '\n[[interface]]\nname = "{iface}"\ndirection = "both"\n'
 
-[[target]]
-dst-address = "127.0.0.1"
-port = {port}
-version = "ipfix"
 
-[[interface]]
-name = "{iface}"
-direction = "both"
-
-[pyflow]
-sweep-interval = "250ms"
-control-socket = ""
-"""
+def config(pair: Pair, cache: str, port: int) -> str:
+    return agent_config(pair.b_if, [port], cache, sections=ONE_INTERFACE.format(iface=pair.b_if))
 
 EFFECTIVE = (1 << caps.CAP_BPF) | (1 << caps.CAP_NET_ADMIN)
 PERMITTED = EFFECTIVE | (1 << caps.CAP_PERFMON)
@@ -90,10 +75,26 @@ def assert_least_privilege(pid: int) -> None:
         assert int(t["CapEff"], 16) == EFFECTIVE, (t["Name"], caps.names(int(t["CapEff"], 16)))
 
 
+def exported_across_a_compiling_reload(pair: Pair, tap: Tap, proc: Proc, conf: Path, reloaded: str, sport: int,
+                                       tmp: Path) -> None:
+    """5 packets exported; a reload to ``reloaded`` (cache-entries 8k: a new kernel program,
+    compiled and loaded by a child of the agent); 3 more packets, on port ``sport`` + 1, exported."""
+    send(pair, sport, 5, tmp)
+    rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == sport, timeout=30)
+    assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (5, 500)
+    conf.write_text(reloaded)
+    proc.p.send_signal(signal.SIGHUP)
+    proc.wait_for_line("reload: settings applied", timeout=60)
+    assert "reload: new kernel program in place (cache-entries=8192)" in proc.output(), proc.output()
+    send(pair, sport + 1, 3, tmp)
+    rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == sport + 1, timeout=30)
+    assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (3, 300)
+
+
 def test_agent_runs_with_only_the_capabilities_it_uses(pair: Pair, tmp_path: Path) -> None:
     tap = Tap(udp_socket_in(pair.b))
     conf = tmp_path / "pyflow.toml"
-    conf.write_text(CONFIG.format(iface=pair.b_if, cache="4k", port=tap.port))
+    conf.write_text(config(pair, "4k", tap.port))
     proc = Proc(["ip", "netns", "exec", pair.b, PYFLOW, "run", "--config", str(conf)])
     try:
         proc.wait_for_line("exporting to", timeout=60)
@@ -106,18 +107,8 @@ def test_agent_runs_with_only_the_capabilities_it_uses(pair: Pair, tmp_path: Pat
         assert rss_kib <= 64 * 1024, f"agent VmRSS {rss_kib} KiB"
         print(f"agent VmRSS {rss_kib / 1024:.1f} MiB, {len(list(Path(f'/proc/{pid}/task').iterdir()))} threads")
 
-        send(pair, 43001, 5, tmp_path)
-        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43001, timeout=30)
-        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (5, 500)
-
         # a new kernel program, compiled and loaded by a child of the unprivileged agent
-        conf.write_text(CONFIG.format(iface=pair.b_if, cache="8k", port=tap.port))
-        proc.p.send_signal(signal.SIGHUP)
-        proc.wait_for_line("reload: settings applied", timeout=60)
-        assert "reload: new kernel program in place (cache-entries=8192)" in proc.output(), proc.output()
-        send(pair, 43002, 3, tmp_path)
-        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43002, timeout=30)
-        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (3, 300)
+        exported_across_a_compiling_reload(pair, tap, proc, conf, config(pair, "8k", tap.port), 43001, tmp_path)
         assert_least_privilege(pid)
     finally:
         rc = proc.stop(signal.SIGTERM)
@@ -199,11 +190,11 @@ def test_with_user_the_running_agent_is_not_root(pair: Pair, tmp_path: Path, sha
     conf = shared_dir / "pyflow.toml"
     ctl = f"/run/pyflow/test-user-{os.getpid()}.sock"  # made by the agent, as the user
 
-    def config(cache: str) -> str:
-        text = CONFIG.format(iface=pair.b_if, cache=cache, port=tap.port)
+    def user_config(cache: str) -> str:
+        text = config(pair, cache, tap.port)
         return text.replace('control-socket = ""', f'control-socket = "{ctl}"') + 'user = "pyflow"\n'
 
-    conf.write_text(config("4k"))
+    conf.write_text(user_config("4k"))
     conf.chmod(0o644)
     (shared_dir / "probe").mkdir(mode=0o755)
     (shared_dir / "probe" / "sitecustomize.py").write_text(PROBE)
@@ -243,18 +234,8 @@ def test_with_user_the_running_agent_is_not_root(pair: Pair, tmp_path: Path, sha
                              timeout=30)
         assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stderr
 
-        send(pair, 43011, 5, tmp_path)
-        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43011, timeout=30)
-        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (5, 500)
-
         # a reload that compiles: the child runs as the user, with the kept capabilities (ambient)
-        conf.write_text(config("8k"))
-        proc.p.send_signal(signal.SIGHUP)
-        proc.wait_for_line("reload: settings applied", timeout=60)
-        assert "reload: new kernel program in place (cache-entries=8192)" in proc.output(), proc.output()
-        send(pair, 43012, 3, tmp_path)
-        rec = tap.wait_for(lambda r: r.get("L4_SRC_PORT") == 43012, timeout=30)
-        assert (rec["IN_PKTS"], rec["IN_BYTES"]) == (3, 300)
+        exported_across_a_compiling_reload(pair, tap, proc, conf, user_config("8k"), 43011, tmp_path)
         assert_least_privilege(pid)
     finally:
         rc = proc.stop(signal.SIGTERM)

@@ -17,41 +17,14 @@ from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
 from tests.integration.netns import Pair
-from tests.integration.procs import REPO, nfcapd_in, nfdump_records, pyflow_in
+from tests.integration.procs import REPO, agent_config, nfcapd_in, nfdump_records, pyflow_in
 
 PORT_A, PORT_B = 20701, 20702
 
-CONFIG = """\
-[traffic-flow]
-enabled = "yes"
-interfaces = ["{iface}"]
-cache-entries = "{cache}"
-inactive-flow-timeout = "1s"
-{sampling}
-[[target]]
-dst-address = "127.0.0.1"
-port = {port_a}
-version = "ipfix"
-{target_b}
-[ipfix]
-ttl = "{ttl}"
-
-[pyflow]
-metrics-address = ""
-control-socket = ""
-"""
-
-TARGET_B = """
-[[target]]
-dst-address = "127.0.0.1"
-port = {port_b}
-version = "ipfix"
-"""
-
-
 def write_config(path: Path, pair: Pair, cache: str, ttl: str, with_b: bool, sampling: str = "") -> None:
-    path.write_text(CONFIG.format(iface=pair.b_if, cache=cache, ttl=ttl, port_a=PORT_A, sampling=sampling,
-                                  target_b=TARGET_B.format(port_b=PORT_B) if with_b else ""))
+    path.write_text(agent_config(pair.b_if, [PORT_A, PORT_B] if with_b else [PORT_A], cache, traffic_flow=sampling,
+                                 sections=f'\n[ipfix]\nttl = "{ttl}"\n',
+                                 pyflow='metrics-address = ""\ncontrol-socket = ""\n'))
 
 
 def frames(pair: Pair, sport: int, n: int) -> list[Ether]:

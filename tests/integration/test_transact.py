@@ -33,7 +33,7 @@ from pyflow.kernel import bpfsys, netlink, pin
 from pyflow.kernel.loader import FlowMeter, KernelSettings
 from tests.integration.collect import Tap
 from tests.integration.netns import Pair, ip, udp_socket_in
-from tests.integration.procs import PYFLOW, REPO, Proc
+from tests.integration.procs import PYFLOW, REPO, Proc, agent_config
 from tests.integration.reliability import wait_until
 from tests.integration.test_lifecycle import xdp_prog_id
 
@@ -128,23 +128,9 @@ if flag and os.path.exists(flag):
             sys.exit(3)
 """
 
-CONFIG = """\
-[traffic-flow]
-enabled = "yes"
-interfaces = ["{iface}"]
-cache-entries = "{cache}"
-inactive-flow-timeout = "1s"
-
-[[target]]
-dst-address = "127.0.0.1"
-port = {port}
-version = "ipfix"
-
-[pyflow]
-sweep-interval = "250ms"
-metrics-address = "127.0.0.1:{metrics}"
-control-socket = ""
-"""
+def config(pair: Pair, cache: str, port: int, metrics: int) -> str:
+    body = f'sweep-interval = "250ms"\nmetrics-address = "127.0.0.1:{metrics}"\ncontrol-socket = ""\n'
+    return agent_config(pair.b_if, [port], cache, pyflow=body)
 
 
 def scrape(pair: Pair, port: int) -> dict[str, float]:
@@ -173,7 +159,7 @@ def test_a_reload_that_fails_to_apply_keeps_the_agent_on_its_old_settings(pair: 
     tap = Tap(udp_socket_in(pair.b))
     conf = tmp_path / "pyflow.toml"
     metrics = 20799
-    conf.write_text(CONFIG.format(iface=pair.b_if, cache="4k", port=tap.port, metrics=metrics))
+    conf.write_text(config(pair, "4k", tap.port, metrics))
     env = [f"PYTHONPATH={fault}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", f"PYFLOW_TEST_FAIL_COMPILE={flag}"]
     proc = Proc(["ip", "netns", "exec", pair.b, "env", *env, PYFLOW, "run", "--config", str(conf)])
     try:
@@ -182,7 +168,7 @@ def test_a_reload_that_fails_to_apply_keeps_the_agent_on_its_old_settings(pair: 
         wait_reload_metrics(pair, metrics, 0.0, 1.0)
         send(pair, 44002, 5, tmp_path)
         flag.touch()
-        conf.write_text(CONFIG.format(iface=pair.b_if, cache="8k", port=tap.port, metrics=metrics))
+        conf.write_text(config(pair, "8k", tap.port, metrics))
         proc.p.send_signal(signal.SIGHUP)
         line = proc.wait_for_line("reload failed", timeout=60)
         assert "the kernel verifier rejected pyflow_xdp (injected by the test)" in line, proc.output()

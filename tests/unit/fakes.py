@@ -89,3 +89,16 @@ class MemoryScan:
 
     def __exit__(self, *exc: object) -> None:
         self.parts = []
+
+
+def cache_entries(recs: np.ndarray, first_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cache entries (kernel dtypes) of flow records, as a sweep sees them first (started at
+    ``first_ns``, lasting what the record says so far)."""
+    keys = np.zeros(len(recs), abi.FLOW_KEY_DTYPE)
+    values = np.zeros(len(recs), abi.FLOW_VALUE_DTYPE)
+    for name in ("src_addr", "dst_addr", "src_port", "dst_port", "protocol"):
+        keys[name] = recs[name]
+    values["packets"], values["bytes"] = recs["packets"], recs["bytes"]
+    values["first_seen_ns"] = first_ns
+    values["last_seen_ns"] = first_ns + (recs["end_ms"] - recs["start_ms"]).astype(np.uint64) * 10**6
+    return keys, values

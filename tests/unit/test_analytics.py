@@ -30,8 +30,8 @@ from pyflow.analytics import (
     hll_estimate,
 )
 from pyflow.config import SIGNALS, AnalyticsSettings, SettingError
-from pyflow.kernel.abi import FLOW_KEY_DTYPE, FLOW_VALUE_DTYPE
 from pyflow.metrics import AnalyticsCollector
+from tests.unit.fakes import cache_entries
 
 T0 = 1_000.0  # the clock (seconds) at the start of every scenario
 WALL_MS = 1_700_000_000_000
@@ -276,19 +276,6 @@ def test_a_port_scan_fires_within_15_s_with_the_scanner_in_the_talkers() -> None
     assert "many_sources_low_bytes" not in fired_at  # one source is not many
 
 
-def entries(recs: np.ndarray, first_ns: int) -> tuple[np.ndarray, np.ndarray]:
-    """The cache entries (kernel dtypes) of flow records, as a sweep sees them first (started at
-    ``first_ns``, lasting what the record says so far)."""
-    keys = np.zeros(len(recs), FLOW_KEY_DTYPE)
-    values = np.zeros(len(recs), FLOW_VALUE_DTYPE)
-    for name in ("src_addr", "dst_addr", "src_port", "dst_port", "protocol"):
-        keys[name] = recs[name]
-    values["packets"], values["bytes"] = recs["packets"], recs["bytes"]
-    values["first_seen_ns"] = first_ns
-    values["last_seen_ns"] = first_ns + (recs["end_ms"] - recs["start_ms"]).astype(np.uint64) * 10**6
-    return keys, values
-
-
 def test_new_entries_count_each_flow_once_as_it_starts() -> None:
     """Fed the cache's new entries, the analytics count flows as they start: a SYN scan fires at the
     sweep that first sees it, the scanner leads the talkers by flows at once, and its records, which
@@ -298,12 +285,12 @@ def test_new_entries_count_each_flow_once_as_it_starts() -> None:
     t = T0
     while t < T0 + 60:  # ordinary traffic: its flows counted from entries, its bytes from records
         r = traffic.round() if int(t - T0) % 2 == 0 else rec.empty(0)
-        a.feed([r], t, [entries(r, int(t * 1e9))])
+        a.feed([r], t, [cache_entries(r, int(t * 1e9))])
         t += 1.0
     assert not active(a) and a.view.warm
     flows_before = a.view.signals["flow_rate"].value
     probes = scan("10.66.6.6", "10.0.0.1", range(1, 4001))
-    a.feed([], t, [entries(probes, int(t * 1e9))])  # one sweep sees all 4,000
+    a.feed([], t, [cache_entries(probes, int(t * 1e9))])  # one sweep sees all 4,000
     a.advance(t + INTERVAL_S)
     assert {"flow_rate", "short_flows_many_destinations"} <= active(a)
     assert a.view.signals["flow_rate"].value == 4000 / INTERVAL_S

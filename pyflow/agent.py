@@ -127,7 +127,8 @@ MIN_SWEEP_GAP_NS = 50_000_000
 SWEEP_GAP_FACTOR = 2
 #: The hooks whose packets are what an interface received (ingress flow entries, the accounting gap).
 INGRESS_HOOKS = (int(Hook.XDP), int(Hook.TC_INGRESS))
-#: How often the loop looks at the kernel's count of flows that saw their first FIN or RST.
+#: How often the loop looks at the kernel's counts of flows that saw their first FIN or RST and
+#: of entries created (a surge of new flows that fills the cache).
 FIN_POLL_NS = 250_000_000
 #: How long a clean stop goes on sending at the targets' pace before it sends the rest at once.
 FLUSH_PACED_NS = 5_000_000_000
@@ -152,6 +153,7 @@ class AgentStats:
     deleted: int = 0
     nat_events: int = 0  # NAT event records (conntrack), not flows
     evicted: int = 0  # entries exported early from a nearly full map (lack of resources)
+    fill_sweeps: int = 0  # sweeps brought forward because new entries may have filled the flows map
     last_sweep_seconds: float = 0.0  # the sweep: barrier, read, rules, records queued
     last_commit_seconds: float = 0.0  # the last commit: final entries deleted, baseline saved
     last_barrier_seconds: float = 0.0  # of the last sweep, waiting for the RCU grace period
@@ -203,6 +205,18 @@ class _FinWatch:
     count: int = 0
     polled_ns: int = 0  # the last look that found it unchanged (at first: the barrier's start)
     due_ns: int = NEVER  # once it moved: when such a flow may fall due at the earliest
+
+
+@dataclass
+class _FillWatch:
+    """The room the last sweep left in the flows map below its high water, against the kernel's
+    count of entries created since that sweep's barrier (an upper bound on what has filled it)."""
+
+    created: int = 0  # the kernel's count at the barrier
+    room: int = NEVER  # entries that may be created before the map may be at high water
+    polled_ns: int = 0
+    seen: int = 0  # the count at the last look
+    due_ns: int = NEVER  # once the room may be used up by the next look: now
 
 
 @dataclass
@@ -309,6 +323,7 @@ class Agent(Generic[Cache]):
         self.next_due_ns = 0  # when the next sweep is due (boot clock)
         self._earliest_ns = 0  # no sweep before this (MIN_SWEEP_GAP_NS after the last one)
         self._fin = _FinWatch()
+        self._fill = _FillWatch()
         # the last sweep's instant: an entry first seen from it to the next sweep's is new to that one
         # (the traffic analytics count each flow once, as it starts); none from before this agent
         self._swept_ns = self.clocks.boot_ns()
@@ -348,6 +363,7 @@ class Agent(Generic[Cache]):
         evict = dict(self._evict)  # thresholds in force before this barrier
         final_ns = self.clocks.boot_ns()
         self._fin = _FinWatch(meter.fin_events(), final_ns)
+        created = meter.flows_created()
         since, self._swept_ns = self._swept_ns, final_ns
         tb = time.perf_counter()
         meter.barrier()
@@ -379,6 +395,8 @@ class Agent(Generic[Cache]):
             for which, leaving in self._relieve(t, now).items():
                 cached[which] -= leaving
         self.next_due_ns = t.next_due_ns
+        self._fill = _FillWatch(created, int(self.high_water * meter.capacity(CacheMap.FLOWS))
+                                - cached[CacheMap.FLOWS], final_ns, created)
         self.stats.cached_resumed = cached[CacheMap.RESUMED]
         for part in batch:
             self._account(part)
@@ -585,7 +603,7 @@ class Agent(Generic[Cache]):
         wake: int | None = None
         while not stop.is_set():
             now = self.clocks.boot_ns()
-            due = min(self.next_due_ns, max(self._fin_due(now), self._earliest_ns))
+            due = min(self.next_due_ns, max(min(self._fin_due(now), self._fill_due(now)), self._earliest_ns))
             if now >= due:
                 if between is not None:
                     between()
@@ -612,6 +630,22 @@ class Agent(Generic[Cache]):
             watch.polled_ns = now_ns
         else:
             watch.due_ns = watch.polled_ns + self.rules.end_idle_ns
+        return watch.due_ns
+
+    def _fill_due(self, now_ns: int) -> int:
+        """Now, once the entries the kernel created since the last sweep, plus as many again as it
+        created since the last look, may fill the flows map to its high water (NEVER until then): a
+        surge of new flows gets relief (docs/reliability.md, "A full cache") before the cache is full,
+        not a sweep-interval later."""
+        watch = self._fill
+        if watch.due_ns != NEVER or now_ns - watch.polled_ns < FIN_POLL_NS:
+            return watch.due_ns
+        with self.lock:
+            created = self.meter.flows_created()
+        watch.polled_ns, recent, watch.seen = now_ns, created - watch.seen, created
+        if created - watch.created + recent >= watch.room:
+            watch.due_ns = now_ns
+            self.stats.fill_sweeps += 1
         return watch.due_ns
 
     def _next_sweep_ns(self, due_ns: int) -> int:

@@ -269,6 +269,8 @@ class PyflowCollector(Collector):
         yield expired
         yield CounterMetricFamily("pyflow_flows_expired", "Flow entries removed from the kernel cache.",
                                   value=a.deleted)
+        yield CounterMetricFamily("pyflow_fill_sweeps", "Sweeps brought forward because the entries created "
+                                  "since the last one may have filled the flows map to 90 %.", value=a.fill_sweeps)
         yield GaugeMetricFamily("pyflow_pending_sweeps", "Sweeps whose records some target has not sent yet "
                                 "(their entries are deleted from the cache once every target has).",
                                 value=a.pending_commits)

@@ -234,6 +234,46 @@ def test_a_flow_that_saw_fin_since_the_sweep_brings_the_next_one_forward() -> No
     assert agent._fin_due(clock.now + FIN_POLL_NS) == NEVER  # the sweep saw it
 
 
+def test_a_surge_of_new_flows_brings_the_next_sweep_forward() -> None:
+    """The last sweep left 50 of 100 entries: room for 40 below the 90 % high water.  Every
+    FIN_POLL_NS the loop reads the kernel's count of entries created; once those created since the
+    sweep, plus as many as since the last look (what the next look may add), reach the room, the
+    next sweep is now, and it relieves the map."""
+    from pyflow.agent import FIN_POLL_NS
+    from pyflow.sweep import NEVER
+
+    clock = FakeClock()
+    ids = iter(range(1, 1000))
+
+    def add(n: int) -> None:
+        k, v = meter.maps[abi.CacheMap.FLOWS]
+        new = [next(ids) for _ in range(n)]
+        nk, nv = cache(*({"pk": 1, "by": 10, "first": clock.now, "last": clock.now - (100 - i % 100) * MS,
+                          "id": i, "sport": i} for i in new))
+        meter.maps[abi.CacheMap.FLOWS] = (np.concatenate([k, nk]), np.concatenate([v, nv]))
+
+    meter = FakeMeter(one_map(), capacity_=100)
+    add(50)
+    agent = agent_on(meter, [Sent(rate=0)], clock)
+    assert sum(len(p) for p in agent._sweep(False)) == 0
+    for n, since_sweep in ((10, 10), (10, 20), (5, 25)):  # 10+10, 20+10, 25+5: below 40
+        add(n)
+        clock.now += FIN_POLL_NS
+        assert agent._fill_due(clock.now) == NEVER, since_sweep
+    add(10)
+    clock.now += FIN_POLL_NS // 2
+    assert agent._fill_due(clock.now) == NEVER  # not looked at yet: one look per FIN_POLL_NS
+    clock.now += FIN_POLL_NS // 2
+    assert agent._fill_due(clock.now) == clock.now  # 35 since the sweep, 10 since the last look
+    assert agent.stats.fill_sweeps == 1
+    assert sum(len(p) for p in agent._sweep(False)) == 0  # 85 of 100: below high water, no relief yet
+    add(5)
+    assert sum(len(p) for p in agent._sweep(False)) == 0  # 90 of 100: the threshold rises
+    assert agent.next_due_ns <= clock.now and agent._fill_due(clock.now + FIN_POLL_NS) == NEVER
+    out = np.concatenate(agent._sweep(False))
+    assert len(out) == 15 and set(out["end_reason"].tolist()) == {EndReason.LACK_OF_RESOURCES}
+
+
 def test_hand_over_exports_the_old_cache_to_the_end_and_goes_on_with_the_new() -> None:
     """A reload's new program: everything in the old maps leaves (expired entries as usual, live ones
     as forced ends), is sent at once, and the agent then sweeps the new cache with its own baseline."""

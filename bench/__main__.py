@@ -79,13 +79,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("hotpath", "mapread", "sweep", "conntrack", "live", "footprint", "scale",
-                                       "observe", "analytics"), action="append")
+                                       "surge", "observe", "analytics"), action="append")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="cache sizes for mapread/sweep")
     ap.add_argument("--scale-sizes", default="100000,451000",
                     help="flows per burst for scale (one row per size and exporter)")
     ap.add_argument("--scale-target-options", default="", metavar="OPTION=VALUE[,...]",
                     help="appended to pyflow's target in scale (e.g. max-rate=20000); default: none")
+    ap.add_argument("--surge-runs", default="200000:50000:65536,2000000:200000:1048576",
+                    metavar="FLOWS:RATE:CACHE[,...]",
+                    help="surge runs: FLOWS one-packet flows at RATE a second into a cache of CACHE")
+    ap.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                    help="surge: also run the pyflow of this checkout (e.g. a worktree of an earlier commit)")
     ap.add_argument("--observe-size", type=int, default=1_000_000,
                     help="cached flows for observe (sweeps with and without 20 scrapes/s + 20 status/s)")
     ap.add_argument("--observe-seconds", type=float, default=30.0, help="length of each observe run")
@@ -97,11 +102,12 @@ def main() -> int:
     if args.write:
         return write_report(args, Path(args.write))
     sizes = [int(x) for x in args.sizes.split(",")]
-    which = args.only or ["hotpath", "mapread", "sweep", "conntrack", "live", "footprint", "scale", "observe",
-                          "analytics"]
+    which = args.only or ["hotpath", "mapread", "sweep", "conntrack", "live", "footprint", "scale", "surge",
+                          "observe", "analytics"]
     print(f"# pyflow benchmarks\n\nmachine: {machine()}\n\ncommand: `{' '.join(sys.argv)}`\n")
-    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale", "observe")):
-        print("hotpath, mapread, live, footprint, scale and observe need root (BPF, namespaces); skipped\n")
+    if os.geteuid() != 0 and any(w in which for w in ("hotpath", "mapread", "live", "footprint", "scale", "surge",
+                                                      "observe")):
+        print("hotpath, mapread, live, footprint, scale, surge and observe need root (BPF, namespaces); skipped\n")
         which = [w for w in which if w in ("sweep", "conntrack", "analytics")]
     # each suite is imported when it runs: --only X does not depend on the other suites' imports
     if "hotpath" in which:
@@ -134,6 +140,11 @@ def main() -> int:
         from bench import scale
 
         scale.run([int(x) for x in args.scale_sizes.split(",")], args.scale_target_options)
+    if "surge" in which:
+        from bench import surge
+
+        surge.run([(int(f), int(r), int(c)) for f, r, c in (x.split(":") for x in args.surge_runs.split(","))],
+                  args.baseline_tree)
     if "observe" in which:
         from bench import observe
 

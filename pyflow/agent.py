@@ -217,6 +217,8 @@ class _FillWatch:
     polled_ns: int = 0
     seen: int = 0  # the count at the last look
     due_ns: int = NEVER  # once the room may be used up by the next look: now
+    since_ns: int = 0  # the barrier's instant
+    rate: float = 0.0  # entries created per ns between the last two looks
 
 
 @dataclass
@@ -231,6 +233,7 @@ class _Tick:
     next_due_ns: int = NEVER
     unsent: Tally[int] | None = None  # per ifindex (ingress): packets in the cache in no record (when observed)
     new: list[tuple[np.ndarray, np.ndarray]] | None = None  # entries first seen since the last sweep (analytics)
+    incoming: int = 0  # entries a surge may add to the flows map before the next relief (Agent._incoming)
 
 
 def _cat(parts: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
@@ -391,12 +394,13 @@ class Agent(Generic[Cache]):
                 t.unsent.update(dict(_per_ifindex(keys["ifindex"][sel], r.unsent[sel])))
         batch = self._queue(t, meter)
         cached = {m: sum(len(a) for a in t.staying[m]) for m in CacheMap}
+        t.incoming = self._incoming(created, final_ns, sum(len(d) for d in t.deletes[CacheMap.FLOWS]))
         if not final:
             for which, leaving in self._relieve(t, now).items():
                 cached[which] -= leaving
         self.next_due_ns = t.next_due_ns
         self._fill = _FillWatch(created, int(self.high_water * meter.capacity(CacheMap.FLOWS))
-                                - cached[CacheMap.FLOWS], final_ns, created)
+                                - cached[CacheMap.FLOWS], final_ns, created, since_ns=final_ns)
         self.stats.cached_resumed = cached[CacheMap.RESUMED]
         for part in batch:
             self._account(part)
@@ -451,7 +455,8 @@ class Agent(Generic[Cache]):
         for which in CacheMap:
             last = _cat(t.staying[which], np.dtype(np.uint64))
             capacity = self.meter.capacity(which)
-            cut = relief_threshold(last, capacity, self.high_water, self.low_water)
+            incoming = t.incoming if which == CacheMap.FLOWS else 0  # new flows start in the flows map
+            cut = relief_threshold(last, capacity, self.high_water, self.low_water, incoming)
             if cut is None:
                 continue
             cut = max(cut, self._evict[which])  # it only ever rises
@@ -642,11 +647,26 @@ class Agent(Generic[Cache]):
             return watch.due_ns
         with self.lock:
             created = self.meter.flows_created()
+        watch.rate = (created - watch.seen) / max(1, now_ns - watch.polled_ns)
         watch.polled_ns, recent, watch.seen = now_ns, created - watch.seen, created
         if created - watch.created + recent >= watch.room:
             watch.due_ns = now_ns
             self.stats.fill_sweeps += 1
         return watch.due_ns
+
+    def _incoming(self, created: int, barrier_ns: int, finals: int) -> int:
+        """In a sweep a surge brought forward (0 in any other), the entries it may add to the flows map
+        before a relief decided now takes effect and the next one can: the rate they were created at
+        (since the last sweep, or between the last two looks if faster) less the rate entries left
+        (this sweep's final ones), over one look and two sweeps with their gaps."""
+        watch = self._fill
+        if watch.due_ns == NEVER:
+            return 0
+        span = max(FIN_POLL_NS, barrier_ns - watch.since_ns)
+        rate = max(watch.rate, (created - watch.created) / span) - finals / span
+        last_ns = int(self.stats.last_sweep_seconds * 1e9)
+        horizon_ns = FIN_POLL_NS + 2 * (MIN_SWEEP_GAP_NS + (SWEEP_GAP_FACTOR + 1) * last_ns)
+        return max(0, int(rate * horizon_ns))
 
     def _next_sweep_ns(self, due_ns: int) -> int:
         """When to sweep next: when the earliest flow falls due, at least every sweep-interval, and not

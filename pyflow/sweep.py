@@ -43,8 +43,10 @@ TCP_RST = 0x04
 NS_PER_MS = 1_000_000
 #: Share of cache-entries at which the cache is relieved early ...
 HIGH_WATER = 0.90
-#: ... and the share it is brought back down to (lack-of-resources records).
+#: ... and the share it is brought back down to (lack-of-resources records) ...
 LOW_WATER = 0.75
+#: ... or lower, to make room for a surge of new flows, but never below this share.
+FLOOR_WATER = 0.25
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,7 @@ def _records(k: np.ndarray, v: np.ndarray, d_pk: np.ndarray, d_by: np.ndarray, r
 
 
 def relief_threshold(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH_WATER,
-                     low: float = LOW_WATER) -> int | None:
+                     low: float = LOW_WATER, incoming: int = 0, floor: float = FLOOR_WATER) -> int | None:
     """The ``evict_before`` instant that relieves a nearly full map, or None.
 
     None while the map holds fewer than ``high`` x ``capacity`` entries; from
@@ -297,13 +299,18 @@ def relief_threshold(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH
     longest) are enough to bring it down to ``low`` x ``capacity``: set as the
     map's threshold, they become final for the next tick, which exports them
     with end reason *lack of resources*.
+
+    ``incoming``: the entries a surge of new flows is expected to create before
+    the next relief can take effect.  The map is relieved once it would be at
+    ``high`` with them, down to ``low`` x ``capacity`` less them, and never
+    below ``floor`` x ``capacity``.
     """
     n = len(last_seen_ns)
-    if not 0 < low <= high <= 1:
-        raise ValueError("need 0 < low <= high <= 1")
-    if n == 0 or n < int(np.ceil(high * capacity)):
+    if not 0 < floor <= low <= high <= 1:
+        raise ValueError("need 0 < floor <= low <= high <= 1")
+    if n == 0 or n + max(0, incoming) < int(np.ceil(high * capacity)):
         return None
-    take = n - int(low * capacity)
+    take = n - max(int(floor * capacity), int(low * capacity) - max(0, incoming))
     if take <= 0:
         return None
     kth = np.partition(last_seen_ns, take - 1)[take - 1]

@@ -3,16 +3,20 @@
 Host a starts new flows at FLOW_RATE a second (each a burst, and most of them
 a second burst 0.5-3 s later) towards host b, whose interface pyflow meters
 with ``--cache-entries 1k`` and RouterOS's default timeouts (nothing times
-out during the test).  The cache fills within two seconds.  Then:
+out during the test); the cache would fill within two seconds.  At the end a
+flood of 3k one-packet flows arrives at once, more than any relief can make
+room for.  Then:
 
 * packets that find no room are counted in the kernel (``cache_full``);
-* every sweep that finds the cache at 90 % or more exports the entries idle
-  the longest until it is down to 75 %, with flowEndReason 5 (lack of
-  resources), decoded by tshark from the IPFIX datagrams;
+* a sweep that finds the cache at 90 % or more (or that a surge brought
+  forward and that expects it there before the next relief) exports the
+  entries idle the longest, with flowEndReason 5 (lack of resources),
+  decoded by tshark from the IPFIX datagrams;
 * the cache, as the agent reports it after each sweep, never stays at or
   above the high-water mark;
-* the surge brings sweeps forward (``pyflow_fill_sweeps_total``), so most
-  packets find room, not a fifth of them;
+* the surge brings sweeps forward (``pyflow_fill_sweeps_total``) and the
+  steady part finds room: besides the flood, at most 5 % of the packets
+  find none;
 * packets exported (nfcapd/nfdump) + packets refused for want of room ==
   packets sent, and no flow gets more than it sent.
 """
@@ -48,6 +52,7 @@ from tests.integration.reliability import (
 CACHE = 1024
 SECONDS = float(os.environ.get("PYFLOW_FULL_SECONDS", "8"))
 FLOW_RATE = 600  # new flows a second: more than a quarter of the cache per 1 s sweep
+FLOOD = 3 * CACHE  # then this many one-packet flows at once: more than any relief can make room for
 NFCAPD_PORT = 21201
 BASE = ipaddress.IPv4Address("10.128.0.0")  # flow i comes from BASE + i
 
@@ -60,16 +65,18 @@ def pair() -> Iterator[Pair]:
 
 def test_full_cache_exports_early_and_counts_what_found_no_room(pair: Pair, tmp_path: Path) -> None:
     rng = random.Random(5)
-    n = int(FLOW_RATE * SECONDS)
+    steady = int(FLOW_RATE * SECONDS)
+    n = steady + FLOOD
     e = Ether(src=pair.macs["a"], dst=pair.macs["b"])
     frames = [bytes(e / IP(src=str(BASE + i), dst=pair.b_v4) / UDP(sport=2000 + i % 50000, dport=53) / (b"f" * 20))
               for i in range(n)]
     plan: list[tuple[float, int, int]] = []  # (when, flow, packets)
-    for i in range(n):
+    for i in range(steady):
         start = i / FLOW_RATE
         plan.append((start, i, rng.randint(1, 3)))
         if rng.random() < 0.8:
             plan.append((start + rng.uniform(0.5, 3.0), i, rng.randint(1, 2)))
+    plan += [(SECONDS + 0.5, i, 1) for i in range(steady, n)]  # the flood, back to back
     at, index, count = zip(*plan, strict=True)
     bursts = schedule(at, index, count)
     sent_per_flow = [0] * n
@@ -142,10 +149,11 @@ def test_full_cache_exports_early_and_counts_what_found_no_room(pair: Pair, tmp_
     assert sum(reasons.values()) == exported, (reasons, exported)
     early = int(metric_sum(samples, "pyflow_flow_records_total", reason="lack_of_resources"))
     assert early > 0 and "lack of resources" in log
-    # the surge brought sweeps forward, so most packets found room (about 80 %; 22 % when relief
-    # waited for the sweep-interval: docs/reliability.md)
+    # the surge brought sweeps forward and made room ahead of it: of the steady part, a few
+    # percent at most found no room (all of it, here; 78 % when relief waited for the
+    # sweep-interval: docs/reliability.md), besides the flood's share
     assert metric_sum(samples, "pyflow_fill_sweeps_total") > 0
-    assert cache_full < total // 2, (cache_full, total)
+    assert cache_full <= FLOOD + (total - FLOOD) // 20, (cache_full, total)
 
     # after every sweep the cache was below the high-water mark (75 % after a relief)
     assert cached_seen and max(cached_seen) < 0.9 * CACHE, cached_seen

@@ -45,6 +45,19 @@ def test_ties_leave_together() -> None:
 def test_bad_marks_are_refused() -> None:
     with pytest.raises(ValueError):
         relief_threshold(np.zeros(3, dtype=np.uint64), 4, high=0.5, low=0.8)
+    with pytest.raises(ValueError):
+        relief_threshold(np.zeros(3, dtype=np.uint64), 4, low=0.5, floor=0.6)
+
+
+def test_a_surge_on_its_way_relieves_earlier_and_deeper_but_not_below_the_floor() -> None:
+    last = np.arange(1, 86, dtype=np.uint64)  # 85 of 100, idle the longest first
+    assert relief_threshold(last, 100) is None  # below high water
+    assert relief_threshold(last, 100, incoming=4) is None  # 89 with what comes
+    cut = relief_threshold(last, 100, incoming=14)  # 99 with what comes: down to 75 - 14 = 61
+    assert cut is not None and int(np.count_nonzero(last < cut)) == 24
+    cut = relief_threshold(last, 100, incoming=500)  # more than the map holds: down to the floor, 25
+    assert cut is not None and int(np.count_nonzero(last < cut)) == 60
+    assert relief_threshold(np.arange(1, 21, dtype=np.uint64), 100, incoming=500) is None  # 20: below the floor
 
 
 def test_relief_exports_what_the_cut_left_and_forgets_the_flow() -> None:

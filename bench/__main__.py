@@ -86,7 +86,7 @@ def main() -> int:
                     help="flows per burst for scale (one row per size and exporter)")
     ap.add_argument("--scale-target-options", default="", metavar="OPTION=VALUE[,...]",
                     help="appended to pyflow's target in scale (e.g. max-rate=20000); default: none")
-    ap.add_argument("--surge-runs", default="200000:50000:65536,2000000:200000:1048576",
+    ap.add_argument("--surge-runs", default="200000:50000:65536,1096704:200000:1048576",
                     metavar="FLOWS:RATE:CACHE[,...]",
                     help="surge runs: FLOWS one-packet flows at RATE a second into a cache of CACHE")
     ap.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",

@@ -130,6 +130,9 @@ INGRESS_HOOKS = (int(Hook.XDP), int(Hook.TC_INGRESS))
 #: How often the loop looks at the kernel's counts of flows that saw their first FIN or RST and
 #: of entries created (a surge of new flows that fills the cache).
 FIN_POLL_NS = 250_000_000
+#: What a sweep costs per cache entry, about (docs/benchmarks.md: a tick on 1 M entries, ~1 s): how
+#: long the sweeps of a relief will take on a map that a surge is filling, before one has.
+SWEEP_NS_PER_ENTRY = 1_000
 #: How long a clean stop goes on sending at the targets' pace before it sends the rest at once.
 FLUSH_PACED_NS = 5_000_000_000
 
@@ -216,8 +219,10 @@ class _FillWatch:
     room: int = NEVER  # entries that may be created before the map may be at high water
     polled_ns: int = 0
     seen: int = 0  # the count at the last look
-    due_ns: int = NEVER  # once the room may be used up by the next look: now
+    due_ns: int = NEVER  # once the room may be used up before a relief could take effect: now
     since_ns: int = 0  # the barrier's instant
+    cached: int = 0  # entries the sweep left in the flows map
+    leaving: float = 0.0  # entries per ns that left the flows map (the sweep's final ones / its span)
     rate: float = 0.0  # entries created per ns between the last two looks
 
 
@@ -320,6 +325,7 @@ class Agent(Generic[Cache]):
         self.low_water = LOW_WATER
         self._evict = {m: meter.evict_threshold(m) for m in CacheMap}
         self._relief_logged_ns: int | None = None
+        self._relieved = 0  # entries of the flows map the last relief set leaving (the next sweep's)
         self._batch = 0
         self._pending: collections.deque[Pending] = collections.deque()
         self._skip = np.zeros(0, dtype=np.uint64)  # sorted flow ids of the pending deletes
@@ -394,13 +400,15 @@ class Agent(Generic[Cache]):
                 t.unsent.update(dict(_per_ifindex(keys["ifindex"][sel], r.unsent[sel])))
         batch = self._queue(t, meter)
         cached = {m: sum(len(a) for a in t.staying[m]) for m in CacheMap}
-        t.incoming = self._incoming(created, final_ns, sum(len(d) for d in t.deletes[CacheMap.FLOWS]))
-        if not final:
-            for which, leaving in self._relieve(t, now).items():
-                cached[which] -= leaving
+        # the flows map's final entries, but for those the last relief sent: what leaves of itself
+        finals = max(0, sum(len(d) for d in t.deletes[CacheMap.FLOWS]) - self._relieved)
+        t.incoming = self._incoming(created, final_ns, finals)
+        relieved = self._relieve(t, now) if not final else {}
+        for which, leaving in relieved.items():
+            cached[which] -= leaving
+        self._relieved = relieved.get(CacheMap.FLOWS, 0)
         self.next_due_ns = t.next_due_ns
-        self._fill = _FillWatch(created, int(self.high_water * meter.capacity(CacheMap.FLOWS))
-                                - cached[CacheMap.FLOWS], final_ns, created, since_ns=final_ns)
+        self._fill = self._fill_watch(created, final_ns, cached[CacheMap.FLOWS], finals)
         self.stats.cached_resumed = cached[CacheMap.RESUMED]
         for part in batch:
             self._account(part)
@@ -637,19 +645,32 @@ class Agent(Generic[Cache]):
             watch.due_ns = watch.polled_ns + self.rules.end_idle_ns
         return watch.due_ns
 
+    def _fill_watch(self, created: int, barrier_ns: int, cached: int, finals: int) -> _FillWatch:
+        """What the loop watches after a sweep: the room it left below the flows map's high water."""
+        span = max(FIN_POLL_NS, barrier_ns - self._fill.since_ns)
+        return _FillWatch(created, int(self.high_water * self.meter.capacity(CacheMap.FLOWS)) - cached,
+                          barrier_ns, created, since_ns=barrier_ns, cached=cached, leaving=finals / span)
+
+    def _relief_horizon_ns(self, entries: int) -> int:
+        """How long a relief decided now takes to make room and the next one can come: one look, and
+        two sweeps with their gaps, each as long as the last one, or SWEEP_NS_PER_ENTRY x ``entries``."""
+        sweep_ns = max(int(self.stats.last_sweep_seconds * 1e9), SWEEP_NS_PER_ENTRY * entries)
+        return FIN_POLL_NS + 2 * (MIN_SWEEP_GAP_NS + (SWEEP_GAP_FACTOR + 1) * sweep_ns)
+
     def _fill_due(self, now_ns: int) -> int:
-        """Now, once the entries the kernel created since the last sweep, plus as many again as it
-        created since the last look, may fill the flows map to its high water (NEVER until then): a
-        surge of new flows gets relief (docs/reliability.md, "A full cache") before the cache is full,
-        not a sweep-interval later."""
+        """Now, once the entries the kernel created since the last sweep, plus those a surge at the
+        rate of the last look (less the rate entries left) adds before a relief could take effect,
+        may fill the flows map to its high water; NEVER until then.  A surge of new flows gets relief
+        (docs/reliability.md, "A full cache") before the cache is full, not a sweep-interval later."""
         watch = self._fill
         if watch.due_ns != NEVER or now_ns - watch.polled_ns < FIN_POLL_NS:
             return watch.due_ns
         with self.lock:
             created = self.meter.flows_created()
         watch.rate = (created - watch.seen) / max(1, now_ns - watch.polled_ns)
-        watch.polled_ns, recent, watch.seen = now_ns, created - watch.seen, created
-        if created - watch.created + recent >= watch.room:
+        watch.polled_ns, watch.seen, new = now_ns, created, created - watch.created
+        ahead = max(0.0, watch.rate - watch.leaving) * self._relief_horizon_ns(watch.cached + new)
+        if new + ahead >= watch.room:
             watch.due_ns = now_ns
             self.stats.fill_sweeps += 1
         return watch.due_ns
@@ -658,15 +679,13 @@ class Agent(Generic[Cache]):
         """In a sweep a surge brought forward (0 in any other), the entries it may add to the flows map
         before a relief decided now takes effect and the next one can: the rate they were created at
         (since the last sweep, or between the last two looks if faster) less the rate entries left
-        (this sweep's final ones), over one look and two sweeps with their gaps."""
+        (this sweep's final ones), over ``_relief_horizon_ns``."""
         watch = self._fill
         if watch.due_ns == NEVER:
             return 0
         span = max(FIN_POLL_NS, barrier_ns - watch.since_ns)
         rate = max(watch.rate, (created - watch.created) / span) - finals / span
-        last_ns = int(self.stats.last_sweep_seconds * 1e9)
-        horizon_ns = FIN_POLL_NS + 2 * (MIN_SWEEP_GAP_NS + (SWEEP_GAP_FACTOR + 1) * last_ns)
-        return max(0, int(rate * horizon_ns))
+        return max(0, int(rate * self._relief_horizon_ns(watch.cached + created - watch.created)))
 
     def _next_sweep_ns(self, due_ns: int) -> int:
         """When to sweep next: when the earliest flow falls due, at least every sweep-interval, and not

@@ -237,8 +237,8 @@ def test_a_flow_that_saw_fin_since_the_sweep_brings_the_next_one_forward() -> No
 def test_a_surge_of_new_flows_brings_the_next_sweep_forward() -> None:
     """The last sweep left 50 of 100 entries: room for 40 below the 90 % high water.  Every
     FIN_POLL_NS the loop reads the kernel's count of entries created; once those created since the
-    sweep, plus as many as since the last look (what the next look may add), reach the room, the
-    next sweep is now, and it relieves the map."""
+    sweep, plus those the last look's rate adds before a relief could take effect (one look and two
+    50 ms gaps: 0.35 s here), reach the room, the next sweep is now, and it relieves the map."""
     from pyflow.agent import FIN_POLL_NS
     from pyflow.sweep import NEVER
 
@@ -256,7 +256,8 @@ def test_a_surge_of_new_flows_brings_the_next_sweep_forward() -> None:
     add(50)
     agent = agent_on(meter, [Sent(rate=0)], clock)
     assert sum(len(p) for p in agent._sweep(False)) == 0
-    for n, since_sweep in ((10, 10), (10, 20), (5, 25)):  # 10+10, 20+10, 25+5: below 40
+    agent.stats.last_sweep_seconds = 0.0
+    for n, since_sweep in ((10, 10), (10, 20), (5, 25)):  # 10+14, 20+14, 25+7: below 40
         add(n)
         clock.now += FIN_POLL_NS
         assert agent._fill_due(clock.now) == NEVER, since_sweep
@@ -264,7 +265,7 @@ def test_a_surge_of_new_flows_brings_the_next_sweep_forward() -> None:
     clock.now += FIN_POLL_NS // 2
     assert agent._fill_due(clock.now) == NEVER  # not looked at yet: one look per FIN_POLL_NS
     clock.now += FIN_POLL_NS // 2
-    assert agent._fill_due(clock.now) == clock.now  # 35 since the sweep, 10 since the last look
+    assert agent._fill_due(clock.now) == clock.now  # 35 since the sweep, 40 a second: 35 + 14
     assert agent.stats.fill_sweeps == 1
     # 85 of 100, and 40 a second coming (10 in the last look's 250 ms): within the time a relief
     # takes (one look and two sweeps with their 50 ms gaps: 0.35 s here) about 14 more, so the

@@ -58,6 +58,7 @@ from pyflow.sweep import (
     HIGH_WATER,
     LOW_WATER,
     NEVER,
+    SURGE_FROM,
     Baseline,
     Horizon,
     SweepRules,
@@ -223,6 +224,7 @@ class _FillWatch:
     since_ns: int = 0  # the barrier's instant
     cached: int = 0  # entries the sweep left in the flows map
     leaving: float = 0.0  # entries per ns that left the flows map (the sweep's final ones / its span)
+    surge_from: int = 0  # entries from which a relief makes room ahead of a surge (sweep.SURGE_FROM)
     rate: float = 0.0  # entries created per ns between the last two looks
 
 
@@ -476,8 +478,9 @@ class Agent(Generic[Cache]):
             t.next_due_ns = min(t.next_due_ns, now_ns)
             if self._relief_logged_ns is None or now_ns - self._relief_logged_ns >= 60 * 10**9:
                 self._relief_logged_ns = now_ns
+                surge = " and filling fast" if len(last) < self.high_water * capacity else ""
                 self.log(f"{which.name.lower()} map {100 * len(last) / capacity:.0f}% full ({len(last):,} of "
-                         f"{capacity:,} entries): exporting the {leaving:,} idle the longest early (lack of "
+                         f"{capacity:,} entries){surge}: exporting the {leaving:,} idle the longest early (lack of "
                          "resources); raise cache-entries if this goes on")
         return out
 
@@ -648,8 +651,10 @@ class Agent(Generic[Cache]):
     def _fill_watch(self, created: int, barrier_ns: int, cached: int, finals: int) -> _FillWatch:
         """What the loop watches after a sweep: the room it left below the flows map's high water."""
         span = max(FIN_POLL_NS, barrier_ns - self._fill.since_ns)
-        return _FillWatch(created, int(self.high_water * self.meter.capacity(CacheMap.FLOWS)) - cached,
-                          barrier_ns, created, since_ns=barrier_ns, cached=cached, leaving=finals / span)
+        capacity = self.meter.capacity(CacheMap.FLOWS)
+        return _FillWatch(created, int(self.high_water * capacity) - cached, barrier_ns, created,
+                          since_ns=barrier_ns, cached=cached, leaving=finals / span,
+                          surge_from=int(SURGE_FROM * capacity))
 
     def _relief_horizon_ns(self, entries: int) -> int:
         """How long a relief decided now takes to make room and the next one can come: one look, and
@@ -658,10 +663,11 @@ class Agent(Generic[Cache]):
         return FIN_POLL_NS + 2 * (MIN_SWEEP_GAP_NS + (SWEEP_GAP_FACTOR + 1) * sweep_ns)
 
     def _fill_due(self, now_ns: int) -> int:
-        """Now, once the entries the kernel created since the last sweep, plus those a surge at the
-        rate of the last look (less the rate entries left) adds before a relief could take effect,
-        may fill the flows map to its high water; NEVER until then.  A surge of new flows gets relief
-        (docs/reliability.md, "A full cache") before the cache is full, not a sweep-interval later."""
+        """Now, once the entries the kernel created since the last sweep may fill the flows map to its
+        high water, or, from half full (SURGE_FROM), they and those a surge at the rate of the last
+        look (less the rate entries left) adds before a relief could take effect; NEVER until then.
+        A surge of new flows gets relief (docs/reliability.md, "A full cache") before the cache is
+        full, not a sweep-interval later."""
         watch = self._fill
         if watch.due_ns != NEVER or now_ns - watch.polled_ns < FIN_POLL_NS:
             return watch.due_ns
@@ -670,7 +676,7 @@ class Agent(Generic[Cache]):
         watch.rate = (created - watch.seen) / max(1, now_ns - watch.polled_ns)
         watch.polled_ns, watch.seen, new = now_ns, created, created - watch.created
         ahead = max(0.0, watch.rate - watch.leaving) * self._relief_horizon_ns(watch.cached + new)
-        if new + ahead >= watch.room:
+        if new >= watch.room or (watch.cached + new >= watch.surge_from and new + ahead >= watch.room):
             watch.due_ns = now_ns
             self.stats.fill_sweeps += 1
         return watch.due_ns

@@ -45,8 +45,10 @@ NS_PER_MS = 1_000_000
 HIGH_WATER = 0.90
 #: ... and the share it is brought back down to (lack-of-resources records) ...
 LOW_WATER = 0.75
-#: ... or lower, to make room for a surge of new flows, but never below this share.
+#: ... or lower, to make room for a surge of new flows, but never below this share;
 FLOOR_WATER = 0.25
+#: a surge counts once the map is at least this full (below, a burst that fits is not cut short).
+SURGE_FROM = 0.50
 
 
 @dataclass(frozen=True)
@@ -301,13 +303,16 @@ def relief_threshold(last_seen_ns: np.ndarray, capacity: int, high: float = HIGH
     with end reason *lack of resources*.
 
     ``incoming``: the entries a surge of new flows is expected to create before
-    the next relief can take effect.  The map is relieved once it would be at
-    ``high`` with them, down to ``low`` x ``capacity`` less them, and never
-    below ``floor`` x ``capacity``.
+    the next relief can take effect, counted once the map holds SURGE_FROM x
+    ``capacity`` (a burst into a map that will hold it is not cut short).  The
+    map is relieved once it would be at ``high`` with them, down to ``low`` x
+    ``capacity`` less them, and never below ``floor`` x ``capacity``.
     """
     n = len(last_seen_ns)
     if not 0 < floor <= low <= high <= 1:
         raise ValueError("need 0 < floor <= low <= high <= 1")
+    if n < SURGE_FROM * capacity:
+        incoming = 0
     if n == 0 or n + max(0, incoming) < int(np.ceil(high * capacity)):
         return None
     take = n - max(int(floor * capacity), int(low * capacity) - max(0, incoming))

@@ -277,6 +277,35 @@ def test_a_surge_of_new_flows_brings_the_next_sweep_forward() -> None:
     assert 23 <= len(out) <= 25 and set(out["end_reason"].tolist()) == {EndReason.LACK_OF_RESOURCES}
 
 
+def test_a_burst_into_a_map_under_half_full_waits_for_the_room_itself() -> None:
+    """Below half full the loop does not look ahead: a burst that the map will hold does not bring
+    the sweep forward (nor cut its flows short); from half full it does."""
+    from pyflow.agent import FIN_POLL_NS
+    from pyflow.sweep import NEVER
+
+    clock = FakeClock()
+    ids = iter(range(1, 10_000))
+    meter = FakeMeter(one_map(), capacity_=1000)
+
+    def add(n: int) -> None:
+        k, v = meter.maps[abi.CacheMap.FLOWS]
+        nk, nv = cache(*({"pk": 1, "by": 10, "first": clock.now, "last": clock.now, "id": i, "sport": i}
+                         for i in (next(ids) for _ in range(n))))
+        meter.maps[abi.CacheMap.FLOWS] = (np.concatenate([k, nk]), np.concatenate([v, nv]))
+
+    add(100)
+    agent = agent_on(meter, [Sent(rate=0)], clock)
+    agent._sweep(False)
+    agent.stats.last_sweep_seconds = 0.0  # room: 900 - 100 = 800
+    for n in (350, 100):  # 1,400 a second: 450 + ~500 ahead, but 450 < 500; then 550, and 400 a second
+        add(n)
+        clock.now += FIN_POLL_NS
+        assert agent._fill_due(clock.now) == NEVER, n
+    add(300)  # 850 cached, 1,200 a second: 750 + ~420 ahead >= 800
+    clock.now += FIN_POLL_NS
+    assert agent._fill_due(clock.now) == clock.now
+
+
 def test_steady_churn_is_not_a_surge() -> None:
     """30 entries created a second, and 30 going idle: the map stays at 85 % and nothing leaves
     early (were the rate of creation taken alone, 10 more would seem to come before a relief

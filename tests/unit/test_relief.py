@@ -57,7 +57,9 @@ def test_a_surge_on_its_way_relieves_earlier_and_deeper_but_not_below_the_floor(
     assert cut is not None and int(np.count_nonzero(last < cut)) == 24
     cut = relief_threshold(last, 100, incoming=500)  # more than the map holds: down to the floor, 25
     assert cut is not None and int(np.count_nonzero(last < cut)) == 60
-    assert relief_threshold(np.arange(1, 21, dtype=np.uint64), 100, incoming=500) is None  # 20: below the floor
+    assert relief_threshold(np.arange(1, 50, dtype=np.uint64), 100, incoming=500) is None  # 49: not half full
+    cut = relief_threshold(np.arange(1, 51, dtype=np.uint64), 100, incoming=500)  # 50: down to the floor
+    assert cut is not None and int(np.count_nonzero(np.arange(1, 51) < cut)) == 25
 
 
 def test_relief_exports_what_the_cut_left_and_forgets_the_flow() -> None:

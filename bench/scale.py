@@ -243,27 +243,37 @@ class Arrivals:
         self.done = upto
 
 
-def exporter_argv(kind: str, pair: Pair, tmp: Path, extra: str) -> list[str]:
-    """The exporter's command line in b: idle 5 s, active 30 min, a cache for N, a 1 s expiry scan."""
+def peer_argv(kind: str, pair: Pair, tmp: Path, port: int, idle_s: int, cache: int) -> list[str]:
+    """fprobe's or softflowd's command line in b: idle ``idle_s``, active 30 min, a 1 s expiry scan;
+    softflowd holds ``cache`` flows, fprobe has no limit (-m 0)."""
     netns = ["ip", "netns", "exec", pair.b]
-    if kind == "pyflow":
-        target = f"127.0.0.1:{PORT}/ipfix" + (f",{extra}" if extra else "")
-        return [*netns, PYFLOW, "run", "--interface", pair.b_if, "--hook", "tc", "--target", target,
-                "--cache-entries", "1M", "--inactive-flow-timeout", f"{IDLE_S}s", "--active-flow-timeout",
-                f"{ACTIVE_S // 60}m", "--control-socket", "", "--metrics-address", "127.0.0.1:9796"]
     if kind == "fprobe":  # -m 0: no memory limit for the flow cache; NetFlow v5 (its best)
-        return [*netns, "fprobe", "-l", "2", "-i", pair.b_if, "-f", "ip", "-d", str(IDLE_S), "-e", str(ACTIVE_S),
+        return [*netns, "fprobe", "-l", "2", "-i", pair.b_if, "-f", "ip", "-d", str(idle_s), "-e", str(ACTIVE_S),
                 "-s", "1", "-m", "0", "-q", str(FPROBE_QUEUE), "-B", str(PCAP_BUFFER >> 10), "-n", "5",
-                f"127.0.0.1:{PORT}"]
-    return [*netns, "softflowd", "-d", "-i", pair.b_if, "-n", f"127.0.0.1:{PORT}", "-v", "10", "-m", str(CACHE),
+                f"127.0.0.1:{port}"]
+    return [*netns, "softflowd", "-d", "-i", pair.b_if, "-n", f"127.0.0.1:{port}", "-v", "10", "-m", str(cache),
             "-B", str(PCAP_BUFFER), "-c", str(tmp / "softflowd.ctl"), "-p", str(tmp / "softflowd.pid"),
-            *[x for t in ("general", "tcp", "udp", "icmp") for x in ("-t", f"{t}={IDLE_S}")],
+            *[x for t in ("general", "tcp", "udp", "icmp") for x in ("-t", f"{t}={idle_s}")],
             "-t", f"maxlife={ACTIVE_S}", "-t", "expint=1"]
 
 
+def exporter_argv(kind: str, pair: Pair, tmp: Path, extra: str) -> list[str]:
+    """The exporter's command line in b: idle 5 s, active 30 min, a cache for N, a 1 s expiry scan."""
+    if kind != "pyflow":
+        return peer_argv(kind, pair, tmp, PORT, IDLE_S, CACHE)
+    target = f"127.0.0.1:{PORT}/ipfix" + (f",{extra}" if extra else "")
+    return ["ip", "netns", "exec", pair.b, PYFLOW, "run", "--interface", pair.b_if, "--hook", "tc", "--target",
+            target, "--cache-entries", "1M", "--inactive-flow-timeout", f"{IDLE_S}s", "--active-flow-timeout",
+            f"{ACTIVE_S // 60}m", "--control-socket", "", "--metrics-address", "127.0.0.1:9796"]
+
+
 def start_exporter(kind: str, pair: Pair, tmp: Path, extra: str) -> Proc:
-    proc = Proc(exporter_argv(kind, pair, tmp, extra))
-    if kind == "pyflow":
+    return started(Proc(exporter_argv(kind, pair, tmp, extra)), kind)
+
+
+def started(proc: Proc, kind: str) -> Proc:
+    """``proc`` once it is ready: pyflow says so, the libpcap exporters get 1.5 s."""
+    if kind.startswith("pyflow"):
         proc.wait_for_line("exporting to", timeout=60)
     else:
         time.sleep(1.5)  # the libpcap exporters print nothing when ready

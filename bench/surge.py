@@ -21,7 +21,6 @@ nfcapd is stopped before the exporter, so what an exporter flushes at exit is no
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -35,51 +34,25 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.footprint import proc_cpu_s  # noqa: E402
-from bench.scale import FPROBE_QUEUE, PCAP_BUFFER, nfcapd_totals, sent_keys, write_conf  # noqa: E402
+from bench.scale import ACTIVE_S, nfcapd_totals, peer_argv, sent_keys, started, write_conf  # noqa: E402
 from tests.integration.netns import Pair, veth_pair  # noqa: E402
 from tests.integration.procs import Proc, nfcapd_in  # noqa: E402
 from tests.integration.reliability import metric_sum, metrics_in  # noqa: E402
 
 PYFLOW = str(Path(sys.executable).with_name("pyflow"))
 PORT = 20957
-IDLE_S = 15  # RouterOS's defaults
-ACTIVE_S = 1800
+IDLE_S = 15  # RouterOS's defaults (active: 30 min)
 SWEEP_S = 10
 KINDS = ("pyflow", "softflowd", "fprobe")
 
 
-def exporter_argv(kind: str, pair: Pair, tmp: Path, cache: int) -> list[str]:
-    netns = ["ip", "netns", "exec", pair.b]
-    if kind.startswith("pyflow"):
-        return [*netns, PYFLOW, "run", "--interface", pair.b_if, "--hook", "tc", "--target",
-                f"127.0.0.1:{PORT}/ipfix", "--cache-entries", str(cache), "--control-socket", "",
-                "--metrics-address", "127.0.0.1:9796"]
-    if kind == "fprobe":
-        return [*netns, "fprobe", "-l", "2", "-i", pair.b_if, "-f", "ip", "-d", str(IDLE_S), "-e", str(ACTIVE_S),
-                "-s", "1", "-m", "0", "-q", str(FPROBE_QUEUE), "-B", str(PCAP_BUFFER >> 10), "-n", "5",
-                f"127.0.0.1:{PORT}"]
-    return [*netns, "softflowd", "-d", "-i", pair.b_if, "-n", f"127.0.0.1:{PORT}", "-v", "10", "-m", str(cache),
-            "-B", str(PCAP_BUFFER), "-c", str(tmp / "softflowd.ctl"), "-p", str(tmp / "softflowd.pid"),
-            *[x for t in ("general", "tcp", "udp", "icmp") for x in ("-t", f"{t}={IDLE_S}")],
-            "-t", f"maxlife={ACTIVE_S}", "-t", "expint=1"]
-
-
-def start(kind: str, pair: Pair, tmp: Path, cache: int, tree: Path | None) -> Proc:
-    env_tree = {"PYTHONPATH": str(tree)} if kind == "pyflow-baseline" and tree else {}
-    old = {k: os.environ.get(k) for k in env_tree}
-    os.environ.update(env_tree)
-    try:
-        proc = Proc(exporter_argv(kind, pair, tmp, cache))
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.update({k: v})
-    if kind.startswith("pyflow"):
-        proc.wait_for_line("exporting to", timeout=60)
-    else:
-        time.sleep(1.5)  # the libpcap exporters print nothing when ready
-    if proc.p.poll() is not None:
-        raise RuntimeError(f"{kind} exited at start:\n{proc.output()}")
-    return proc
+def exporter_argv(kind: str, pair: Pair, tmp: Path, cache: int, tree: Path | None) -> list[str]:
+    if not kind.startswith("pyflow"):
+        return peer_argv(kind, pair, tmp, PORT, IDLE_S, cache)
+    env = ["env", f"PYTHONPATH={tree}"] if kind == "pyflow-baseline" and tree else []
+    return ["ip", "netns", "exec", pair.b, *env, PYFLOW, "run", "--interface", pair.b_if, "--hook", "tc",
+            "--target", f"127.0.0.1:{PORT}/ipfix", "--cache-entries", str(cache), "--control-socket", "",
+            "--metrics-address", "127.0.0.1:9796"]
 
 
 def surge(pair: Pair, conf: Path, n: int, rate: int) -> float:
@@ -104,7 +77,7 @@ def one_run(pair: Pair, kind: str, n: int, rate: int, cache: int, conf: Path, tr
     res: dict[str, Any] = {}
     try:
         with nfcapd_in(pair.b, tmp, PORT) as col:
-            exp = start(kind, pair, tmp, cache, tree)
+            exp = started(Proc(exporter_argv(kind, pair, tmp, cache, tree)), kind)
             cpu0 = proc_cpu_s(exp.p.pid)
             res["surge_s"] = surge(pair, conf, n, rate)
             time.sleep(IDLE_S + 2 * SWEEP_S + 10)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +139,24 @@ def one_map(*flows: dict) -> dict[abi.CacheMap, tuple[np.ndarray, np.ndarray]]:
     return {abi.CacheMap.FLOWS: (k, v), abi.CacheMap.RESUMED: (k[:0], v[:0])}
 
 
+@dataclass
+class NewFlows:
+    """Adds live entries to a fake meter's flows map, as the kernel creates them (ids and source
+    ports of their own; ``age_ms(id)``: how long ago each was last seen)."""
+
+    meter: FakeMeter
+    clock: FakeClock
+    next_id: int = 1
+
+    def add(self, n: int, age_ms: Callable[[int], int] = lambda _i: 0) -> None:
+        ids = range(self.next_id, self.next_id + n)
+        self.next_id += n
+        k, v = self.meter.maps[abi.CacheMap.FLOWS]
+        nk, nv = cache(*({"pk": 1, "by": 10, "first": self.clock.now, "last": self.clock.now - age_ms(i) * MS,
+                          "id": i, "sport": i} for i in ids))
+        self.meter.maps[abi.CacheMap.FLOWS] = (np.concatenate([k, nk]), np.concatenate([v, nv]))
+
+
 def test_final_entries_leave_once_and_are_deleted_after_every_target_sent_them() -> None:
     clock = FakeClock()
     meter = FakeMeter(one_map({"pk": 3, "by": 300, "first": 0, "last": 100 * S},  # idle-expired
@@ -243,16 +262,12 @@ def test_a_surge_of_new_flows_brings_the_next_sweep_forward() -> None:
     from pyflow.sweep import NEVER
 
     clock = FakeClock()
-    ids = iter(range(1, 1000))
+    meter = FakeMeter(one_map(), capacity_=100)
+    flows = NewFlows(meter, clock)
 
     def add(n: int) -> None:
-        k, v = meter.maps[abi.CacheMap.FLOWS]
-        new = [next(ids) for _ in range(n)]
-        nk, nv = cache(*({"pk": 1, "by": 10, "first": clock.now, "last": clock.now - (100 - i % 100) * MS,
-                          "id": i, "sport": i} for i in new))
-        meter.maps[abi.CacheMap.FLOWS] = (np.concatenate([k, nk]), np.concatenate([v, nv]))
+        flows.add(n, age_ms=lambda i: 100 - i % 100)
 
-    meter = FakeMeter(one_map(), capacity_=100)
     add(50)
     agent = agent_on(meter, [Sent(rate=0)], clock)
     assert sum(len(p) for p in agent._sweep(False)) == 0
@@ -284,14 +299,9 @@ def test_a_burst_into_a_map_under_half_full_waits_for_the_room_itself() -> None:
     from pyflow.sweep import NEVER
 
     clock = FakeClock()
-    ids = iter(range(1, 10_000))
     meter = FakeMeter(one_map(), capacity_=1000)
 
-    def add(n: int) -> None:
-        k, v = meter.maps[abi.CacheMap.FLOWS]
-        nk, nv = cache(*({"pk": 1, "by": 10, "first": clock.now, "last": clock.now, "id": i, "sport": i}
-                         for i in (next(ids) for _ in range(n))))
-        meter.maps[abi.CacheMap.FLOWS] = (np.concatenate([k, nk]), np.concatenate([v, nv]))
+    add = NewFlows(meter, clock).add
 
     add(100)
     agent = agent_on(meter, [Sent(rate=0)], clock)
@@ -314,13 +324,8 @@ def test_steady_churn_is_not_a_surge() -> None:
 
     clock = FakeClock()
     meter = FakeMeter(one_map(), capacity_=100)
-    ids = iter(range(1, 1000))
 
-    def add(n: int) -> None:
-        k, v = meter.maps[abi.CacheMap.FLOWS]
-        nk, nv = cache(*({"pk": 1, "by": 10, "first": clock.now, "last": clock.now, "id": i, "sport": i}
-                         for i in (next(ids) for _ in range(n))))
-        meter.maps[abi.CacheMap.FLOWS] = (np.concatenate([k, nk]), np.concatenate([v, nv]))
+    add = NewFlows(meter, clock).add
 
     add(85)
     agent = agent_on(meter, [Sent(rate=0)], clock)

@@ -79,7 +79,9 @@ settings (RouterOS name: flag; config file key):
                            direction: ingress (what the interface receives, as RouterOS
                            meters; XDP), egress (what it sends; TC clsact egress) or both;
                            --direction / --hook set the default for every interface
-  cache-entries            --cache-entries 64k   flow cache size (k = 1024, M = 1024k)
+  cache-entries            --cache-entries 64k   flow cache size (k = 1024, M = 1024k);
+                           as it fills, the flows idle the longest leave early (lack of
+                           resources), and what finds no room is counted (cache_full)
   active-flow-timeout      --active-flow-timeout 30m
                            a flow open this long exports what it has and goes on
   inactive-flow-timeout    --inactive-flow-timeout 15s

@@ -224,7 +224,6 @@ class _FillWatch:
     since_ns: int = 0  # the barrier's instant
     cached: int = 0  # entries the sweep left in the flows map
     leaving: float = 0.0  # entries per ns that left the flows map (the sweep's final ones / its span)
-    surge_from: int = 0  # entries from which a relief makes room ahead of a surge (sweep.SURGE_FROM)
     rate: float = 0.0  # entries created per ns between the last two looks
 
 
@@ -240,7 +239,6 @@ class _Tick:
     next_due_ns: int = NEVER
     unsent: Tally[int] | None = None  # per ifindex (ingress): packets in the cache in no record (when observed)
     new: list[tuple[np.ndarray, np.ndarray]] | None = None  # entries first seen since the last sweep (analytics)
-    incoming: int = 0  # entries a surge may add to the flows map before the next relief (Agent._incoming)
 
 
 def _cat(parts: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
@@ -404,13 +402,13 @@ class Agent(Generic[Cache]):
         cached = {m: sum(len(a) for a in t.staying[m]) for m in CacheMap}
         # the flows map's final entries, but for those the last relief sent: what leaves of itself
         finals = max(0, sum(len(d) for d in t.deletes[CacheMap.FLOWS]) - self._relieved)
-        t.incoming = self._incoming(created, final_ns, finals)
-        relieved = self._relieve(t, now) if not final else {}
+        leaving = finals / max(FIN_POLL_NS, final_ns - self._fill.since_ns)
+        relieved = self._relieve(t, now, self._incoming(created, final_ns, leaving)) if not final else {}
         for which, leaving in relieved.items():
             cached[which] -= leaving
         self._relieved = relieved.get(CacheMap.FLOWS, 0)
         self.next_due_ns = t.next_due_ns
-        self._fill = self._fill_watch(created, final_ns, cached[CacheMap.FLOWS], finals)
+        self._fill = self._fill_watch(created, final_ns, cached[CacheMap.FLOWS], leaving)
         self.stats.cached_resumed = cached[CacheMap.RESUMED]
         for part in batch:
             self._account(part)
@@ -457,7 +455,7 @@ class Agent(Generic[Cache]):
                 self.enricher.enrich(part)
         return [*batch, events] if len(events) else batch
 
-    def _relieve(self, t: _Tick, now_ns: int) -> dict[CacheMap, int]:
+    def _relieve(self, t: _Tick, now_ns: int, incoming: int) -> dict[CacheMap, int]:
         """Raise a nearly full map's ``evict_before`` above its idlest entries; the next sweep
         (due at once) exports them with end reason *lack of resources* (docs/reliability.md).
         Returns how many entries of each map are now leaving."""
@@ -465,8 +463,8 @@ class Agent(Generic[Cache]):
         for which in CacheMap:
             last = _cat(t.staying[which], np.dtype(np.uint64))
             capacity = self.meter.capacity(which)
-            incoming = t.incoming if which == CacheMap.FLOWS else 0  # new flows start in the flows map
-            cut = relief_threshold(last, capacity, self.high_water, self.low_water, incoming)
+            ahead = incoming if which == CacheMap.FLOWS else 0  # new flows start in the flows map
+            cut = relief_threshold(last, capacity, self.high_water, self.low_water, ahead)
             if cut is None:
                 continue
             cut = max(cut, self._evict[which])  # it only ever rises
@@ -648,13 +646,10 @@ class Agent(Generic[Cache]):
             watch.due_ns = watch.polled_ns + self.rules.end_idle_ns
         return watch.due_ns
 
-    def _fill_watch(self, created: int, barrier_ns: int, cached: int, finals: int) -> _FillWatch:
+    def _fill_watch(self, created: int, barrier_ns: int, cached: int, leaving: float) -> _FillWatch:
         """What the loop watches after a sweep: the room it left below the flows map's high water."""
-        span = max(FIN_POLL_NS, barrier_ns - self._fill.since_ns)
-        capacity = self.meter.capacity(CacheMap.FLOWS)
-        return _FillWatch(created, int(self.high_water * capacity) - cached, barrier_ns, created,
-                          since_ns=barrier_ns, cached=cached, leaving=finals / span,
-                          surge_from=int(SURGE_FROM * capacity))
+        return _FillWatch(created, int(self.high_water * self.meter.capacity(CacheMap.FLOWS)) - cached, barrier_ns,
+                          created, since_ns=barrier_ns, cached=cached, leaving=leaving)
 
     def _relief_horizon_ns(self, entries: int) -> int:
         """How long a relief decided now takes to make room and the next one can come: one look, and
@@ -676,21 +671,22 @@ class Agent(Generic[Cache]):
         watch.rate = (created - watch.seen) / max(1, now_ns - watch.polled_ns)
         watch.polled_ns, watch.seen, new = now_ns, created, created - watch.created
         ahead = max(0.0, watch.rate - watch.leaving) * self._relief_horizon_ns(watch.cached + new)
-        if new >= watch.room or (watch.cached + new >= watch.surge_from and new + ahead >= watch.room):
+        surge_from = SURGE_FROM * self.meter.capacity(CacheMap.FLOWS)
+        if new >= watch.room or (watch.cached + new >= surge_from and new + ahead >= watch.room):
             watch.due_ns = now_ns
             self.stats.fill_sweeps += 1
         return watch.due_ns
 
-    def _incoming(self, created: int, barrier_ns: int, finals: int) -> int:
+    def _incoming(self, created: int, barrier_ns: int, leaving: float) -> int:
         """In a sweep a surge brought forward (0 in any other), the entries it may add to the flows map
         before a relief decided now takes effect and the next one can: the rate they were created at
-        (since the last sweep, or between the last two looks if faster) less the rate entries left
-        (this sweep's final ones), over ``_relief_horizon_ns``."""
+        (since the last sweep, or between the last two looks if faster) less ``leaving``, the rate
+        entries left (this sweep's final ones, per ns), over ``_relief_horizon_ns``."""
         watch = self._fill
         if watch.due_ns == NEVER:
             return 0
         span = max(FIN_POLL_NS, barrier_ns - watch.since_ns)
-        rate = max(watch.rate, (created - watch.created) / span) - finals / span
+        rate = max(watch.rate, (created - watch.created) / span) - leaving
         return max(0, int(rate * self._relief_horizon_ns(watch.cached + created - watch.created)))
 
     def _next_sweep_ns(self, due_ns: int) -> int:

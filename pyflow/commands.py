@@ -238,10 +238,6 @@ def flows_lines(answer: dict[str, Any]) -> list[str]:
     return [head, *table(FLOW_HEADERS, flow_rows(answer["flows"]), _FLOW_RIGHT)]
 
 
-def _yes(v: object) -> str:
-    return "yes" if v else "no"
-
-
 def status_lines(answer: dict[str, Any]) -> list[str]:
     """``/ip traffic-flow print`` style: right-aligned names, then the targets table."""
     from pyflow.routeros import pyflow_items, traffic_flow_items  # the one rendering of settings

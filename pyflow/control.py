@@ -542,9 +542,6 @@ class ControlServer:
                 "sort": sort, "limit": n, "max-limit": MAX_FLOWS, "trimmed": groups.trimmed}
         return _group_pieces(head, rows)
 
-    def groups(self, by: str, sort: str = "bytes", limit: int | None = None) -> dict[str, Any]:
-        return json.loads(b"".join(self.groups_stream(by, sort, limit)))
-
 
 def _group_pieces(head: dict[str, Any], rows: list[dict[str, object]]) -> Iterator[bytes]:
     yield _encode(head)[:-2] + b',"groups":['

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -41,10 +40,6 @@ BPF_PROG_BIND_MAP = 35
 
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PERCPU_HASH = 5
-BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
-BPF_MAP_TYPE_RINGBUF = 27
 BPF_F_NO_PREALLOC = 1
 BPF_ANY = 0
 BPF_PROG_TEST_RUN = 10

@@ -74,7 +74,6 @@ class BccProgram:
 
     bpf: Any
     maps: dict[str, int] = field(default_factory=dict)
-    progs: dict[str, Any] = field(default_factory=dict)  # bcc's functions, by entry point name
 
     def load(self, name: str, xdp: bool) -> int:
         """Load entry point ``name`` (XDP, else TC); its program fd."""
@@ -88,7 +87,6 @@ class BccProgram:
                     f"the kernel verifier rejected {name}: {msg} (the verifier log is printed above)"
                 ) from exc
             raise KernelError(f"loading {name} failed: {msg}") from exc
-        self.progs[name] = prog
         return int(prog.fd)
 
     def table(self, name: str) -> Any:

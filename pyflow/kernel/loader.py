@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from pyflow.kernel.attach import (
     TC_PRIORITY,
     XDP_MODES,
     Attachment,
+    _quiet,
     attach_tc,
     attach_xdp,
     detach_tc,
@@ -381,8 +382,3 @@ def _own_key(src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
     k["src_port"] = sport
     k["dst_port"] = dport
     return k.tobytes()
-
-
-def _quiet(fn: Callable[[], object]) -> None:
-    with contextlib.suppress(Exception):  # best effort clean-up of what we created
-        fn()

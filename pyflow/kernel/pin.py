@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import fcntl
@@ -342,24 +341,18 @@ def create_own_maps(cache_entries: int) -> dict[str, int]:
 
 
 def read_manifest(fd: int) -> dict[str, Any]:
-    raw = map_lookup(fd, b"\0\0\0\0", MANIFEST_SIZE)
-    if raw is None:
-        return {}
-    (length,) = struct.unpack_from("=I", raw)
-    if not 0 < length <= MANIFEST_SIZE - 4:
+    raw = read_blob(fd, MANIFEST_SIZE)
+    if not raw:
         return {}
     try:
-        doc = json.loads(raw[4:4 + length])
+        doc = json.loads(raw)
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
 
 
 def write_manifest(fd: int, doc: dict[str, Any]) -> None:
-    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    if len(data) > MANIFEST_SIZE - 4:
-        raise KernelError(f"the pinned manifest would be {len(data)} bytes, more than {MANIFEST_SIZE - 4}")
-    map_update(fd, b"\0\0\0\0", struct.pack("=I", len(data)) + data + bytes(MANIFEST_SIZE - 4 - len(data)))
+    write_blob(fd, MANIFEST_SIZE, json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), "manifest")
 
 
 def read_blob(fd: int, size: int) -> bytes:
